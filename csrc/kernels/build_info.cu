@@ -1,0 +1,19 @@
+// What this build of the kernels contains, as nvcc saw it.
+#include <cuda_runtime.h>
+
+#include "kernels.h"
+
+namespace scratchformer {
+
+int compiled_cuda_archs(int* out, int capacity) {
+  // nvcc defines __CUDA_ARCH_LIST__ as the comma-separated list of virtual architectures it
+  // compiles this file for (800,900); the build compiles every .cu with the same list.
+  static constexpr int archs[] = {__CUDA_ARCH_LIST__};
+  constexpr int count = sizeof(archs) / sizeof(archs[0]);
+  for (int i = 0; i < count && i < capacity; ++i) out[i] = archs[i] / 10;
+  return count;
+}
+
+int compiled_cuda_version() { return CUDART_VERSION; }
+
+}  // namespace scratchformer

@@ -1,0 +1,19 @@
+"""scratchformer's ops: each with a fused CUDA kernel, a from-scratch reference and PyTorch's own.
+
+See `backend.py` for how the implementation is chosen, `reference.py` for the math.
+"""
+
+from .attention import causal_attention
+from .backend import BACKENDS, FusedUnavailableError, get_backend, set_backend
+from .layer_norm import layer_norm
+from .scaled_add import scaled_add
+
+__all__ = [
+    "BACKENDS",
+    "FusedUnavailableError",
+    "causal_attention",
+    "get_backend",
+    "layer_norm",
+    "scaled_add",
+    "set_backend",
+]

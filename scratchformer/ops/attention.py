@@ -1,0 +1,65 @@
+"""causal_attention: the model's attention op, on the backend of your choice."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .backend import choose
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"causal_attention: {name} must be 4-D [batch, heads, time, head_dim], got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"causal_attention: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"causal_attention: q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"causal_attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    (batch, n_heads, t_q, dim), (kv_batch, n_kv_heads, t_k, kv_dim) = q.shape, k.shape
+    if batch != kv_batch or dim != kv_dim:
+        raise ValueError(
+            f"causal_attention: q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on batch and head_dim"
+        )
+    if n_kv_heads == 0 or n_heads % n_kv_heads:
+        raise ValueError(
+            f"causal_attention: the {n_heads} query heads must be a multiple of the {n_kv_heads} key/value heads"
+        )
+    if not 1 <= t_q <= t_k:
+        raise ValueError(
+            f"causal_attention: need 1 <= query length <= key length, got {t_q} queries and {t_k} keys "
+            "(queries are the last positions of the keys, as with a KV cache)"
+        )
+
+
+def _torch_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
+    if t_q == t_k:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    # SDPA's is_causal aligns the mask top-left; a KV cache needs it bottom-right.
+    visible = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(t_k - t_q)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=gqa)
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Causal attention: q [B, Hq, Tq, D], k and v [B, Hkv, Tk, D] -> [B, Hq, Tq, D].
+
+    Hq % Hkv == 0 (multi-head, grouped-query or multi-query attention); the causal mask is
+    aligned bottom-right (query i sees keys j <= i + Tk - Tq); scale defaults to D ** -0.5.
+    `backend` picks the implementation for this call (default: `get_backend()`).
+    """
+    _check_inputs(q, k, v)
+    if choose("causal_attention", backend, (q, k, v)) == "torch":
+        return _torch_sdpa(q, k, v, scale)
+    return reference.causal_attention(q, k, v, scale)[0]

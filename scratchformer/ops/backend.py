@@ -1,0 +1,98 @@
+"""Choosing the backend that runs an op.
+
+| backend     | runs                                                    | where                  |
+| ----------- | ------------------------------------------------------- | ---------------------- |
+| `fused`     | scratchformer's CUDA kernel                             | CUDA tensors, kernels built |
+| `reference` | the from-scratch math in `reference.py`                 | everywhere             |
+| `torch`     | PyTorch's own op (scaled_dot_product_attention, layer_norm) | everywhere         |
+| `auto`      | `fused` where it can run, `reference` otherwise         |                        |
+
+Each op takes `backend=` per call; `set_backend` sets the default for the process.
+Asking for `fused` where it cannot run raises `FusedUnavailableError` saying why.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+from .. import _extensions
+
+BACKENDS = ("auto", "fused", "reference", "torch")
+
+_default = "auto"
+
+
+class FusedUnavailableError(RuntimeError):
+    """The `fused` backend was asked for where it cannot run."""
+
+
+def _validate(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def set_backend(name: str) -> str:
+    """Set the process-wide default backend; returns the previous one."""
+    global _default
+    previous, _default = _default, _validate(name)
+    return previous
+
+
+def get_backend() -> str:
+    """The process-wide default backend."""
+    return _default
+
+
+def _gpu_reason(tensors: Iterable[torch.Tensor]) -> str | None:
+    """Why no fused kernel of this build can run on these tensors, or None if one can."""
+    if _extensions.kernels is None:
+        return f"the scratchformer._kernels extension did not load ({_extensions.kernels_error})"
+    if not _extensions.cuda_archs:
+        return (
+            "scratchformer was built without CUDA kernels (reinstall with nvcc and a CUDA build "
+            "of torch present; `scratchformer info` shows what was built)"
+        )
+    devices = {t.device for t in tensors}
+    if any(d.type != "cuda" for d in devices):
+        return f"the fused kernels run on CUDA tensors, got {', '.join(sorted(map(str, devices)))}"
+    major, minor = torch.cuda.get_device_capability(next(iter(devices)))
+    capability = 10 * major + minor
+    # Machine code for sm_XY runs on sm_XZ with Z >= Y (same major version).
+    if not any(a // 10 == major and a <= capability for a in _extensions.cuda_archs):
+        built = ", ".join(f"sm_{a}" for a in _extensions.cuda_archs)
+        return (
+            f"the kernels were compiled for {built}, this GPU is sm_{capability}: reinstall with "
+            f"TORCH_CUDA_ARCH_LIST={major}.{minor}"
+        )
+    return None
+
+
+def choose(
+    op: str,
+    backend: str | None,
+    tensors: Iterable[torch.Tensor],
+    fused_reason: Callable[[], str | None] | None = None,
+) -> str:
+    """The backend that runs `op`: "fused", "reference" or "torch".
+
+    `fused_reason` says why the op's kernel cannot take these particular inputs (dtype, head
+    size...), or None if it can; leave it out while the op has no fused kernel.
+    """
+    name = _validate(backend if backend is not None else _default)
+    if name in ("reference", "torch"):
+        return name
+    if fused_reason is None:
+        reason = f"this build has no fused {op} kernel"
+    else:
+        reason = _gpu_reason(tensors) or fused_reason()
+    if reason is None:
+        return "fused"
+    if name == "fused":
+        raise FusedUnavailableError(
+            f"{op}: backend 'fused' cannot run: {reason}. Use backend 'auto' to fall back to the "
+            "reference, or 'reference' / 'torch' explicitly."
+        )
+    return "reference"

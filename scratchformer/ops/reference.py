@@ -1,0 +1,72 @@
+"""The from-scratch PyTorch math that every scratchformer kernel is checked against.
+
+Written out step by step (matmul, max, exp, sum; mean, variance) rather than calling PyTorch's
+fused ops, so it is readable and independent of them. Statistics (softmax max/sum, LayerNorm
+mean/variance) are kept in float32, or float64 for float64 inputs, as the kernels do.
+Gradients come from PyTorch's autograd through this math.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal softmax attention with grouped key/value heads.
+
+    q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D] with Hq % Hkv == 0 and Tq <= Tk. Query head h reads
+    kv head h // (Hq // Hkv) (Hkv == Hq: multi-head, 1: multi-query, else grouped-query).
+    The mask is aligned bottom-right: the Tq queries are the last Tq positions of the Tk keys,
+    so query i sees keys j <= i + (Tk - Tq), which is what decoding with a KV cache needs.
+
+    Returns the output [B, Hq, Tq, D] in q's dtype and the log-sum-exp of each query's scaled
+    scores [B, Hq, Tq] in float32 (float64 for float64 inputs).
+    """
+    batch, n_heads, t_q, dim = q.shape
+    n_kv_heads, t_k = k.shape[1], k.shape[2]
+    scale = dim**-0.5 if scale is None else scale
+    stat = _stat_dtype(q.dtype)
+
+    # Group the query heads that share one kv head: [B, Hkv, group, Tq, D]. K and V gain a
+    # broadcast dimension instead of being copied per query head.
+    qg = (q * scale).reshape(batch, n_kv_heads, n_heads // n_kv_heads, t_q, dim)
+    scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)).to(stat)  # [B, Hkv, G, Tq, Tk]
+
+    query_pos = torch.arange(t_q, device=q.device)[:, None] + (t_k - t_q)
+    key_pos = torch.arange(t_k, device=q.device)[None, :]
+    scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
+
+    # Softmax, written out. Subtracting the row max keeps exp() in range; it cancels exactly in
+    # both the output and the log-sum-exp, so it needs no gradient.
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    weights = torch.exp(scores - row_max)
+    row_sum = weights.sum(dim=-1, keepdim=True)
+    probs = (weights / row_sum).to(v.dtype)
+
+    out = torch.matmul(probs, v.unsqueeze(2))  # [B, Hkv, G, Tq, D]
+    lse = (row_max + torch.log(row_sum)).squeeze(-1)
+    return out.reshape(batch, n_heads, t_q, dim), lse.reshape(batch, n_heads, t_q)
+
+
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last dimension.
+
+    The variance is the biased one (divide by C). Returns y in x's dtype, and mean and
+    rstd = 1 / sqrt(var + eps) shaped x.shape[:-1] in float32 (float64 for float64 inputs).
+    """
+    stat = _stat_dtype(x.dtype)
+    xs = x.to(stat)
+    mean = xs.mean(dim=-1, keepdim=True)
+    centered = xs - mean
+    var = (centered * centered).mean(dim=-1, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    y = centered * rstd * weight.to(stat) + bias.to(stat)
+    return y.to(x.dtype), mean.squeeze(-1), rstd.squeeze(-1)

@@ -1,0 +1,152 @@
+"""Backend selection: defaults, per-call choice, fallbacks, errors, autograd on every backend."""
+
+import pytest
+import torch
+
+from scratchformer import _extensions, ops
+from scratchformer.ops import backend as backend_module
+from scratchformer.ops import reference
+
+
+def qkv(n_kv_heads=2, t_q=9, t_k=13, dtype=torch.float64, grad=False):
+    shape_q, shape_kv = (2, 4, t_q, 8), (2, n_kv_heads, t_k, 8)
+    make = lambda s: torch.randn(*s, dtype=dtype, requires_grad=grad)  # noqa: E731
+    return make(shape_q), make(shape_kv), make(shape_kv)
+
+
+def ln_inputs(dtype=torch.float64, grad=False):
+    return (
+        torch.randn(3, 5, 24, dtype=dtype, requires_grad=grad),
+        torch.randn(24, dtype=dtype, requires_grad=grad),
+        torch.randn(24, dtype=dtype, requires_grad=grad),
+    )
+
+
+def test_default_backend_is_auto_and_settable():
+    assert ops.get_backend() == "auto"
+    assert ops.set_backend("torch") == "auto"
+    assert ops.get_backend() == "torch"
+    assert ops.set_backend("reference") == "torch"
+
+
+def test_unknown_backend_is_rejected_with_the_choices():
+    with pytest.raises(ValueError, match="unknown backend 'cuda'.*auto, fused, reference, torch"):
+        ops.set_backend("cuda")
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        ops.causal_attention(*qkv(), backend="fast")
+    assert ops.get_backend() == "auto"
+
+
+@pytest.mark.parametrize("name", ["reference", "torch"])
+def test_every_backend_gives_the_reference_result(name):
+    q, k, v = qkv()
+    truth = reference.causal_attention(q, k, v)[0]
+    torch.testing.assert_close(ops.causal_attention(q, k, v, backend=name), truth, rtol=1e-12, atol=1e-12)
+    x, w, b = ln_inputs()
+    torch.testing.assert_close(ops.layer_norm(x, w, b, backend=name), reference.layer_norm(x, w, b)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_auto_on_cpu_runs_the_reference(monkeypatch):
+    calls = []
+    real = reference.causal_attention
+    monkeypatch.setattr(reference, "causal_attention", lambda *a: calls.append("ref") or real(*a))
+    ops.causal_attention(*qkv())
+    assert calls == ["ref"]
+    assert backend_module.choose("layer_norm", None, ln_inputs()) == "reference"
+
+
+def test_per_call_backend_overrides_the_default(monkeypatch):
+    calls = []
+    real = reference.causal_attention
+    monkeypatch.setattr(reference, "causal_attention", lambda *a: calls.append("ref") or real(*a))
+    ops.set_backend("torch")
+    ops.causal_attention(*qkv())
+    assert calls == []  # the default, torch, ran
+    ops.causal_attention(*qkv(), backend="reference")
+    assert calls == ["ref"]
+
+
+@pytest.mark.parametrize("op", ["attention", "layer_norm"])
+def test_forcing_fused_without_a_kernel_names_the_reason(op):
+    call = {
+        "attention": lambda: ops.causal_attention(*qkv(), backend="fused"),
+        "layer_norm": lambda: ops.layer_norm(*ln_inputs(), backend="fused"),
+    }[op]
+    name = "causal_attention" if op == "attention" else "layer_norm"
+    with pytest.raises(ops.FusedUnavailableError, match=f"{name}: backend 'fused' cannot run: this build has no fused {name} kernel"):
+        call()
+    ops.set_backend("fused")  # the process-wide default is held to the same rule
+    with pytest.raises(ops.FusedUnavailableError):
+        call()
+
+
+def test_fused_reasons_for_an_op_with_a_kernel(monkeypatch):
+    """choose() explains each way a fused kernel can be out of reach."""
+    tensors = ln_inputs()
+    never_mind = lambda: None  # noqa: E731  (the op itself would accept these inputs)
+
+    if _extensions.cuda_archs:
+        with pytest.raises(ops.FusedUnavailableError, match="run on CUDA tensors, got cpu"):
+            backend_module.choose("layer_norm", "fused", tensors, never_mind)
+    monkeypatch.setattr(_extensions, "cuda_archs", ())
+    with pytest.raises(ops.FusedUnavailableError, match="built without CUDA kernels"):
+        backend_module.choose("layer_norm", "fused", tensors, never_mind)
+    monkeypatch.setattr(_extensions, "kernels", None)
+    monkeypatch.setattr(_extensions, "kernels_error", "ImportError: undefined symbol: foo")
+    with pytest.raises(ops.FusedUnavailableError, match="did not load .*undefined symbol: foo"):
+        backend_module.choose("layer_norm", "fused", tensors, never_mind)
+    assert backend_module.choose("layer_norm", "auto", tensors, never_mind) == "reference"
+
+
+@pytest.mark.parametrize("name", ["reference", "torch"])
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_attention_gradients_on_every_backend(name, n_kv_heads):
+    q, k, v = qkv(n_kv_heads=n_kv_heads, t_q=5, t_k=7, grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, v: ops.causal_attention(q, k, v, backend=name), (q, k, v))
+
+
+@pytest.mark.parametrize("name", ["reference", "torch"])
+def test_layer_norm_gradients_on_every_backend(name):
+    x, w, b = ln_inputs(grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: ops.layer_norm(x, w, b, backend=name), (x, w, b))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: (torch.randn(1, 6, 4, 8), torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 8)), "6 query heads must be a multiple of the 4"),
+        (lambda: (torch.randn(1, 4, 5, 8), torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 8)), "got 5 queries and 4 keys"),
+        (lambda: (torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 8).double(), torch.randn(1, 4, 4, 8)), "share a dtype"),
+        (lambda: (torch.randn(4, 4, 8), torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 8)), "q must be 4-D"),
+        (lambda: (torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 8), torch.randn(1, 4, 5, 8)), "k and v must have the same shape"),
+        (lambda: (torch.randn(1, 4, 4, 16), torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 8)), "agree on batch and head_dim"),
+    ],
+)
+@pytest.mark.parametrize("name", ["auto", "reference", "torch"])
+def test_attention_rejects_bad_input_on_every_backend(make, message, name):
+    with pytest.raises(ValueError, match=message):
+        ops.causal_attention(*make(), backend=name)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((torch.randn(2, 8), torch.randn(7), torch.randn(8)), r"weight must have shape \(8,\)"),
+        ((torch.randn(2, 8), torch.randn(8), torch.randn(1, 8)), r"bias must have shape \(8,\)"),
+        ((torch.randn(2, 8), torch.randn(8), torch.randn(8), 0.0), "eps must be > 0"),
+        ((torch.tensor(1.0), torch.randn(1), torch.randn(1)), "at least one dimension"),
+    ],
+)
+@pytest.mark.parametrize("name", ["auto", "reference", "torch"])
+def test_layer_norm_rejects_bad_input_on_every_backend(args, message, name):
+    with pytest.raises(ValueError, match=message):
+        ops.layer_norm(*args, backend=name)
+
+
+def test_layer_norm_accepts_fp32_parameters_with_low_precision_input():
+    x = torch.randn(4, 32).bfloat16()
+    w, b = torch.randn(32), torch.randn(32)
+    for name in ("reference", "torch"):
+        y = ops.layer_norm(x, w, b, backend=name)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.double(), reference.layer_norm(x.double(), w.double(), b.double())[0], rtol=2e-2, atol=2e-2)

@@ -1,0 +1,61 @@
+"""The compiled extensions load and report what was built."""
+
+import subprocess
+import sys
+import unicodedata
+from pathlib import Path
+
+import torch
+
+import scratchformer
+from scratchformer import cli
+
+
+def gpt2_byte_alphabet():
+    """GPT-2's bytes_to_unicode, from its published definition (openai/gpt-2 encoder.py)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    shifted, n = {}, 0
+    for b in range(256):
+        if b not in keep:
+            shifted[b] = 256 + n
+            n += 1
+    return [chr(b) if b in keep else chr(shifted[b]) for b in range(256)]
+
+
+def test_bpe_core_loads_and_has_gpt2_byte_alphabet():
+    from scratchformer import _bpe
+
+    alphabet = _bpe.byte_alphabet()
+    assert alphabet == gpt2_byte_alphabet()
+    assert alphabet[ord(" ")] == "Ġ" and alphabet[ord("\n")] == "Ċ"  # GPT-2's familiar tokens
+    assert len(set(alphabet)) == 256
+    assert all(len(s) == 1 and unicodedata.category(s)[0] in "LNPS" for s in alphabet)
+
+
+def test_build_info_reports_what_loaded():
+    info = scratchformer.build_info()
+    assert info.bpe and info.kernels and not info.problems
+    assert info.torch == torch.__version__
+    assert info.torch_cuda == torch.version.cuda
+    assert info.kernels_torch and info.version == "0.1.0"
+    if info.cuda_kernels:
+        assert info.cuda_archs and all(a >= 70 for a in info.cuda_archs)
+        assert info.kernels_cuda.split(".")[0] == torch.version.cuda.split(".")[0]
+    else:
+        assert info.cuda_archs == () and info.kernels_cuda is None
+    text = str(info)
+    assert "C++ tokenizer    yes" in text
+    assert ("CUDA kernels     yes" in text) == info.cuda_kernels
+
+
+def test_info_command(capsys):
+    assert cli.main(["info"]) == 0
+    assert capsys.readouterr().out.startswith("scratchformer 0.1.0\n")
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).with_name("scratchformer")
+    result = subprocess.run([str(script), "info"], capture_output=True, text=True, check=True)
+    assert str(scratchformer.build_info()) in result.stdout
+    bad = subprocess.run([str(script), "nonsense"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice: 'nonsense'" in bad.stderr

@@ -1,0 +1,61 @@
+"""Find the CUDA toolkit to build with, without trusting the `nvcc` first on PATH.
+
+That `nvcc` may be a wrapper script (so `dirname(nvcc)/..` is not the toolkit and torch's guess
+of CUDA_HOME fails at link time with `cannot find -lcudart`). A toolkit is a folder with
+`bin/nvcc` and `include/cuda_runtime.h`; nvcc itself reports where it lives (`--dryrun` prints
+`TOP=`), which sees through wrappers.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+DEFAULT_ARCH_LIST = "8.0;9.0"
+
+
+def is_toolkit(path: str | None) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(path, "include", "cuda_runtime.h")
+    )
+
+
+def _reported_by_nvcc(nvcc: str) -> str | None:
+    try:
+        out = subprocess.run(
+            [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+    return os.path.realpath(match.group(1).strip()) if match else None
+
+
+def find_cuda_home() -> str | None:
+    """The toolkit folder, or None. CUDA_HOME / CUDA_PATH win when they name a real toolkit."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates += [_reported_by_nvcc(nvcc), os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+    candidates += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True), "/opt/cuda"]
+    return next((os.path.realpath(c) for c in candidates if is_toolkit(c)), None)
+
+
+def nvcc_version(cuda_home: str) -> str | None:
+    """'13.0' for the toolkit's nvcc, or None if it cannot be run."""
+    try:
+        out = subprocess.run(
+            [os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+\.\d+)", out)
+    return match.group(1) if match else None
+
+
+def arch_list() -> str:
+    """TORCH_CUDA_ARCH_LIST if set, else sm_80 and sm_90 (also when no GPU is present)."""
+    return os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
