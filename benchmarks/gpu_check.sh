@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One check on a machine with an NVIDIA GPU: build, every CUDA test, every benchmark, one table.
+#
+#   bash benchmarks/gpu_check.sh            # logs and benchmark tables go to $OUT or /tmp/gpu_check
+#
+# Uses the installed torch (the GPU machines have no registry access), so it installs scratchformer
+# with --no-deps. Must finish inside 8 minutes on one H100.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/gpu_check}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+rows=()
+failed=0
+
+step() {  # step NAME COMMAND...: run it, log to $out/NAME.log, add a row to the table
+  local name=$1 start status
+  shift
+  start=$(date +%s)
+  echo "== $name: $*"
+  if "$@" >"$out/$name.log" 2>&1; then status=pass; else status=FAIL; failed=1; fi
+  tail -n 5 "$out/$name.log"
+  rows+=("| $name | $status | $(($(date +%s) - start)) s | $name.log |")
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+step build env SCRATCHFORMER_CUDA=1 python -m pip install -v --no-build-isolation --no-deps --no-cache-dir .
+step info python -c "import scratchformer; print(scratchformer.build_info())"
+step ptxas python tools/check_ptxas.py
+step cuda_tests python -m pytest -m cuda -v -p no:cacheprovider tests
+for bench in benchmarks/bench_*.py; do
+  [ -e "$bench" ] || continue
+  name=$(basename "$bench" .py)
+  step "$name" python "$bench" --out "$out"
+done
+
+echo
+cat "$out/info.log"
+echo
+echo "| step | result | time | log |"
+echo "| --- | --- | --- | --- |"
+printf '%s\n' "${rows[@]}"
+for table in "$out"/*.md; do
+  [ -e "$table" ] && { echo; cat "$table"; }
+done
+exit $failed
