@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import ModuleType
 
 import torch  # noqa: F401  (the kernels library links against libtorch: load torch first)
@@ -12,7 +13,14 @@ def _load(name: str) -> tuple[ModuleType | None, str | None]:
     try:
         return importlib.import_module(f"scratchformer.{name}"), None
     except ImportError as e:
-        return None, f"{type(e).__name__}: {e}"
+        error = f"{type(e).__name__}: {e}"
+        if isinstance(e, ModuleNotFoundError) and not list(Path(__file__).parent.glob(f"{name}.*.so")):
+            error += (
+                f" (this scratchformer, {Path(__file__).parent}, has no compiled extensions: if it is"
+                " a source checkout, run from another directory to use the installed package, or"
+                " build in place with `python setup.py build_ext --inplace`)"
+            )
+        return None, error
 
 
 kernels, kernels_error = _load("_kernels")  # importing it registers the torch.ops.scratchformer ops
