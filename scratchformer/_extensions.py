@@ -27,3 +27,17 @@ kernels, kernels_error = _load("_kernels")  # importing it registers the torch.o
 bpe, bpe_error = _load("_bpe")
 
 cuda_archs: tuple[int, ...] = tuple(kernels.cuda_archs()) if kernels is not None else ()
+
+
+def cuda_mismatch(kernels_cuda: str | None, torch_cuda: str | None) -> str | None:
+    """Why CUDA kernels compiled with `kernels_cuda` cannot run beside a torch on `torch_cuda`."""
+    if kernels_cuda is None or (torch_cuda or "").split(".")[0] == kernels_cuda.split(".")[0]:
+        return None
+    return (
+        f"the CUDA kernels were compiled with CUDA {kernels_cuda} but torch {torch.__version__} uses "
+        f"{'CUDA ' + torch_cuda if torch_cuda else 'no CUDA'}: reinstall scratchformer against this torch "
+        "(pip install --no-build-isolation --force-reinstall --no-deps .)"
+    )
+
+
+cuda_problem = cuda_mismatch(kernels.cuda_version() if kernels is not None else None, torch.version.cuda)

@@ -53,7 +53,7 @@ def build_info() -> BuildInfo:
         f"scratchformer.{name} did not load: {err}"
         for name, err in (("_kernels", _extensions.kernels_error), ("_bpe", _extensions.bpe_error))
         if err
-    )
+    ) + ((_extensions.cuda_problem,) if _extensions.cuda_problem else ())
     return BuildInfo(
         version=metadata.version("scratchformer"),
         torch=torch.__version__,

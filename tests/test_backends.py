@@ -88,6 +88,10 @@ def test_fused_reasons_for_an_op_with_a_kernel(monkeypatch):
     if _extensions.cuda_archs:
         with pytest.raises(ops.FusedUnavailableError, match="run on CUDA tensors, got cpu"):
             backend_module.choose("layer_norm", "fused", tensors, never_mind)
+    monkeypatch.setattr(_extensions, "cuda_problem", _extensions.cuda_mismatch("13.0", "12.8"))
+    with pytest.raises(ops.FusedUnavailableError, match="compiled with CUDA 13.0 but torch .* uses CUDA 12.8: reinstall"):
+        backend_module.choose("layer_norm", "fused", tensors, never_mind)
+    monkeypatch.setattr(_extensions, "cuda_problem", None)
     monkeypatch.setattr(_extensions, "cuda_archs", ())
     with pytest.raises(ops.FusedUnavailableError, match="built without CUDA kernels"):
         backend_module.choose("layer_norm", "fused", tensors, never_mind)

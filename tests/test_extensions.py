@@ -48,6 +48,15 @@ def test_build_info_reports_what_loaded():
     assert ("CUDA kernels     yes" in text) == info.cuda_kernels
 
 
+def test_cuda_version_mismatch_is_detected():
+    from scratchformer._extensions import cuda_mismatch
+
+    assert cuda_mismatch(None, "12.8") is None  # no CUDA kernels: nothing to mismatch
+    assert cuda_mismatch("13.0", "13.2") is None  # same major version: compatible
+    assert "compiled with CUDA 13.0" in cuda_mismatch("13.0", "12.8")
+    assert "uses no CUDA" in cuda_mismatch("13.0", None)
+
+
 def test_info_command(capsys):
     assert cli.main(["info"]) == 0
     assert capsys.readouterr().out.startswith("scratchformer 0.1.0\n")

@@ -50,6 +50,8 @@ def _gpu_reason(tensors: Iterable[torch.Tensor]) -> str | None:
     """Why no fused kernel of this build can run on these tensors, or None if one can."""
     if _extensions.kernels is None:
         return f"the scratchformer._kernels extension did not load ({_extensions.kernels_error})"
+    if _extensions.cuda_problem:
+        return _extensions.cuda_problem
     if not _extensions.cuda_archs:
         return (
             "scratchformer was built without CUDA kernels (reinstall with nvcc and a CUDA build "
