@@ -1,28 +1,245 @@
-"""The `scratchformer` command."""
+"""The `scratchformer` command: train, eval, generate, tokenizer, info.
+
+    scratchformer train                      # the tiny model on the bundled corpus, on CPU, in minutes
+    scratchformer train --preset seed --device cuda --amp bf16
+    scratchformer generate --checkpoint runs/tiny --prompt "The history of"
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+HELP = {
+    "train": "train a model (default: the tiny preset on the bundled WikiText-2 mini corpus)",
+    "eval": "loss and perplexity of a checkpoint on a corpus split",
+    "generate": "continue a prompt with a trained model",
+    "tokenizer": "train a BPE tokenizer, or encode / decode with one",
+    "info": "what this installation was built with (tokenizer, kernels, GPU)",
+}
 
-def _info(args: argparse.Namespace) -> int:
+
+class CliError(Exception):
+    """A problem with the user's input: printed as one line, no traceback."""
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "fused", "reference", "torch"],
+                   help="backend of attention and LayerNorm: our CUDA kernels (fused), the from-scratch reference, "
+                        "PyTorch's own, or auto (fused where it can run)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .config import PRESETS
+
+    parser = argparse.ArgumentParser(prog="scratchformer", description="A GPT-2-style language model built from scratch, on its own kernels.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    t = commands.add_parser("train", help=HELP["train"], description=HELP["train"] + ". Presets: " + ", ".join(PRESETS)
+                            + ". Any option below overrides the preset.")
+    t.add_argument("--preset", default="tiny", help="tiny (CPU demo) or seed (the write-up's model); default tiny")
+    t.add_argument("--data", default="wikitext2-mini",
+                   help="wikitext2-mini (bundled, no network), wikitext2 (downloads the train split once), "
+                        "or a text file / folder of .txt files; default wikitext2-mini")
+    t.add_argument("--out", help="run folder for checkpoint, tokenizer, metrics.csv and loss.png (default runs/PRESET)")
+    t.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    t.add_argument("--tokenizer", default="bpe", choices=["bpe", "gpt2"], help="train a BPE on the training split (default) or use GPT-2's vocabulary")
+    t.add_argument("--vocab-size", type=int, help="size of the trained BPE vocabulary (default 8192)")
+    g = t.add_argument_group("model (overrides the preset)")
+    for name, kind in (("n-layers", int), ("d-model", int), ("n-heads", int), ("n-kv-heads", int), ("d-ff", int), ("context", int), ("dropout", float)):
+        g.add_argument(f"--{name}", type=kind)
+    g.add_argument("--positions", choices=["sinusoidal", "rotary"])
+    g.add_argument("--untied", action="store_true", help="a separate output layer instead of reusing the embedding matrix")
+    g = t.add_argument_group("training (overrides the preset)")
+    for name, kind in (("steps", int), ("batch-size", int), ("grad-accum", int), ("lr-scale", float), ("warmup", int),
+                       ("label-smoothing", float), ("clip", float), ("eval-every", int), ("checkpoint-every", int), ("seed", int)):
+        g.add_argument(f"--{name}", type=kind)
+    g.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto", help="mixed precision (default: bf16 on GPUs that have it, off on CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--sample-tokens", type=int, default=60, help="tokens of text to print after training (0: none)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_runtime(t)
+
+    e = commands.add_parser("eval", help=HELP["eval"], description=HELP["eval"])
+    e.add_argument("--checkpoint", required=True, help="a checkpoint file or a run folder")
+    e.add_argument("--data", help="corpus (default: the one it was trained on)")
+    e.add_argument("--split", default="eval", help="eval (default), test (wikitext2 only) or train")
+    e.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
+    _add_runtime(e)
+
+    gen = commands.add_parser("generate", help=HELP["generate"], description=HELP["generate"] + ", streaming the text as it comes.")
+    gen.add_argument("--checkpoint", required=True, help="a checkpoint file or a run folder")
+    gen.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    gen.add_argument("--max-new-tokens", type=int, default=100)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    gen.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    gen.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set of tokens with probability >= p")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, help="fix the random choices for a reproducible text")
+    _add_runtime(gen)
+
+    tk = commands.add_parser("tokenizer", help=HELP["tokenizer"], description=HELP["tokenizer"])
+    tk_cmd = tk.add_subparsers(dest="action", metavar="ACTION", required=True)
+    tt = tk_cmd.add_parser("train", help="learn a BPE vocabulary from a corpus's training split")
+    tt.add_argument("--data", default="wikitext2-mini")
+    tt.add_argument("--vocab-size", type=int, default=8192)
+    tt.add_argument("--out", required=True, help="where to write the tokenizer (JSON)")
+    for action, what in (("encode", "text to token ids"), ("decode", "token ids to text")):
+        a = tk_cmd.add_parser(action, help=what)
+        a.add_argument("--tokenizer", default="gpt2", help="gpt2 (default) or a tokenizer.json")
+        a.add_argument("input", nargs="+", help="the text" if action == "encode" else "the ids")
+
+    commands.add_parser("info", help=HELP["info"], description=HELP["info"])
+    return parser
+
+
+def _load_tokenizer(name: str):
+    from .tokenizer import BPETokenizer
+
+    return BPETokenizer.from_gpt2() if name == "gpt2" else BPETokenizer.load(name)
+
+
+def _cmd_info(args) -> int:
     from . import build_info
 
     print(build_info())
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="scratchformer",
-        description="A GPT-2-style language model built from scratch, on its own kernels.",
+def _cmd_train(args) -> int:
+    from . import ops
+    from .config import preset, replace
+    from .sampling import Sampling, generate
+    from .training import load_checkpoint, pick_device, train
+
+    model_cfg, train_cfg = preset(args.preset)
+    out = args.out or os.path.join("runs", args.preset)
+    if args.resume:  # the run's own settings, unless overridden here
+        saved = load_checkpoint(out)
+        model_cfg = type(model_cfg)(**saved["model_config"])
+        train_cfg = type(train_cfg)(**saved["train_config"])
+    model_cfg = replace(
+        model_cfg, vocab_size=args.vocab_size, n_layers=args.n_layers, d_model=args.d_model, n_heads=args.n_heads,
+        n_kv_heads=args.n_kv_heads, d_ff=args.d_ff, context=args.context, dropout=args.dropout, positions=args.positions,
+        tie_embeddings=False if args.untied else None,
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    info = commands.add_parser("info", help="what this installation was built with (tokenizer, kernels, GPU)")
-    info.set_defaults(run=_info)
-    args = parser.parse_args(argv)
-    return args.run(args)
+    device = pick_device(args.device)
+    amp = args.amp
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" and torch_bf16(device) else "off"
+    train_cfg = replace(
+        train_cfg, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr_scale=args.lr_scale,
+        warmup=args.warmup, label_smoothing=args.label_smoothing, clip=args.clip, eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, amp=amp,
+    )
+    ops.set_backend(args.kernels)
+    result = train(model_cfg, train_cfg, args.data, out, tokenizer=args.tokenizer, device=str(device),
+                   resume=args.resume, compile=args.compile, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print(f"run saved in {result.out_dir}: checkpoint.pt, metrics.csv" + (", loss.png" if (result.out_dir / "loss.png").exists() else ""))
+    if args.sample_tokens > 0:
+        tok = result.tokenizer
+        ids = list(generate(result.model, [tok.eot_id], args.sample_tokens, Sampling(temperature=0.8, top_k=40), seed=0, stop_token=None))
+        print("sample:", tok.decode(ids).strip())
+    return 0
+
+
+def torch_bf16(device) -> bool:
+    import torch
+
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else False
+
+
+def _model_from(args):
+    from . import ops
+    from .training import load_checkpoint, model_from_checkpoint, pick_device
+
+    payload = load_checkpoint(args.checkpoint)
+    model, tok = model_from_checkpoint(payload)
+    device = pick_device(args.device)
+    ops.set_backend(args.kernels)
+    return payload, model.to(device), tok, device
+
+
+def _cmd_eval(args) -> int:
+    from . import data as datamod
+    from .training import evaluate
+
+    payload, model, tok, device = _model_from(args)
+    data = args.data or payload["data"]
+    corpus = datamod.load_corpus(data)
+    if args.split not in corpus:
+        raise CliError(f"--split {args.split}: {data} has the splits {', '.join(corpus)}")
+    split = corpus[args.split]
+    tokens = datamod.tokenize(split, tok, datamod.token_cache_path(data, args.split, tok))
+    result = evaluate(model, tokens, split.words, device, args.amp)
+    print(f"{split.name}: {result['tokens']} tokens, loss {result['loss']:.4f}, "
+          f"perplexity {result['ppl']:.2f} per token, {result['word_ppl']:.2f} per word (step {payload['step']})")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from .sampling import Sampling, generate
+
+    _, model, tok, _ = _model_from(args)
+    prompt = tok.encode(args.prompt, special="allow") if args.prompt else [tok.eot_id]
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    print(args.prompt, end="", flush=True)
+    pending = b""
+    for token in generate(model, prompt, args.max_new_tokens, sampling, seed=args.seed, stop_token=tok.eot_id):
+        if token == tok.eot_id:
+            break
+        pending += tok.decode_bytes([token])
+        try:  # print whole characters only: a character may span tokens
+            print(pending.decode("utf-8"), end="", flush=True)
+            pending = b""
+        except UnicodeDecodeError:
+            continue
+    print(pending.decode("utf-8", errors="replace"))
+    return 0
+
+
+def _cmd_tokenizer(args) -> int:
+    if args.action == "train":
+        from . import data as datamod
+        from .tokenizer import BPETokenizer
+
+        corpus = datamod.load_corpus(args.data)
+        tok = BPETokenizer.train(corpus["train"].documents, args.vocab_size, progress=True)
+        tok.save(args.out)
+        print(f"{args.out}: {tok.vocab_size} tokens ({len(tok.merges)} merges) from {corpus['train'].name}")
+        return 0
+    tok = _load_tokenizer(args.tokenizer)
+    if args.action == "encode":
+        print(" ".join(map(str, tok.encode(" ".join(args.input), special="allow"))))
+    else:
+        try:
+            ids = [int(i) for i in args.input]
+        except ValueError as e:
+            raise CliError(f"decode takes integer token ids: {e}") from None
+        print(tok.decode(ids))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    run = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "tokenizer": _cmd_tokenizer, "info": _cmd_info}[args.command]
+    from .ops import FusedUnavailableError
+    from .training import TrainingDiverged
+
+    try:
+        return run(args)
+    except (CliError, ValueError, FusedUnavailableError, TrainingDiverged) as e:
+        if os.environ.get("SCRATCHFORMER_DEBUG"):
+            raise
+        print(f"scratchformer {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nscratchformer {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,5 +1,11 @@
+import os
+import tempfile
+
 import pytest
 import torch
+
+# Token caches and downloads of the test run stay out of the user's cache.
+os.environ["SCRATCHFORMER_CACHE"] = tempfile.mkdtemp(prefix="scratchformer-test-cache-")
 
 import scratchformer
 from scratchformer import ops
@@ -26,3 +32,14 @@ def _restore_default_backend():
     previous = ops.get_backend()
     yield
     ops.set_backend(previous)
+
+
+@pytest.fixture(scope="session")
+def small_text(tmp_path_factory):
+    """A few WikiText articles as a user text file: enough to train on in seconds."""
+    from scratchformer import data
+
+    articles = data.wikitext_articles(data._shipped("wiki.valid.raw.xz"))[:3]
+    path = tmp_path_factory.mktemp("text") / "small.txt"
+    path.write_text("".join(articles)[:60000], encoding="utf-8")
+    return path

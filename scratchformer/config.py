@@ -1,0 +1,111 @@
+"""Model and training settings, and the named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+class ConfigError(ValueError):
+    """Settings that do not fit together."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 8192
+    context: int = 256  # longest sequence the model sees
+    n_layers: int = 4
+    d_model: int = 512
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # None: one per query head (MHA); 1: MQA; a divisor: GQA
+    d_ff: int = 1024
+    positions: str = "sinusoidal"  # or "rotary"
+    dropout: float = 0.0
+    tie_embeddings: bool = True  # the output layer reuses the token embedding matrix
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def validate(self) -> "ModelConfig":
+        positive = ("vocab_size", "context", "n_layers", "d_model", "n_heads", "d_ff")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}): "
+                "pick a head count that divides it"
+            )
+        if self.kv_heads < 1 or self.n_heads % self.kv_heads:
+            raise ConfigError(
+                f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads}): "
+                "use 1 (multi-query), n_heads (multi-head) or a divisor of n_heads (grouped-query)"
+            )
+        if self.positions not in ("sinusoidal", "rotary"):
+            raise ConfigError(f"positions must be 'sinusoidal' or 'rotary', not {self.positions!r}")
+        if self.positions == "rotary" and self.head_dim % 2:
+            raise ConfigError(f"rotary positions need an even head size, got {self.head_dim}")
+        if self.positions == "sinusoidal" and self.d_model % 2:
+            raise ConfigError(f"sinusoidal positions need an even d_model, got {self.d_model}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        return self
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000  # optimizer steps
+    batch_size: int = 32  # sequences per optimizer step, over all processes and accumulation
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr_scale: float = 1.0  # lr = lr_scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
+    warmup: int = 4000
+    label_smoothing: float = 0.1
+    clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    amp: str = "off"  # "off", "bf16" or "fp16" (autocast; fp16 adds a gradient scaler)
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    seed: int = 1337
+
+    def validate(self) -> "TrainConfig":
+        for name in ("steps", "batch_size", "grad_accum", "warmup"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+        if self.amp not in ("off", "bf16", "fp16"):
+            raise ConfigError(f"amp must be off, bf16 or fp16, not {self.amp!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.lr_scale <= 0 or self.clip < 0:
+            raise ConfigError("lr_scale must be > 0 and clip >= 0")
+        return self
+
+
+# The model of the original write-up, and a small one that trains in minutes on a laptop CPU.
+PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
+    "seed": (
+        ModelConfig(context=256, n_layers=4, d_model=512, n_heads=8, d_ff=1024),
+        TrainConfig(steps=10000, batch_size=64, warmup=4000, eval_every=500, checkpoint_every=500),
+    ),
+    "tiny": (
+        ModelConfig(context=64, n_layers=2, d_model=128, n_heads=4, d_ff=512),
+        TrainConfig(steps=300, batch_size=32, warmup=100, lr_scale=1.0, eval_every=100, checkpoint_every=100),
+    ),
+}
+
+
+def preset(name: str) -> tuple[ModelConfig, TrainConfig]:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def replace(config, **changes):
+    """A copy of a config with the given fields changed (None values are ignored), validated."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    return dataclasses.replace(config, **changes).validate()

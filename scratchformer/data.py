@@ -1,0 +1,298 @@
+"""Corpora, token caches, and the batches the model trains and is evaluated on.
+
+Corpora:
+- `wikitext2-mini`: WikiText-2's validation split to train on and its test split to evaluate on,
+  both shipped with the package: no network needed. For demos and tests, not for comparing with
+  published numbers.
+- `wikitext2`: WikiText-2 raw; the train split is downloaded on first use (checked against its
+  published size and SHA-256), validation and test are shipped.
+- a path: a text file, or a folder of .txt files (each file one document); the last tenth of the
+  documents (of the lines, for a single file) is held out for evaluation.
+
+WikiText articles are split at their top-level ` = Title = ` headings; documents are joined with
+<|endoftext|>. Each split is tokenized once and cached in a flat array behind a header naming
+the tokenizer and the source's SHA-256, so a stale cache is rebuilt, never reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .tokenizer import BPETokenizer
+
+
+class DataError(ValueError):
+    """Missing, empty, corrupt or unobtainable data."""
+
+
+@dataclass(frozen=True)
+class Split:
+    name: str  # e.g. "wikitext2-mini/train"
+    documents: list[str]
+    sha256: str  # of the source text
+    words: int  # whitespace-separated words in the source, for word-level perplexity
+
+
+@dataclass(frozen=True)
+class RemoteArchive:
+    """A zip archive on the web holding one file we need, with the checksums to trust it by."""
+
+    urls: tuple[str, ...]
+    size: int
+    sha256: str
+    member: str
+    member_size: int
+    member_sha256: str
+
+
+WIKITEXT2_TRAIN = RemoteArchive(
+    urls=(
+        "https://wikitext.smerity.com/wikitext-2-raw-v1.zip",
+        "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-raw-v1.zip",
+    ),
+    size=4_721_645,
+    sha256="ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11",
+    member="wikitext-2-raw/wiki.train.raw",
+    member_size=10_940_747,
+    member_sha256="6707892fa3788b5ab9ed78ab5ff37d9fe825f6011a2ad4fcd6a6d467f0e7da57",
+)
+
+CORPORA = ("wikitext2-mini", "wikitext2")
+
+
+def cache_dir() -> Path:
+    """$SCRATCHFORMER_CACHE, else $XDG_CACHE_HOME/scratchformer, else ~/.cache/scratchformer."""
+    if os.environ.get("SCRATCHFORMER_CACHE"):
+        return Path(os.environ["SCRATCHFORMER_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "scratchformer"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_target(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=path.name + ".", suffix=".part", delete=False)
+
+
+def _fetch(url: str, dest: Path, size: int, sha256: str, progress: bool) -> None:
+    """Download url to dest through a temporary file; raise DataError on a size or hash mismatch."""
+    digest, got = hashlib.sha256(), 0
+    tmp = _atomic_target(dest)
+    try:
+        with tmp, urllib.request.urlopen(url, timeout=30) as response:
+            bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {dest.name}", disable=not progress)
+            for chunk in iter(lambda: response.read(1 << 16), b""):
+                tmp.write(chunk)
+                digest.update(chunk)
+                got += len(chunk)
+                bar.update(len(chunk))
+            bar.close()
+        if got != size or digest.hexdigest() != sha256:
+            raise DataError(f"{url} gave {got} bytes with SHA-256 {digest.hexdigest()}, expected {size} bytes with {sha256}")
+        os.replace(tmp.name, dest)
+    finally:
+        if os.path.exists(tmp.name):
+            os.unlink(tmp.name)
+
+
+def fetch_archive_member(remote: RemoteArchive, dest: Path, progress: bool = True) -> Path:
+    """`dest` holding remote.member, verified. Uses a verified copy already at dest, or the
+    archive placed beside it by hand, before downloading from remote.urls in turn."""
+    if dest.exists() and dest.stat().st_size == remote.member_size and sha256_file(dest) == remote.member_sha256:
+        return dest
+    archive = dest.parent / Path(remote.urls[0]).name
+    errors = []
+    if not (archive.exists() and archive.stat().st_size == remote.size and sha256_file(archive) == remote.sha256):
+        for url in remote.urls:
+            try:
+                _fetch(url, archive, remote.size, remote.sha256, progress)
+                break
+            except (urllib.error.URLError, OSError, DataError) as e:
+                errors.append(f"{url}: {e}")
+        else:
+            raise DataError(
+                f"could not download {archive.name} ({'; '.join(errors)}). Without network access, "
+                f"put {archive.name} (SHA-256 {remote.sha256}) or {Path(remote.member).name} "
+                f"(SHA-256 {remote.member_sha256}) into {dest.parent} by hand"
+            )
+    try:
+        with zipfile.ZipFile(archive) as z, z.open(remote.member) as src:
+            data = src.read()
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise DataError(f"{archive}: cannot extract {remote.member} ({e})") from None
+    if len(data) != remote.member_size or hashlib.sha256(data).hexdigest() != remote.member_sha256:
+        raise DataError(f"{archive}: {remote.member} does not match its published size and SHA-256")
+    tmp = _atomic_target(dest)
+    with tmp:
+        tmp.write(data)
+    os.replace(tmp.name, dest)
+    return dest
+
+
+_HEADING = re.compile(r"^ = [^=].* = $", re.MULTILINE)
+
+
+def wikitext_articles(text: str) -> list[str]:
+    """Split WikiText at its top-level ` = Title = ` heading lines, one article each."""
+    starts = [m.start() for m in _HEADING.finditer(text)]
+    if not starts or starts[0] != 0:
+        starts.insert(0, 0)
+    return [a for a in (text[s:e] for s, e in zip(starts, starts[1:] + [len(text)])) if a.strip()]
+
+
+def _split(name: str, text: str, documents: list[str]) -> Split:
+    return Split(name, documents, hashlib.sha256(text.encode("utf-8")).hexdigest(), len(text.split()))
+
+
+def _shipped(file: str) -> str:
+    path = resources.files("scratchformer") / "assets" / "wikitext-2" / file
+    with lzma.open(path, "rt", encoding="utf-8", newline="") as f:
+        return f.read()
+
+
+def _wikitext(name: str, text: str) -> Split:
+    return _split(name, text, wikitext_articles(text))
+
+
+def _user_text(path: Path) -> dict[str, Split]:
+    if not path.exists():
+        raise DataError(f"--data {path}: no such file or folder (give a text file, a folder of .txt files, or one of {', '.join(CORPORA)})")
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise DataError(f"--data {path}: no text found" + (" (no non-empty .txt files)" if path.is_dir() else " (the file is empty)"))
+    if len(texts) >= 2:
+        n_eval = max(1, len(texts) // 10)
+        train_docs, eval_docs = texts[:-n_eval], texts[-n_eval:]
+    else:
+        lines = texts[0].splitlines(keepends=True)
+        if len(lines) < 2:
+            raise DataError(f"--data {path}: need at least two lines to hold some out for evaluation")
+        cut = len(lines) - max(1, len(lines) // 10)
+        train_docs, eval_docs = ["".join(lines[:cut])], ["".join(lines[cut:])]
+    return {
+        "train": _split(f"{path}/train", "".join(train_docs), train_docs),
+        "eval": _split(f"{path}/eval", "".join(eval_docs), eval_docs),
+    }
+
+
+def load_corpus(data: str, progress: bool = True) -> dict[str, Split]:
+    """The splits of a corpus: "train" and "eval" always, "test" where the corpus has one."""
+    if data == "wikitext2-mini":
+        return {
+            "train": _wikitext("wikitext2-mini/train (WikiText-2 valid)", _shipped("wiki.valid.raw.xz")),
+            "eval": _wikitext("wikitext2-mini/eval (WikiText-2 test)", _shipped("wiki.test.raw.xz")),
+        }
+    if data == "wikitext2":
+        train_file = fetch_archive_member(WIKITEXT2_TRAIN, cache_dir() / "wikitext-2" / "wiki.train.raw", progress)
+        return {
+            "train": _wikitext("wikitext2/train", train_file.read_text(encoding="utf-8")),
+            "eval": _wikitext("wikitext2/valid", _shipped("wiki.valid.raw.xz")),
+            "test": _wikitext("wikitext2/test", _shipped("wiki.test.raw.xz")),
+        }
+    return _user_text(Path(data))
+
+
+# ---- token caches ------------------------------------------------------------------------------
+
+_MAGIC = b"SFTOKENS"
+
+
+def _dtype_for(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def tokenize(split: Split, tokenizer: BPETokenizer, cache: Path | None = None) -> np.ndarray:
+    """The split's documents as one flat array of ids, each document followed by <|endoftext|>.
+
+    With `cache`, the array is read from there when its header names this tokenizer and this
+    source, and (re)written there atomically otherwise.
+    """
+    header = {"tokenizer": tokenizer.fingerprint(), "source_sha256": split.sha256, "dtype": _dtype_for(tokenizer.vocab_size).str}
+    if cache is not None and cache.exists():
+        tokens = _read_cache(cache, header)
+        if tokens is not None:
+            return tokens
+    if tokenizer.eot_id is None:
+        raise DataError("the tokenizer has no <|endoftext|> token to separate documents with")
+    ids: list[int] = []
+    for doc in tqdm(split.documents, desc=f"tokenizing {split.name}", unit="doc", disable=len(split.documents) < 50):
+        ids += tokenizer.encode_ordinary(doc)
+        ids.append(tokenizer.eot_id)
+    tokens = np.asarray(ids, dtype=_dtype_for(tokenizer.vocab_size))
+    if cache is not None:
+        _write_cache(cache, header | {"count": len(tokens)}, tokens)
+    return tokens
+
+
+def _read_cache(path: Path, expected: dict) -> np.ndarray | None:
+    with open(path, "rb") as f:
+        if f.read(len(_MAGIC)) != _MAGIC:
+            return None
+        try:
+            length = int.from_bytes(f.read(4), "little")
+            header = json.loads(f.read(length))
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if any(header.get(k) != v for k, v in expected.items()):
+            return None  # another tokenizer or another source text: stale
+        tokens = np.frombuffer(f.read(), dtype=np.dtype(header["dtype"]))
+    return tokens if len(tokens) == header.get("count") else None
+
+
+def _write_cache(path: Path, header: dict, tokens: np.ndarray) -> None:
+    raw = json.dumps(header).encode()
+    tmp = _atomic_target(path)
+    with tmp:
+        tmp.write(_MAGIC + len(raw).to_bytes(4, "little") + raw)
+        tmp.write(tokens.tobytes())
+    os.replace(tmp.name, path)
+
+
+def token_cache_path(data: str, split: str, tokenizer: BPETokenizer) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", data).strip("_")[-80:]
+    return cache_dir() / "tokens" / f"{safe}-{split}-{tokenizer.fingerprint()}.bin"
+
+
+# ---- batches -----------------------------------------------------------------------------------
+
+
+def sample_windows(tokens: np.ndarray, count: int, context: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` windows of context + 1 tokens at uniformly random positions: inputs [count, context]
+    and next-token targets [count, context]."""
+    if len(tokens) < context + 1:
+        raise DataError(f"the training split has {len(tokens)} tokens, fewer than one window of {context + 1}")
+    starts = torch.randint(0, len(tokens) - context, (count,), generator=generator).numpy()
+    windows = torch.from_numpy(np.stack([tokens[s : s + context + 1] for s in starts]).astype(np.int64))
+    return windows[:, :-1], windows[:, 1:]
+
+
+def evaluation_windows(tokens: np.ndarray, context: int):
+    """Walk the split in order: windows of up to context + 1 tokens overlapping by one, so every
+    token after the first is a target exactly once. Yields (inputs [1, n], targets [1, n])."""
+    for start in range(0, len(tokens) - 1, context):
+        window = torch.from_numpy(tokens[start : start + context + 1].astype(np.int64))[None]
+        yield window[:, :-1], window[:, 1:]

@@ -1,0 +1,165 @@
+"""The GPT: token embeddings, positions, pre-norm Transformer blocks, LM head, KV cache.
+
+Attention and LayerNorm go through `scratchformer.ops`, so the backend (fused CUDA kernels,
+the from-scratch reference, or PyTorch's own) is a switch: `ops.set_backend(...)`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .config import ModelConfig
+
+
+def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
+    """Vaswani et al.'s positions: sin on even, cos on odd channels, wavelengths 2pi..10000*2pi."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * inv_freq)
+    table[:, 1::2] = torch.cos(position * inv_freq)
+    return table
+
+
+def rotary_tables(length: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [length, head_dim / 2] for rotary positions (Su et al.)."""
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + D/2) of x [B, H, T, D] by position-dependent angles."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, per layer, for incremental decoding."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, device=None, dtype=torch.float32):
+        shape = (batch_size, config.kv_heads, config.context, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.length = 0  # positions cached
+        self.capacity = config.context
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k, v [B, Hkv, T, D] for `layer`; return all cached keys and values."""
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.layer_norm(x, self.weight, self.bias)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        self.query = nn.Linear(config.d_model, config.n_heads * config.head_dim, bias=False)
+        self.key_value = nn.Linear(config.d_model, 2 * config.kv_heads * config.head_dim, bias=False)
+        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rotary, cache: KVCache | None, layer: int) -> torch.Tensor:
+        batch, time, _ = x.shape
+        q = self.query(x).view(batch, time, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = self.key_value(x).view(batch, time, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
+        y = ops.causal_attention(q, k, v)  # [B, H, T, head_dim]; K/V heads shared, never copied
+        return self.dropout(self.out(y.transpose(1, 2).reshape(batch, time, -1)))
+
+
+class Block(nn.Module):
+    """Pre-norm: x + attention(norm(x)), then x + feed_forward(norm(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm1 = LayerNorm(config.d_model)
+        self.attention = Attention(config)
+        self.norm2 = LayerNorm(config.d_model)
+        self.feed_forward = nn.Sequential(
+            nn.Linear(config.d_model, config.d_ff),
+            nn.ReLU(),
+            nn.Linear(config.d_ff, config.d_model),
+            nn.Dropout(config.dropout),
+        )
+
+    def forward(self, x, rotary, cache, layer):
+        x = x + self.attention(self.norm1(x), rotary, cache, layer)
+        return x + self.feed_forward(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config.validate()
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.final_norm = LayerNorm(config.d_model)
+        self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.positions == "sinusoidal":
+            self.register_buffer("position_table", sinusoidal_table(config.context, config.d_model), persistent=False)
+        else:
+            cos, sin = rotary_tables(config.context, config.head_dim)
+            self.register_buffer("rotary_cos", cos, persistent=False)
+            self.register_buffer("rotary_sin", sin, persistent=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # Embeddings at std d^-0.5, scaled up by sqrt(d) on the way in (Vaswani et al.), so tokens
+        # enter at unit scale and tied output logits start near unit scale. Linear layers at 0.02,
+        # the projections back into the residual stream shrunk by depth (GPT-2).
+        nn.init.normal_(self.embedding.weight, std=self.config.d_model**-0.5)
+        for name, p in self.named_parameters():
+            if name.endswith("weight") and p.dim() == 2 and "embedding" not in name:
+                residual = name.endswith("attention.out.weight") or name.endswith("feed_forward.2.weight")
+                nn.init.normal_(p, std=0.02 / (math.sqrt(2 * self.config.n_layers) if residual else 1.0))
+            elif name.endswith("bias") and "norm" not in name:
+                nn.init.zeros_(p)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] for token ids [B, T]. With a cache, idx continues the cached
+        positions and its keys and values are added to the cache."""
+        batch, time = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + time > self.config.context:
+            raise ValueError(
+                f"{start + time} positions exceed the model's context of {self.config.context}"
+            )
+        x = self.embedding(idx) * math.sqrt(self.config.d_model)
+        rotary = None
+        if self.config.positions == "sinusoidal":
+            x = x + self.position_table[start : start + time]
+        else:
+            rotary = (self.rotary_cos[start : start + time], self.rotary_sin[start : start + time])
+        x = self.dropout(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rotary, cache, layer)
+        if cache is not None:
+            cache.length += time
+        x = self.final_norm(x)
+        return F.linear(x, self.embedding.weight) if self.head is None else self.head(x)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

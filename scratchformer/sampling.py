@@ -1,0 +1,116 @@
+"""Turning the model's next-token logits into text: greedy, temperature, top-k, top-p."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from .model import GPT, KVCache
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0  # 0: greedy (always the most likely token)
+    top_k: int | None = None  # keep the k most likely tokens
+    top_p: float | None = None  # keep the smallest set of tokens whose probability reaches p
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the text (CTRL)
+
+    def validate(self) -> "Sampling":
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        return self
+
+
+def penalize_repetition(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Divide positive (multiply negative) logits of tokens in `previous` by `penalty`."""
+    if penalty == 1.0 or previous.numel() == 0:
+        return logits
+    seen = logits.gather(-1, previous)
+    return logits.scatter(-1, previous, torch.where(seen > 0, seen / penalty, seen * penalty))
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Logits outside the k largest set to -inf (ties at the k-th value are kept)."""
+    if k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose total probability reaches p."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # A token is dropped when the tokens ranked above it already reach p.
+    drop_sorted = (probs.cumsum(-1) - probs) >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_token(logits: torch.Tensor, sampling: Sampling, previous: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Pick the next token [B] from logits [B, vocab]."""
+    logits = penalize_repetition(logits.float(), previous, sampling.repetition_penalty)
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None:
+        logits = top_k_filter(logits, sampling.top_k)
+    if sampling.top_p is not None:
+        logits = top_p_filter(logits, sampling.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    seed: int | None = None,
+    stop_token: int | None = None,
+) -> Iterator[int]:
+    """Yield up to max_new_tokens token ids continuing `prompt`, one at a time (stream them).
+
+    Decodes with the KV cache: each step runs the model on the newest token only. When the
+    context is full, the cache is rebuilt from the last three quarters of the context (a
+    sliding window) and decoding goes on. Stops after yielding `stop_token`.
+    """
+    sampling.validate()
+    context = model.config.context
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one token (for example <|endoftext|>)")
+    if len(prompt) > context:
+        raise ValueError(f"the prompt has {len(prompt)} tokens, more than the model's context of {context}: shorten it")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    tokens = torch.tensor([list(prompt)], device=device)
+    cache = KVCache(model.config, 1, device=device, dtype=next(model.parameters()).dtype)
+    logits = model(tokens, cache)[:, -1]
+    try:
+        for _ in range(max_new_tokens):
+            token = next_token(logits, sampling, tokens, generator)
+            yield int(token)
+            if stop_token is not None and int(token) == stop_token:
+                return
+            tokens = torch.cat([tokens, token[:, None]], dim=1)
+            if cache.length == context:
+                keep = tokens[:, -(3 * context // 4) :]
+                cache = KVCache(model.config, 1, device=device, dtype=cache.keys[0].dtype)
+                logits = model(keep, cache)[:, -1]
+            else:
+                logits = model(token[:, None], cache)[:, -1]
+    finally:
+        model.train(was_training)

@@ -1,0 +1,376 @@
+"""Training: Vaswani's schedule, label smoothing, AMP, DDP, evaluation, checkpoints.
+
+One process: `scratchformer train ...`. Several GPUs: `torchrun --nproc_per_node N -m
+scratchformer.cli train ...` (each process takes its share of every batch; rank 0 logs,
+evaluates and saves).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import data as datamod
+from .config import ModelConfig, TrainConfig
+from .model import GPT
+from .tokenizer import BPETokenizer
+
+CHECKPOINT = "checkpoint.pt"
+FORMAT = "scratchformer-checkpoint"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: damaged, foreign, or from another model."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became inf or NaN."""
+
+
+def vaswani_lr(step: int, d_model: int, warmup: int, scale: float = 1.0) -> float:
+    """lr = scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), steps counted from 1."""
+    step = max(step, 1)
+    return scale * d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), label_smoothing=label_smoothing, reduction=reduction
+    )
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Distributed:
+    """Join the process group torchrun set up (NCCL on GPUs, gloo on CPU); one process otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Distributed()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size())
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA GPU is visible to torch (use --device cpu)")
+        if name == "cuda" and "LOCAL_RANK" in os.environ:
+            name = f"cuda:{os.environ['LOCAL_RANK']}"
+    return torch.device(name)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, tokens: np.ndarray, words: int, device: torch.device, amp: str = "off", batch_size: int = 32) -> dict:
+    """Loss over every token of the split exactly once, with token- and word-level perplexity."""
+    was_training = model.training
+    model.eval()
+    total_nll, count = 0.0, 0
+    windows = list(datamod.evaluation_windows(tokens, model.config.context))
+    full = [w for w in windows if w[0].shape[1] == model.config.context]
+    rest = [w for w in windows if w[0].shape[1] != model.config.context]
+    groups = [full[i : i + batch_size] for i in range(0, len(full), batch_size)] + [[w] for w in rest]
+    for group in groups:
+        x = torch.cat([w[0] for w in group]).to(device)
+        y = torch.cat([w[1] for w in group]).to(device)
+        with autocast(device, amp):
+            logits = model(x)
+        total_nll += lm_loss(logits, y, reduction="sum").item()
+        count += y.numel()
+    model.train(was_training)
+    loss = total_nll / count
+    return {"loss": loss, "ppl": math.exp(loss), "word_ppl": math.exp(total_nll / max(words, 1)), "tokens": count}
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Write through a temporary file and rename it over the old one, so a crash at any moment
+    leaves either the previous checkpoint or the new one, never a broken file."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False) as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f.name, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.exists():
+        raise CheckpointError(f"{path}: no checkpoint there")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for damaged files
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or damaged ({type(e).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a scratchformer checkpoint")
+    return payload
+
+
+def model_from_checkpoint(payload: dict) -> tuple[GPT, BPETokenizer]:
+    model = GPT(ModelConfig(**payload["model_config"]))
+    model.load_state_dict(payload["model"])
+    return model, BPETokenizer.from_dict(payload["tokenizer"])
+
+
+def build_tokenizer(kind: str, vocab_size: int, corpus: dict, out_dir: Path) -> BPETokenizer:
+    """GPT-2's vocabulary, or a BPE trained on the training split (saved as tokenizer.json)."""
+    if kind == "gpt2":
+        return BPETokenizer.from_gpt2()
+    saved = out_dir / "tokenizer.json"
+    if saved.exists():
+        return BPETokenizer.load(saved)
+    tokenizer = BPETokenizer.train(corpus["train"].documents, vocab_size, progress=True)
+    tokenizer.save(saved)
+    return tokenizer
+
+
+def plot_losses(csv_path: Path, png_path: Path) -> bool:
+    """Train and eval loss against step as a PNG; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = list(csv.DictReader(open(csv_path)))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(int(r["step"]), float(r["train_loss"])) for r in rows if r["train_loss"]]
+    evals = [(int(r["step"]), float(r["eval_loss"])) for r in rows if r["eval_loss"]]
+    if train:
+        ax.plot(*zip(*train), label="train (label-smoothed)", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+CSV_FIELDS = ["step", "train_loss", "lr", "tokens_per_s", "eval_loss", "eval_ppl", "eval_word_ppl"]
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    model: GPT
+    tokenizer: BPETokenizer
+    history: list[dict]
+    final_eval: dict | None
+
+
+def train(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    data: str,
+    out_dir: str | os.PathLike,
+    tokenizer: str = "bpe",
+    device: str = "auto",
+    resume: bool = False,
+    compile: bool = False,
+    progress: bool = True,
+) -> RunResult:
+    """Train a model on `data`; checkpoints, tokenizer, metrics.csv and loss.png go to out_dir."""
+    train_config.validate()
+    out = Path(out_dir)
+    dev = pick_device(device)
+    world = init_distributed(dev)
+    ckpt_path = out / CHECKPOINT
+    payload = None
+    if resume:
+        payload = load_checkpoint(ckpt_path)
+        saved = ModelConfig(**payload["model_config"])
+        if saved != dataclasses.replace(model_config, vocab_size=saved.vocab_size):
+            raise CheckpointError(
+                f"{ckpt_path} holds a model with {_config_diff(saved, model_config)}: resume with the "
+                "settings it was trained with, or train into another --out"
+            )
+    elif ckpt_path.exists():
+        raise CheckpointError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    corpus = datamod.load_corpus(data, progress=world.main and progress)
+
+    def prepare() -> tuple[BPETokenizer, dict]:
+        if payload is not None:
+            tok = BPETokenizer.from_dict(payload["tokenizer"])
+        else:
+            tok = build_tokenizer(tokenizer, model_config.vocab_size, corpus, out)
+        streams = {name: datamod.tokenize(corpus[name], tok, datamod.token_cache_path(data, name, tok)) for name in ("train", "eval")}
+        return tok, streams
+
+    # Rank 0 trains the tokenizer and fills the token caches; the others then read them.
+    if world.main:
+        tok, streams = prepare()
+    if world.world > 1:
+        dist.barrier()
+        if not world.main:
+            tok, streams = prepare()
+    model_config = dataclasses.replace(model_config, vocab_size=tok.vocab_size).validate()
+
+    torch.manual_seed(train_config.seed)
+    model = GPT(model_config).to(dev)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: vaswani_lr(i + 1, model_config.d_model, train_config.warmup, train_config.lr_scale)
+    )
+    scaler = torch.amp.GradScaler(dev.type, enabled=train_config.amp == "fp16")
+    sampler = torch.Generator().manual_seed(train_config.seed)  # the same on every rank: see below
+    start_step = 0
+    if payload is not None:
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        schedule.load_state_dict(payload["schedule"])
+        scaler.load_state_dict(payload["scaler"])
+        sampler.set_state(payload["sampler"])
+        _set_rng_state(payload["rng"])
+        start_step = payload["step"]
+
+    net, ddp = model, None
+    if world.world > 1:
+        net = ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if compile:
+        net = torch.compile(net)
+
+    csv_path = out / "metrics.csv"
+    history = _read_history(csv_path, start_step) if world.main else []
+
+    def write_history():
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(history)
+
+    def checkpoint(step: int):
+        save_checkpoint(ckpt_path, {
+            "format": FORMAT, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "sampler": sampler.get_state(),
+            "rng": _rng_state(), "model_config": dataclasses.asdict(model_config),
+            "train_config": dataclasses.asdict(train_config), "tokenizer": tok.to_dict(), "data": data,
+        })
+        write_history()
+
+    micro = train_config.batch_size // train_config.grad_accum  # sequences per micro-batch, all ranks
+    if micro % world.world:
+        raise ValueError(f"batch_size / grad_accum ({micro}) must be divisible by the {world.world} processes")
+    per_rank = micro // world.world
+    ctx = model_config.context
+    bar = tqdm(range(start_step, train_config.steps), initial=start_step, total=train_config.steps, desc="training", disable=not (world.main and progress), unit="step")
+    final_eval = None
+    model.train()
+    for step in bar:
+        t0 = time.perf_counter()
+        total = torch.zeros((), device=dev)
+        for m in range(train_config.grad_accum):
+            # Every rank draws the same global micro-batch and keeps its own slice: ranks see
+            # different windows, and N processes train exactly like one with the whole batch.
+            x, y = datamod.sample_windows(streams["train"], micro, ctx, sampler)
+            x, y = x[world.rank * per_rank : (world.rank + 1) * per_rank].to(dev), y[world.rank * per_rank : (world.rank + 1) * per_rank].to(dev)
+            last = m == train_config.grad_accum - 1
+            sync = ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
+            with sync:
+                with autocast(dev, train_config.amp):
+                    logits = net(x)
+                loss = lm_loss(logits, y, train_config.label_smoothing) / train_config.grad_accum
+                scaler.scale(loss).backward()
+            total += loss.detach()
+        if world.world > 1:
+            dist.all_reduce(total)
+            total /= world.world
+        train_loss = total.item()
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(
+                f"the loss became {train_loss} at step {step + 1}; weights were not updated"
+                + (f" and the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "")
+                + ": lower --lr-scale, raise --warmup, or use --amp bf16 instead of fp16"
+            )
+        scaler.unscale_(optimizer)
+        if train_config.clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.clip)
+        lr = optimizer.param_groups[0]["lr"]
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        done = step + 1
+        tokens_per_s = train_config.batch_size * ctx / (time.perf_counter() - t0)
+        if not world.main:
+            continue
+        row = {"step": done, "train_loss": f"{train_loss:.5f}", "lr": f"{lr:.3e}", "tokens_per_s": f"{tokens_per_s:.0f}", "eval_loss": "", "eval_ppl": "", "eval_word_ppl": ""}
+        bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+        if done % train_config.eval_every == 0 or done == train_config.steps:
+            final_eval = evaluate(model, streams["eval"], corpus["eval"].words, dev, train_config.amp)
+            row.update(eval_loss=f"{final_eval['loss']:.5f}", eval_ppl=f"{final_eval['ppl']:.2f}", eval_word_ppl=f"{final_eval['word_ppl']:.2f}")
+            bar.write(f"step {done}: eval loss {final_eval['loss']:.4f}, perplexity {final_eval['ppl']:.1f} per token, {final_eval['word_ppl']:.1f} per word")
+        history.append(row)
+        if done % train_config.checkpoint_every == 0 or done == train_config.steps:
+            checkpoint(done)
+    bar.close()
+    if world.main and history:
+        write_history()
+        plot_losses(csv_path, out / "loss.png")
+    if world.world > 1:
+        dist.barrier()
+    return RunResult(out, model, tok, history, final_eval)
+
+
+def _read_history(csv_path: Path, upto: int) -> list[dict]:
+    """Metrics already logged, up to the step a resumed run restarts from."""
+    if upto == 0 or not csv_path.exists():
+        return []
+    return [r for r in csv.DictReader(open(csv_path)) if int(r["step"]) <= upto]
+
+
+def _config_diff(a: ModelConfig, b: ModelConfig) -> str:
+    diffs = [f"{f.name}={getattr(a, f.name)} (asked: {getattr(b, f.name)})" for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+    return ", ".join(diffs)
