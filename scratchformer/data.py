@@ -157,9 +157,13 @@ _HEADING = re.compile(r"^ = [^=].* = $", re.MULTILINE)
 def wikitext_articles(text: str) -> list[str]:
     """Split WikiText at its top-level ` = Title = ` heading lines, one article each."""
     starts = [m.start() for m in _HEADING.finditer(text)]
-    if not starts or starts[0] != 0:
-        starts.insert(0, 0)
-    return [a for a in (text[s:e] for s, e in zip(starts, starts[1:] + [len(text)])) if a.strip()]
+    if not starts:
+        return [text] if text.strip() else []
+    if text[: starts[0]].strip():
+        starts.insert(0, 0)  # text before the first heading is a document of its own
+    else:
+        starts[0] = 0  # blank lines before it belong to the first article
+    return [text[s:e] for s, e in zip(starts, starts[1:] + [len(text)])]
 
 
 def _split(name: str, text: str, documents: list[str]) -> Split:
@@ -225,7 +229,7 @@ def _dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def tokenize(split: Split, tokenizer: BPETokenizer, cache: Path | None = None) -> np.ndarray:
+def tokenize(split: Split, tokenizer: BPETokenizer, cache: Path | None = None, progress: bool = True) -> np.ndarray:
     """The split's documents as one flat array of ids, each document followed by <|endoftext|>.
 
     With `cache`, the array is read from there when its header names this tokenizer and this
@@ -239,7 +243,7 @@ def tokenize(split: Split, tokenizer: BPETokenizer, cache: Path | None = None) -
     if tokenizer.eot_id is None:
         raise DataError("the tokenizer has no <|endoftext|> token to separate documents with")
     ids: list[int] = []
-    for doc in tqdm(split.documents, desc=f"tokenizing {split.name}", unit="doc", disable=len(split.documents) < 50):
+    for doc in tqdm(split.documents, desc=f"tokenizing {split.name}", unit="doc", disable=not progress or len(split.documents) < 50):
         ids += tokenizer.encode_ordinary(doc)
         ids.append(tokenizer.eot_id)
     tokens = np.asarray(ids, dtype=_dtype_for(tokenizer.vocab_size))

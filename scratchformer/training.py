@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import data as datamod
+from . import ops
 from .config import ModelConfig, TrainConfig
 from .model import GPT
 from .tokenizer import BPETokenizer
@@ -157,14 +158,25 @@ def model_from_checkpoint(payload: dict) -> tuple[GPT, BPETokenizer]:
     return model, BPETokenizer.from_dict(payload["tokenizer"])
 
 
-def build_tokenizer(kind: str, vocab_size: int, corpus: dict, out_dir: Path) -> BPETokenizer:
+def check_backend(config: ModelConfig, device: torch.device, amp: str) -> None:
+    """Run attention and LayerNorm once on tiny inputs of the model's shapes, so a backend that
+    cannot run here (for example --kernels fused on a CPU) fails before any real work starts."""
+    dtype = {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    q = torch.zeros(1, config.n_heads, 1, config.head_dim, device=device, dtype=dtype)
+    kv = torch.zeros(1, config.kv_heads, 1, config.head_dim, device=device, dtype=dtype)
+    ops.causal_attention(q, kv, kv)
+    weight = torch.ones(config.d_model, device=device)
+    ops.layer_norm(torch.zeros(1, config.d_model, device=device, dtype=dtype), weight, weight)
+
+
+def build_tokenizer(kind: str, vocab_size: int, corpus: dict, out_dir: Path, progress: bool = True) -> BPETokenizer:
     """GPT-2's vocabulary, or a BPE trained on the training split (saved as tokenizer.json)."""
     if kind == "gpt2":
         return BPETokenizer.from_gpt2()
     saved = out_dir / "tokenizer.json"
     if saved.exists():
         return BPETokenizer.load(saved)
-    tokenizer = BPETokenizer.train(corpus["train"].documents, vocab_size, progress=True)
+    tokenizer = BPETokenizer.train(corpus["train"].documents, vocab_size, progress=progress)
     tokenizer.save(saved)
     return tokenizer
 
@@ -223,6 +235,7 @@ def train(
     train_config.validate()
     out = Path(out_dir)
     dev = pick_device(device)
+    check_backend(model_config, dev, train_config.amp)
     world = init_distributed(dev)
     ckpt_path = out / CHECKPOINT
     payload = None
@@ -245,8 +258,11 @@ def train(
         if payload is not None:
             tok = BPETokenizer.from_dict(payload["tokenizer"])
         else:
-            tok = build_tokenizer(tokenizer, model_config.vocab_size, corpus, out)
-        streams = {name: datamod.tokenize(corpus[name], tok, datamod.token_cache_path(data, name, tok)) for name in ("train", "eval")}
+            tok = build_tokenizer(tokenizer, model_config.vocab_size, corpus, out, progress and world.main)
+        streams = {
+            name: datamod.tokenize(corpus[name], tok, datamod.token_cache_path(data, name, tok), progress and world.main)
+            for name in ("train", "eval")
+        }
         return tok, streams
 
     # Rank 0 trains the tokenizer and fills the token caches; the others then read them.

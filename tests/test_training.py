@@ -1,0 +1,161 @@
+"""Training: schedule, reproducibility, kill-and-resume, DDP, divergence, checkpoints."""
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from scratchformer import training
+from scratchformer.config import ModelConfig, TrainConfig
+from scratchformer.training import CheckpointError, TrainingDiverged, load_checkpoint, train, vaswani_lr
+
+MODEL = ModelConfig(vocab_size=320, context=16, n_layers=1, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, dropout=0.1)
+TRAIN = TrainConfig(steps=30, batch_size=8, warmup=10, eval_every=10, checkpoint_every=10, seed=3)
+
+CHILD = """
+import json, os, signal, sys
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from scratchformer.config import ModelConfig, TrainConfig
+from scratchformer.training import train
+
+model, train_config, data, out, kill_at = json.loads(sys.argv[1])
+steps = [0]
+def hook(optimizer, args, kwargs):
+    steps[0] += 1
+    if steps[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)  # no chance to save or clean up
+if kill_at:
+    register_optimizer_step_post_hook(hook)
+result = train(ModelConfig(**model), TrainConfig(**train_config), data, out, progress=False, device="cpu")
+import torch
+torch.save(result.model.state_dict(), os.path.join(out, f"rank{os.environ.get('RANK', '0')}.pt"))
+"""
+
+
+def child_args(model, train_config, data, out, kill_at=0):
+    return json.dumps([dataclasses.asdict(model), dataclasses.asdict(train_config), str(data), str(out), kill_at])
+
+
+def metrics(out: Path):
+    with open(out / "metrics.csv") as f:
+        return [(r["step"], r["train_loss"], r["eval_loss"]) for r in csv.DictReader(f)]
+
+
+def test_vaswani_schedule():
+    d, warmup = 512, 4000
+    peak = vaswani_lr(warmup, d, warmup)
+    assert peak == pytest.approx(d**-0.5 * warmup**-0.5)
+    assert vaswani_lr(1000, d, warmup) == pytest.approx(peak * 1000 / warmup)  # linear warm-up
+    assert vaswani_lr(16000, d, warmup) == pytest.approx(peak * 0.5)  # then 1/sqrt(step)
+    assert max(vaswani_lr(s, d, warmup) for s in range(1, 20000, 7)) <= peak
+    assert vaswani_lr(100, d, warmup, scale=2.0) == pytest.approx(2 * vaswani_lr(100, d, warmup))
+
+
+def test_seeded_run_reproduces_its_loss_curve_exactly(small_text, tmp_path):
+    a = train(MODEL, TRAIN, str(small_text), tmp_path / "a", progress=False, device="cpu")
+    b = train(MODEL, TRAIN, str(small_text), tmp_path / "b", progress=False, device="cpu")
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+    for name, tensor in a.model.state_dict().items():
+        assert torch.equal(tensor, b.model.state_dict()[name]), name
+    losses = [float(r[2]) for r in metrics(tmp_path / "a") if r[2]]
+    assert len(losses) == 3 and losses[-1] < losses[0] < math.log(a.tokenizer.vocab_size)
+    assert (tmp_path / "a" / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "a" / "tokenizer.json").exists()
+    assert a.final_eval["tokens"] > 0 and a.final_eval["word_ppl"] > a.final_eval["ppl"]
+
+
+def test_killed_run_resumes_to_the_same_weights(small_text, tmp_path):
+    whole = train(MODEL, TRAIN, str(small_text), tmp_path / "whole", progress=False, device="cpu")
+    out = tmp_path / "killed"
+    killed = subprocess.run([sys.executable, "-c", CHILD, child_args(MODEL, TRAIN, small_text, out, kill_at=15)])
+    assert killed.returncode == -9
+    assert load_checkpoint(out)["step"] == 10  # the last checkpoint before the kill
+    resumed = train(MODEL, TRAIN, str(small_text), out, resume=True, progress=False, device="cpu")
+    for name, tensor in whole.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+    assert metrics(out) == metrics(tmp_path / "whole")
+
+
+def test_data_parallel_matches_one_process_on_the_same_global_batch(small_text, tmp_path):
+    model = dataclasses.replace(MODEL, dropout=0.0)
+    train_config = dataclasses.replace(TRAIN, steps=6, eval_every=100, checkpoint_every=100)
+    out = tmp_path / "ddp"
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), child_args(model, train_config, small_text, out)]
+    subprocess.run(cmd, check=True, env=env, timeout=600)
+    rank0, rank1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
+    single = train(model, train_config, str(small_text), tmp_path / "single", progress=False, device="cpu")
+    for name, tensor in single.model.state_dict().items():
+        assert torch.equal(rank0[name], rank1[name]), f"ranks differ in {name}"
+        torch.testing.assert_close(rank0[name], tensor, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert not torch.equal(rank0["embedding.weight"], training.GPT(single.model.config).embedding.weight)
+
+
+def test_gradient_accumulation_matches_one_big_batch(small_text, tmp_path):
+    model = dataclasses.replace(MODEL, dropout=0.0)
+    one = dataclasses.replace(TRAIN, steps=3, eval_every=100, checkpoint_every=100)
+    a = train(model, one, str(small_text), tmp_path / "a", progress=False, device="cpu")
+    b = train(model, dataclasses.replace(one, grad_accum=4), str(small_text), tmp_path / "b", progress=False, device="cpu")
+    for name, tensor in a.model.state_dict().items():
+        torch.testing.assert_close(b.model.state_dict()[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_checkpoint(small_text, tmp_path, monkeypatch):
+    real, calls = training.lm_loss, []
+
+    def exploding(logits, targets, *args, **kwargs):
+        loss = real(logits, targets, *args, **kwargs)
+        calls.append(1)
+        return loss * float("nan") if len(calls) == 13 else loss
+
+    monkeypatch.setattr(training, "lm_loss", exploding)
+    with pytest.raises(TrainingDiverged, match=r"the loss became nan at step 13; weights were not updated and the last good checkpoint is .*checkpoint.pt"):
+        train(MODEL, dataclasses.replace(TRAIN, eval_every=100), str(small_text), tmp_path, progress=False, device="cpu")
+    assert load_checkpoint(tmp_path)["step"] == 10
+
+
+def test_checkpoint_errors(small_text, tmp_path):
+    train_config = dataclasses.replace(TRAIN, steps=2, eval_every=100)
+    train(MODEL, train_config, str(small_text), tmp_path, progress=False, device="cpu")
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(CheckpointError, match="already holds a checkpoint: pass --resume"):
+        train(MODEL, train_config, str(small_text), tmp_path, progress=False, device="cpu")
+    with pytest.raises(CheckpointError, match=r"holds a model with d_model=32 \(asked: 64\)"):
+        train(dataclasses.replace(MODEL, d_model=64), train_config, str(small_text), tmp_path, resume=True, progress=False, device="cpu")
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good  # untouched by the refusals
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="truncated or damaged"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not a scratchformer checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(CheckpointError, match="no checkpoint there"):
+        load_checkpoint(tmp_path / "nothing")
+
+
+def test_evaluation_counts_every_token_once_and_word_perplexity(small_text):
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = training.GPT(dataclasses.replace(MODEL, vocab_size=50)).eval()
+    tokens = np.random.default_rng(0).integers(0, 50, 1001).astype(np.uint16)
+    result = training.evaluate(model, tokens, words=250, device=torch.device("cpu"), batch_size=7)
+    assert result["tokens"] == 1000
+    with torch.no_grad():
+        logits = torch.cat([model(x) for x, _ in training.datamod.evaluation_windows(tokens, 16)], dim=1)
+    expected = torch.nn.functional.cross_entropy(logits[0], torch.from_numpy(tokens[1:].astype(np.int64)))
+    assert result["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert result["word_ppl"] == pytest.approx(math.exp(result["loss"] * 1000 / 250), rel=1e-6)
