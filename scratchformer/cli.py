@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import math
 import os
 import sys
 
@@ -51,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, kind in (("n-layers", int), ("d-model", int), ("n-heads", int), ("n-kv-heads", int), ("d-ff", int), ("context", int), ("dropout", float)):
         g.add_argument(f"--{name}", type=kind)
     g.add_argument("--positions", choices=["sinusoidal", "rotary"])
-    g.add_argument("--untied", action="store_true", help="a separate output layer instead of reusing the embedding matrix")
+    g.add_argument("--tied", action="store_true", help="reuse the embedding matrix as the output layer")
     g = t.add_argument_group("training (overrides the preset)")
     for name, kind in (("steps", int), ("batch-size", int), ("grad-accum", int), ("lr-scale", float), ("warmup", int),
                        ("label-smoothing", float), ("clip", float), ("eval-every", int), ("checkpoint-every", int), ("seed", int)):
@@ -123,7 +125,7 @@ def _cmd_train(args) -> int:
     model_cfg = replace(
         model_cfg, vocab_size=args.vocab_size, n_layers=args.n_layers, d_model=args.d_model, n_heads=args.n_heads,
         n_kv_heads=args.n_kv_heads, d_ff=args.d_ff, context=args.context, dropout=args.dropout, positions=args.positions,
-        tie_embeddings=False if args.untied else None,
+        tie_embeddings=True if args.tied else None,
     )
     device = pick_device(args.device)
     amp = args.amp
@@ -140,6 +142,9 @@ def _cmd_train(args) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(f"run saved in {result.out_dir}: checkpoint.pt, metrics.csv" + (", loss.png" if (result.out_dir / "loss.png").exists() else ""))
+    if result.final_eval is not None:
+        print(f"eval loss {result.final_eval['loss']:.3f} nats/token against {result.unigram_loss:.3f} for the unigram "
+              f"baseline (perplexity {result.final_eval['ppl']:.1f} against {math.exp(result.unigram_loss):.1f})")
     if args.sample_tokens > 0:
         tok = result.tokenizer
         ids = list(generate(result.model, [tok.eot_id], args.sample_tokens, Sampling(temperature=0.8, top_k=40), seed=0, stop_token=None))
@@ -188,17 +193,13 @@ def _cmd_generate(args) -> int:
     prompt = tok.encode(args.prompt, special="allow") if args.prompt else [tok.eot_id]
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     print(args.prompt, end="", flush=True)
-    pending = b""
+    # A character may span tokens: the incremental decoder holds back an unfinished one.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for token in generate(model, prompt, args.max_new_tokens, sampling, seed=args.seed, stop_token=tok.eot_id):
         if token == tok.eot_id:
             break
-        pending += tok.decode_bytes([token])
-        try:  # print whole characters only: a character may span tokens
-            print(pending.decode("utf-8"), end="", flush=True)
-            pending = b""
-        except UnicodeDecodeError:
-            continue
-    print(pending.decode("utf-8", errors="replace"))
+        print(decoder.decode(tok.decode_bytes([token])), end="", flush=True)
+    print(decoder.decode(b"", final=True))
     return 0
 
 

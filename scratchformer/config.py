@@ -21,7 +21,7 @@ class ModelConfig:
     d_ff: int = 1024
     positions: str = "sinusoidal"  # or "rotary"
     dropout: float = 0.0
-    tie_embeddings: bool = True  # the output layer reuses the token embedding matrix
+    tie_embeddings: bool = False  # True: the output layer reuses the token embedding matrix
 
     @property
     def kv_heads(self) -> int:

@@ -106,6 +106,13 @@ def evaluate(model: GPT, tokens: np.ndarray, words: int, device: torch.device, a
     return {"loss": loss, "ppl": math.exp(loss), "word_ppl": math.exp(total_nll / max(words, 1)), "tokens": count}
 
 
+def unigram_loss(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy on the eval split of token frequencies counted on the training split (add-one
+    smoothed): the loss of a model that ignores context, which training must beat."""
+    counts = np.bincount(train_tokens, minlength=vocab_size).astype(np.float64) + 1.0
+    return float(-np.log(counts[eval_tokens[1:]] / counts.sum()).mean())
+
+
 def autocast(device: torch.device, amp: str):
     if amp == "off":
         return contextlib.nullcontext()
@@ -181,7 +188,7 @@ def build_tokenizer(kind: str, vocab_size: int, corpus: dict, out_dir: Path, pro
     return tokenizer
 
 
-def plot_losses(csv_path: Path, png_path: Path) -> bool:
+def plot_losses(csv_path: Path, png_path: Path, baseline: float | None = None) -> bool:
     """Train and eval loss against step as a PNG; False when matplotlib is not installed."""
     try:
         import matplotlib
@@ -198,6 +205,8 @@ def plot_losses(csv_path: Path, png_path: Path) -> bool:
         ax.plot(*zip(*train), label="train (label-smoothed)", linewidth=1)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval")
+    if baseline is not None:
+        ax.axhline(baseline, color="gray", linestyle="--", label=f"unigram baseline ({baseline:.2f})")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
@@ -218,6 +227,7 @@ class RunResult:
     tokenizer: BPETokenizer
     history: list[dict]
     final_eval: dict | None
+    unigram_loss: float
 
 
 def train(
@@ -273,6 +283,7 @@ def train(
         if not world.main:
             tok, streams = prepare()
     model_config = dataclasses.replace(model_config, vocab_size=tok.vocab_size).validate()
+    baseline = unigram_loss(streams["train"], streams["eval"], tok.vocab_size)
 
     torch.manual_seed(train_config.seed)
     model = GPT(model_config).to(dev)
@@ -374,10 +385,10 @@ def train(
     bar.close()
     if world.main and history:
         write_history()
-        plot_losses(csv_path, out / "loss.png")
+        plot_losses(csv_path, out / "loss.png", baseline)
     if world.world > 1:
         dist.barrier()
-    return RunResult(out, model, tok, history, final_eval)
+    return RunResult(out, model, tok, history, final_eval, baseline)
 
 
 def _read_history(csv_path: Path, upto: int) -> list[dict]:

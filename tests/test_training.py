@@ -159,3 +159,12 @@ def test_evaluation_counts_every_token_once_and_word_perplexity(small_text):
     expected = torch.nn.functional.cross_entropy(logits[0], torch.from_numpy(tokens[1:].astype(np.int64)))
     assert result["loss"] == pytest.approx(expected.item(), rel=1e-5)
     assert result["word_ppl"] == pytest.approx(math.exp(result["loss"] * 1000 / 250), rel=1e-6)
+
+
+def test_unigram_baseline():
+    import numpy as np
+
+    train_tokens = np.array([0, 0, 0, 1], dtype=np.uint16)  # counts +1: [4, 2, 1] of 7
+    eval_tokens = np.array([2, 0, 1], dtype=np.uint16)  # targets 0 and 1
+    expected = -(math.log(4 / 7) + math.log(2 / 7)) / 2
+    assert training.unigram_loss(train_tokens, eval_tokens, 3) == pytest.approx(expected)
