@@ -84,6 +84,19 @@ def _open_text(path: str | os.PathLike) -> str:
         return f.read()
 
 
+def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
+    """ids with every occurrence of `pair`, left to right, replaced by new_id."""
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
 class TokenizerError(ValueError):
     """A malformed tokenizer file or a bad argument."""
 
@@ -139,16 +152,7 @@ class BPETokenizer:
             best = min(zip(parts, parts[1:]), key=lambda pair: self.ranks.get(pair, 1 << 62))
             if best not in self.ranks:
                 break
-            merged_id = self.ids[self.tokens[best[0]] + self.tokens[best[1]]]
-            out, i = [], 0
-            while i < len(parts):
-                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
-                    out.append(merged_id)
-                    i += 2
-                else:
-                    out.append(parts[i])
-                    i += 1
-            parts = out
+            parts = merge_pair(parts, best, self.ids[self.tokens[best[0]] + self.tokens[best[1]]])
         if len(self._cache) < 1 << 20:
             self._cache[piece] = parts
         return parts
@@ -255,15 +259,7 @@ class BPETokenizer:
                 for p in zip(word, word[1:]):
                     pair_count[p] -= f
                     changed.add(p)
-                merged, i = [], 0
-                while i < len(word):
-                    if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
-                        merged.append(new_id)
-                        i += 2
-                    else:
-                        merged.append(word[i])
-                        i += 1
-                words[w] = merged
+                words[w] = merged = merge_pair(word, pair, new_id)
                 for p in zip(merged, merged[1:]):
                     pair_count[p] += f
                     where[p].add(w)
