@@ -168,3 +168,11 @@ def test_unigram_baseline():
     eval_tokens = np.array([2, 0, 1], dtype=np.uint16)  # targets 0 and 1
     expected = -(math.log(4 / 7) + math.log(2 / 7)) / 2
     assert training.unigram_loss(train_tokens, eval_tokens, 3) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_trains(small_text, tmp_path, amp):
+    config = dataclasses.replace(TRAIN, steps=4, eval_every=4, amp=amp)
+    result = train(MODEL, config, str(small_text), tmp_path, progress=False, device="cpu")
+    assert math.isfinite(result.final_eval["loss"]) and result.final_eval["loss"] < math.log(result.tokenizer.vocab_size) + 1
+    assert load_checkpoint(tmp_path)["train_config"]["amp"] == amp
