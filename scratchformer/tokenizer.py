@@ -22,13 +22,15 @@ import lzma
 import os
 import re
 import tempfile
-import unicodedata
 from collections import Counter, defaultdict
 from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from tqdm import tqdm
+
+from . import _extensions
+from ._unicode_tables import LETTER_RANGES, NUMBER_RANGES
 
 EOT = "<|endoftext|>"
 SPECIAL_MODES = ("error", "allow", "text")
@@ -38,16 +40,8 @@ SPECIAL_MODES = ("error", "allow", "text")
 WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
 
 
-def _char_class(prefix: str) -> str:
-    """A regex character class body of every code point whose category starts with `prefix`."""
-    ranges, start = [], None
-    for cp in range(0x110001):
-        inside = cp < 0x110000 and unicodedata.category(chr(cp)).startswith(prefix)
-        if inside and start is None:
-            start = cp
-        elif not inside and start is not None:
-            ranges.append((start, cp - 1))
-            start = None
+def _char_class(ranges: list[tuple[int, int]]) -> str:
+    """A regex character class body for code point ranges."""
     esc = lambda cp: f"\\U{cp:08x}"  # noqa: E731
     return "".join(esc(a) if a == b else f"{esc(a)}-{esc(b)}" for a, b in ranges)
 
@@ -56,8 +50,9 @@ def _char_class(prefix: str) -> str:
 def gpt2_pattern() -> re.Pattern:
     """GPT-2's pre-tokenization pattern for Python's `re`, which lacks \\p{L} and \\p{N}:
     `'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+`
-    with the letter and number classes spelled out from this Python's Unicode database."""
-    letters, numbers = _char_class("L"), _char_class("N")
+    with the letter and number classes spelled out from the generated tables the C++ core uses
+    too (tools/gen_unicode_tables.py)."""
+    letters, numbers = _char_class(LETTER_RANGES), _char_class(NUMBER_RANGES)
     space = re.escape(WHITESPACE)
     return re.compile(
         rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{letters}]+| ?[{numbers}]+| ?[^{space}{letters}{numbers}]+"
@@ -101,6 +96,19 @@ class TokenizerError(ValueError):
     """A malformed tokenizer file or a bad argument."""
 
 
+CORES = ("auto", "cpp", "python")
+
+
+def _choose_core(core: str) -> str:
+    if core not in CORES:
+        raise TokenizerError(f"core must be one of {', '.join(CORES)}, not {core!r}")
+    if core == "python" or (core == "auto" and _extensions.bpe is None):
+        return "python"
+    if _extensions.bpe is None:
+        raise TokenizerError(f"core 'cpp' needs the scratchformer._bpe extension, which did not load: {_extensions.bpe_error}")
+    return "cpp"
+
+
 class BPETokenizer:
     """A byte-level BPE vocabulary: token bytes by id, merges by rank, special tokens."""
 
@@ -109,7 +117,11 @@ class BPETokenizer:
         tokens: Sequence[bytes],
         merges: Sequence[tuple[int, int]],
         special: dict[str, int] | None = None,
+        core: str = "auto",
     ):
+        """core: "cpp" (the compiled scratchformer._bpe), "python" (this file's reference
+        implementation) or "auto" (cpp when it is built). Both give identical ids."""
+        self.core = _choose_core(core)
         self.tokens = list(tokens)  # id -> bytes
         self.merges = list(merges)  # rank -> (left id, right id)
         self.special = dict(special or {})  # text -> id
@@ -123,6 +135,8 @@ class BPETokenizer:
             merged = self.tokens[a] + self.tokens[b]
             if merged not in self.ids:
                 raise TokenizerError(f"merge {rank} makes {merged!r}, which is not in the vocabulary")
+            if (a, b) in self.ranks:
+                raise TokenizerError(f"merge {rank} repeats merge {self.ranks[(a, b)]}")
             self.ranks[(a, b)] = rank
         self._special_ids = {i: t for t, i in self.special.items()}
         if sorted(self._special_ids) != list(range(len(self.tokens), self.vocab_size)):
@@ -131,6 +145,7 @@ class BPETokenizer:
             re.compile("|".join(map(re.escape, sorted(self.special, key=len, reverse=True)))) if self.special else None
         )
         self._cache: dict[str, list[int]] = {}
+        self._encoder = _extensions.bpe.Encoder(self.tokens, self.merges) if self.core == "cpp" else None
 
     # ---- encoding --------------------------------------------------------------------------
 
@@ -144,21 +159,34 @@ class BPETokenizer:
 
     def _encode_piece(self, piece: str) -> list[int]:
         cached = self._cache.get(piece)
-        if cached is not None:
-            return cached
-        parts = [self.ids[bytes([b])] for b in piece.encode("utf-8")]
+        if cached is None:
+            cached = self._encode_piece_bytes(piece.encode("utf-8"))
+            if len(self._cache) < 1 << 20:
+                self._cache[piece] = cached
+        return cached
+
+    def _encode_piece_bytes(self, piece: bytes) -> list[int]:
+        parts = [self.ids[bytes([b])] for b in piece]
         while len(parts) > 1:
             # Merge the adjacent pair learned first, everywhere it occurs, then look again.
             best = min(zip(parts, parts[1:]), key=lambda pair: self.ranks.get(pair, 1 << 62))
             if best not in self.ranks:
                 break
             parts = merge_pair(parts, best, self.ids[self.tokens[best[0]] + self.tokens[best[1]]])
-        if len(self._cache) < 1 << 20:
-            self._cache[piece] = parts
         return parts
+
+    def _add_merge(self, left: int, right: int) -> None:
+        """Append a merge and its token (while rebuilding a vocabulary; Python core only)."""
+        merged = self.tokens[left] + self.tokens[right]
+        self.ranks[(left, right)] = len(self.merges)
+        self.merges.append((left, right))
+        self.ids[merged] = len(self.tokens)
+        self.tokens.append(merged)
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Token ids of `text`, treating special-token strings as plain text."""
+        if self._encoder is not None:
+            return self._encoder.encode(text)
         return [i for piece in pretokenize(text) for i in self._encode_piece(piece)]
 
     def encode(self, text: str, special: str = "error") -> list[int]:
@@ -184,8 +212,14 @@ class BPETokenizer:
             start = match.end()
         return ids + self.encode_ordinary(text[start:])
 
-    def encode_batch(self, texts: Iterable[str], special: str = "error") -> list[list[int]]:
-        return [self.encode(t, special) for t in texts]
+    def encode_batch(self, texts: Iterable[str], special: str = "error", threads: int | None = None) -> list[list[int]]:
+        """encode() of each text; with the C++ core, on `threads` threads (default: all cores)
+        without holding the GIL."""
+        texts = list(texts)
+        plain = special == "text" or self._special_re is None or not any(map(self._special_re.search, texts))
+        if self._encoder is None or not plain:
+            return [self.encode(t, special) for t in texts]
+        return self._encoder.encode_batch(texts, threads or os.cpu_count() or 1)
 
     # ---- decoding --------------------------------------------------------------------------
 
@@ -214,9 +248,10 @@ class BPETokenizer:
         vocab_size: int,
         special_tokens: Sequence[str] = (EOT,),
         progress: bool = False,
+        core: str = "auto",
     ) -> "BPETokenizer":
         """Learn merges from `texts` until the vocabulary (256 bytes + merges + special tokens)
-        has `vocab_size` entries, or no pair occurs twice.
+        has `vocab_size` entries, or no piece has two tokens left to merge.
 
         Each step merges the most frequent adjacent pair within the pre-tokenized pieces; ties go
         to the pair whose (left bytes, right bytes) sorts first, so training is deterministic.
@@ -225,6 +260,19 @@ class BPETokenizer:
         n_merges = vocab_size - 256 - len(special_tokens)
         if n_merges < 0:
             raise TokenizerError(f"vocab_size must be at least {256 + len(special_tokens)} (256 bytes + special tokens)")
+        core = _choose_core(core)
+        bar = tqdm(total=n_merges, desc="training BPE", unit="merge", disable=not progress)
+        if core == "cpp":
+            done = [0]
+
+            def report(merges: int) -> None:
+                bar.update(merges - done[0])
+                done[0] = merges
+
+            tokens, merges = _extensions.bpe.train(list(texts), n_merges, report if progress else None)
+            bar.close()
+            special = {s: len(tokens) + i for i, s in enumerate(special_tokens)}
+            return cls(tokens, [tuple(m) for m in merges], special, core)
         counts = Counter(piece for text in texts for piece in pretokenize(text))
         words = [list(piece.encode("utf-8")) for piece in counts]
         freq = list(counts.values())
@@ -243,13 +291,10 @@ class BPETokenizer:
         heap = [key(p) for p in pair_count]
         heapq.heapify(heap)
         merges: list[tuple[int, int]] = []
-        bar = tqdm(total=n_merges, desc="training BPE", unit="merge", disable=not progress)
         while len(merges) < n_merges and heap:
             neg, _, _, pair = heapq.heappop(heap)
             if -neg != pair_count.get(pair, 0):
                 continue  # stale heap entry
-            if -neg < 2:
-                break
             new_id = len(tokens)
             tokens.append(tokens[pair[0]] + tokens[pair[1]])
             merges.append(pair)
@@ -273,7 +318,7 @@ class BPETokenizer:
             bar.update()
         bar.close()
         special = {s: len(tokens) + i for i, s in enumerate(special_tokens)}
-        return cls(tokens, merges, special)
+        return cls(tokens, merges, special, core)
 
     # ---- files -----------------------------------------------------------------------------
 
@@ -365,6 +410,45 @@ class BPETokenizer:
                 raise TokenizerError(f"{vocab_bpe}:{n}: merge {line!r} refers to a token not in {encoder_json}")
             merges.append((ids[left], ids[right]))
         return cls(tokens, merges, special)
+
+    @classmethod
+    def from_tiktoken(cls, path: str | os.PathLike, special_tokens: Sequence[str] = (EOT,)) -> "BPETokenizer":
+        """A vocabulary from tiktoken's rank file (`base64-token rank` per line, .xz accepted),
+        such as r50k_base.tiktoken. The file has ranks only: each merge is recovered by encoding
+        the token with the merges before it, which must give exactly two parts."""
+        tokens: dict[int, bytes] = {}
+        for n, line in enumerate(_open_text(path).splitlines(), start=1):
+            if not line.strip():
+                continue
+            fields = line.split()
+            try:
+                if len(fields) != 2:
+                    raise ValueError("expected a base64 token and a rank")
+                token, rank = base64.b64decode(fields[0], validate=True), int(fields[1])
+            except ValueError as e:
+                raise TokenizerError(f"{path}:{n}: {e}: {line[:60]!r}") from None
+            if rank in tokens:
+                raise TokenizerError(f"{path}:{n}: rank {rank} appears twice")
+            tokens[rank] = token
+        if sorted(tokens) != list(range(len(tokens))):
+            raise TokenizerError(f"{path}: ranks must be 0..{len(tokens) - 1}, each once")
+        ordered = [tokens[i] for i in range(len(tokens))]
+        if len(set(ordered)) != len(ordered):
+            raise TokenizerError(f"{path}: a token appears twice")
+        # Rebuild the merges in rank order with the pure-Python encoder, growing as it goes.
+        partial = cls([bytes([b]) for b in range(256)], [], core="python")
+        ids = {b: i for i, b in enumerate(ordered)}
+        merges = []
+        for rank, token in enumerate(ordered):
+            if len(token) < 2:
+                continue
+            parts = partial._encode_piece_bytes(token)
+            if len(parts) != 2:
+                raise TokenizerError(f"{path}: token of rank {rank} ({token!r}) is not the merge of two earlier tokens")
+            left, right = (partial.tokens[p] for p in parts)
+            merges.append((ids[left], ids[right]))
+            partial._add_merge(parts[0], parts[1])
+        return cls(ordered, merges, {t: len(ordered) + i for i, t in enumerate(special_tokens)})
 
     def fingerprint(self) -> str:
         """A short hash of the vocabulary, to tell whether cached token ids are still valid."""

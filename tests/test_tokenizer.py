@@ -94,11 +94,14 @@ def test_decode_of_a_cut_character(gpt2):
 
 
 def test_training_on_a_hand_counted_corpus():
-    # pieces: "ab" x1, " ab" x2, " cd" x1 -> (a,b) 3 times, then (" ", ab) twice, then nothing twice
-    tok = BPETokenizer.train(["ab ab ab cd"], vocab_size=300)
-    assert [(tok.tokens[a], tok.tokens[b]) for a, b in tok.merges] == [(b"a", b"b"), (b" ", b"ab")]
-    assert tok.special == {EOT: 258} and tok.vocab_size == 259
-    assert tok.encode("ab ab cd") == [256, 257, 32, 99, 100]
+    # pieces: "ab" x1, " ab" x2, " cd" x1 -> (a,b) 3 times, then (" ", ab) twice, then the tie
+    # of (" ", c) and (c, d) once each goes to the smaller left bytes, then (" c", d); then no pair
+    # is left and training stops short of the size asked for.
+    for core in ("python", "cpp"):
+        tok = BPETokenizer.train(["ab ab ab cd"], vocab_size=300, core=core)
+        assert [(tok.tokens[a], tok.tokens[b]) for a, b in tok.merges] == [(b"a", b"b"), (b" ", b"ab"), (b" ", b"c"), (b" c", b"d")]
+        assert tok.special == {EOT: 260} and tok.vocab_size == 261
+        assert tok.encode("ab ab cd") == [256, 257, 259]
 
 
 def test_training_is_deterministic_and_reaches_the_size():
