@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <queue>
 #include <stdexcept>
+#include <unordered_map>
 
 #include "pretokenizer.h"
 
@@ -27,6 +28,9 @@ Encoder::Encoder(std::vector<std::string> tokens,
     if (byte_ids_[b] == kNone)
       throw std::invalid_argument("no token for byte " + std::to_string(b));
   merges_.build(merges.size());
+  // Rank of the merge that made each token (bytes: none), to know whether ranks only grow.
+  std::vector<int64_t> made_at(tokens_.size(), -1);
+  ranks_grow_ = true;
   for (uint32_t rank = 0; rank < merges.size(); ++rank) {
     const auto [a, b] = merges[rank];
     if (a >= tokens_.size() || b >= tokens_.size())
@@ -37,6 +41,8 @@ Encoder::Encoder(std::vector<std::string> tokens,
     if (find(a, b) != nullptr)
       throw std::invalid_argument("merge " + std::to_string(rank) + " repeats an earlier merge");
     merges_.insert(a, b, Merge{rank, merged});
+    ranks_grow_ = ranks_grow_ && made_at[a] < rank && made_at[b] < rank;
+    made_at[merged] = rank;
   }
 }
 
@@ -76,37 +82,71 @@ void Encoder::encode_short(std::string_view piece, std::vector<uint32_t>& out) c
 }
 
 void Encoder::encode_long(std::string_view piece, std::vector<uint32_t>& out) const {
-  const size_t n = piece.size();
-  std::vector<uint32_t> id(n), next(n), prev(n);
-  std::vector<bool> alive(n, true);
-  for (size_t i = 0; i < n; ++i) {
-    id[i] = byte_ids_[static_cast<unsigned char>(piece[i])];
-    next[i] = i + 1 < n ? uint32_t(i + 1) : kNone;
-    prev[i] = i > 0 ? uint32_t(i - 1) : kNone;
-  }
-  // (rank, position of the left part): the smallest rank first, then the leftmost.
-  using Entry = std::pair<uint32_t, uint32_t>;
-  std::priority_queue<Entry, std::vector<Entry>, std::greater<Entry>> heap;
-  auto push = [&](uint32_t i) {
-    if (i == kNone || next[i] == kNone) return;
-    if (const Merge* m = find(id[i], id[next[i]])) heap.push({m->rank, i});
+  // Parts as a linked list over byte positions; a merge keeps the left node.
+  const uint32_t n = uint32_t(piece.size());
+  struct Node {
+    uint32_t id, prev, next;
   };
-  for (uint32_t i = 0; i + 1 < n; ++i) push(i);
-  while (!heap.empty()) {
-    const auto [rank, i] = heap.top();
-    heap.pop();
-    if (!alive[i] || next[i] == kNone) continue;
-    const Merge* m = find(id[i], id[next[i]]);
-    if (!m || m->rank != rank) continue;  // stale: one side has merged since
-    const uint32_t j = next[i];
-    id[i] = m->id;
-    alive[j] = false;
-    next[i] = next[j];
-    if (next[j] != kNone) prev[next[j]] = i;
-    push(prev[i]);
-    push(i);
+  std::vector<Node> node(n);
+  for (uint32_t i = 0; i < n; ++i)
+    node[i] = {byte_ids_[static_cast<unsigned char>(piece[i])], i > 0 ? i - 1 : kNone, i + 1 < n ? i + 1 : kNone};
+  auto rank_at = [&](uint32_t i) -> uint32_t {
+    if (i == kNone || node[i].id == kNone || node[i].next == kNone) return kNone;
+    const Merge* m = find(node[i].id, node[node[i].next].id);
+    return m ? m->rank : kNone;
+  };
+  auto merge_at = [&](uint32_t i) {
+    const uint32_t j = node[i].next;
+    node[i].id = find(node[i].id, node[j].id)->id;
+    node[j].id = kNone;  // dead
+    node[i].next = node[j].next;
+    if (node[j].next != kNone) node[node[j].next].prev = i;
+  };
+
+  if (ranks_grow_) {
+    // Every merge only creates pairs of a higher rank, so ranks come out in increasing order:
+    // a bucket of positions per rank, each processed left to right, replaces the heap and the
+    // whole piece costs O(n) (plus sorting a bucket that filled out of order).
+    std::unordered_map<uint32_t, std::vector<uint32_t>> buckets;
+    std::priority_queue<uint32_t, std::vector<uint32_t>, std::greater<uint32_t>> pending;
+    auto push = [&](uint32_t i) {
+      const uint32_t r = rank_at(i);
+      if (r == kNone) return;
+      auto& bucket = buckets[r];
+      if (bucket.empty()) pending.push(r);
+      bucket.push_back(i);
+    };
+    for (uint32_t i = 0; i + 1 < n; ++i) push(i);
+    while (!pending.empty()) {
+      const uint32_t r = pending.top();
+      pending.pop();
+      std::vector<uint32_t> positions = std::move(buckets[r]);
+      buckets.erase(r);
+      if (!std::is_sorted(positions.begin(), positions.end())) std::sort(positions.begin(), positions.end());
+      for (uint32_t i : positions) {
+        if (rank_at(i) != r) continue;  // stale: one side has merged since
+        merge_at(i);
+        push(node[i].prev);
+        push(i);
+      }
+    }
+  } else {
+    // (rank, position of the left part): the smallest rank first, then the leftmost.
+    std::priority_queue<uint64_t, std::vector<uint64_t>, std::greater<uint64_t>> heap;
+    auto push = [&](uint32_t i) {
+      if (const uint32_t r = rank_at(i); r != kNone) heap.push((uint64_t(r) << 32) | i);
+    };
+    for (uint32_t i = 0; i + 1 < n; ++i) push(i);
+    while (!heap.empty()) {
+      const uint32_t r = uint32_t(heap.top() >> 32), i = uint32_t(heap.top());
+      heap.pop();
+      if (rank_at(i) != r) continue;  // stale
+      merge_at(i);
+      push(node[i].prev);
+      push(i);
+    }
   }
-  for (uint32_t i = 0; i != kNone; i = next[i]) out.push_back(id[i]);
+  for (uint32_t i = 0; i != kNone; i = node[i].next) out.push_back(node[i].id);
 }
 
 }  // namespace scratchformer::bpe

@@ -5,8 +5,9 @@
 // - Short pieces: a vector of parts; repeatedly find the adjacent pair with the lowest merge
 //   rank (leftmost on ties) and merge it. Quadratic, but n is small and the loop is tight.
 // - Long pieces (runs of one character, long numbers, base64...): the same merges in the same
-//   order, but driven by a min-heap of (rank, position) over a linked list of parts, so the cost
-//   is O(n log n) and a 1 MB run of spaces does not take minutes.
+//   order over a linked list of parts, taken from per-rank buckets (O(n)) when merges only ever
+//   create higher-rank pairs, as in any trained vocabulary, else from a min-heap of
+//   (rank, position) (O(n log n)); a 1 MB run of spaces never goes quadratic.
 // Merging the lowest-rank pair first, leftmost first, gives exactly GPT-2's segmentation.
 #pragma once
 
@@ -43,6 +44,7 @@ class Encoder {
   TokenTable ids_;  // bytes -> id, over tokens_
   MergeTable merges_;
   uint32_t byte_ids_[256];
+  bool ranks_grow_ = true;  // every merge uses tokens made by earlier merges (true of trained BPE)
 };
 
 }  // namespace scratchformer::bpe

@@ -39,39 +39,51 @@ inline size_t table_size(size_t n) {
   return size;
 }
 
-// Token bytes -> id, the bytes living in an external vector<string> indexed by id.
+// Token bytes -> id, the bytes living in an external vector<string> indexed by id. Each slot
+// keeps the first eight bytes and the length, so most lookups (tokens are short) compare
+// within the slot and never touch the token's own memory.
 class TokenTable {
  public:
   static constexpr uint32_t kEmpty = UINT32_MAX;
 
   void build(const std::vector<std::string>& tokens) {
     tokens_ = &tokens;
-    slots_.assign(table_size(tokens.size()), Slot{0, kEmpty});
+    slots_.assign(table_size(tokens.size()), Slot{0, 0, kEmpty, 0});
     mask_ = slots_.size() - 1;
   }
   // false if an equal token is already there.
   bool insert(uint32_t id) {
     const std::string& t = (*tokens_)[id];
+    if (find(t) != kEmpty) return false;
     const uint64_t h = hash_bytes(t.data(), t.size());
-    for (size_t i = h & mask_;; i = (i + 1) & mask_) {
-      Slot& s = slots_[i];
-      if (s.id == kEmpty) { s = Slot{h, id}; return true; }
-      if (s.hash == h && (*tokens_)[s.id] == t) return false;
-    }
+    size_t i = h & mask_;
+    while (slots_[i].id != kEmpty) i = (i + 1) & mask_;
+    slots_[i] = Slot{h, head(t.data(), t.size()), id, uint32_t(t.size())};
+    return true;
   }
   uint32_t find(std::string_view bytes) const {
     const uint64_t h = hash_bytes(bytes.data(), bytes.size());
+    const uint64_t first = head(bytes.data(), bytes.size());
     for (size_t i = h & mask_;; i = (i + 1) & mask_) {
       const Slot& s = slots_[i];
       if (s.id == kEmpty) return kEmpty;
-      if (s.hash == h && (*tokens_)[s.id] == bytes) return s.id;
+      if (s.hash == h && s.len == bytes.size() && s.head == first &&
+          (bytes.size() <= 8 || std::memcmp((*tokens_)[s.id].data() + 8, bytes.data() + 8, bytes.size() - 8) == 0))
+        return s.id;
     }
   }
 
  private:
+  static uint64_t head(const char* p, size_t n) {
+    uint64_t w = 0;
+    std::memcpy(&w, p, n < 8 ? n : 8);
+    return w;
+  }
   struct Slot {
     uint64_t hash;
+    uint64_t head;  // the first eight bytes, zero-padded
     uint32_t id;
+    uint32_t len;
   };
   const std::vector<std::string>* tokens_ = nullptr;
   std::vector<Slot> slots_;
