@@ -80,8 +80,8 @@ def main() -> int:
     scaling = {}
     for name, (one, _) in encoders.items():
         short, long_ = "a" * 300_000, "a" * 3_000_000
-        t_short = best_time(lambda: one(short), 2)
-        t_long = best_time(lambda: one(long_), 2)
+        t_short = best_time(lambda: one(short), 7)
+        t_long = best_time(lambda: one(long_), 3)
         scaling[name] = (t_short, t_long)
 
     t0 = time.perf_counter()

@@ -87,7 +87,10 @@ void Encoder::encode_long(std::string_view piece, std::vector<uint32_t>& out) co
   struct Node {
     uint32_t id, prev, next;
   };
-  std::vector<Node> node(n);
+  // Reused across calls: a fresh allocation this large is a fresh mmap every time, and its page
+  // faults cost more than the merging (the buffer keeps the size of the longest piece seen).
+  thread_local std::vector<Node> node;
+  node.resize(n);
   for (uint32_t i = 0; i < n; ++i)
     node[i] = {byte_ids_[static_cast<unsigned char>(piece[i])], i > 0 ? i - 1 : kNone, i + 1 < n ? i + 1 : kNone};
   auto rank_at = [&](uint32_t i) -> uint32_t {
@@ -107,7 +110,8 @@ void Encoder::encode_long(std::string_view piece, std::vector<uint32_t>& out) co
     // Every merge only creates pairs of a higher rank, so ranks come out in increasing order:
     // a bucket of positions per rank, each processed left to right, replaces the heap and the
     // whole piece costs O(n) (plus sorting a bucket that filled out of order).
-    std::unordered_map<uint32_t, std::vector<uint32_t>> buckets;
+    thread_local std::unordered_map<uint32_t, std::vector<uint32_t>> buckets;
+    buckets.clear();
     std::priority_queue<uint32_t, std::vector<uint32_t>, std::greater<uint32_t>> pending;
     auto push = [&](uint32_t i) {
       const uint32_t r = rank_at(i);
@@ -120,8 +124,9 @@ void Encoder::encode_long(std::string_view piece, std::vector<uint32_t>& out) co
     while (!pending.empty()) {
       const uint32_t r = pending.top();
       pending.pop();
-      std::vector<uint32_t> positions = std::move(buckets[r]);
-      buckets.erase(r);
+      thread_local std::vector<uint32_t> positions;
+      positions.swap(buckets[r]);  // the bucket takes the old buffer back for reuse
+      buckets[r].clear();
       if (!std::is_sorted(positions.begin(), positions.end())) std::sort(positions.begin(), positions.end());
       for (uint32_t i : positions) {
         if (rank_at(i) != r) continue;  // stale: one side has merged since
