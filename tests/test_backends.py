@@ -66,18 +66,20 @@ def test_per_call_backend_overrides_the_default(monkeypatch):
     assert calls == ["ref"]
 
 
-@pytest.mark.parametrize("op", ["attention", "layer_norm"])
-def test_forcing_fused_without_a_kernel_names_the_reason(op):
-    call = {
-        "attention": lambda: ops.causal_attention(*qkv(), backend="fused"),
-        "layer_norm": lambda: ops.layer_norm(*ln_inputs(), backend="fused"),
-    }[op]
-    name = "causal_attention" if op == "attention" else "layer_norm"
-    with pytest.raises(ops.FusedUnavailableError, match=f"{name}: backend 'fused' cannot run: this build has no fused {name} kernel"):
+def test_forcing_fused_without_a_kernel_names_the_reason():
+    call = lambda: ops.causal_attention(*qkv(), backend="fused")  # noqa: E731
+    with pytest.raises(ops.FusedUnavailableError, match="causal_attention: backend 'fused' cannot run: this build has no fused causal_attention kernel"):
         call()
     ops.set_backend("fused")  # the process-wide default is held to the same rule
     with pytest.raises(ops.FusedUnavailableError):
         call()
+
+
+def test_forcing_fused_on_cpu_tensors_names_the_reason():
+    reason = "run on CUDA tensors, got cpu" if _extensions.cuda_archs else "built without CUDA kernels"
+    with pytest.raises(ops.FusedUnavailableError, match=f"layer_norm: backend 'fused' cannot run: .*{reason}"):
+        ops.layer_norm(*ln_inputs(dtype=torch.float32), backend="fused")
+    assert backend_module.choose("layer_norm", "auto", ln_inputs(), lambda: None) == "reference"
 
 
 def test_fused_reasons_for_an_op_with_a_kernel(monkeypatch):

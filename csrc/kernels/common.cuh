@@ -21,3 +21,60 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 }
 
 }  // namespace scratchformer
+
+namespace scratchformer {
+
+// Sum over a warp; every lane gets the total.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, blockDim.y == 1); every thread gets the total.
+// `scratch` holds 32 floats of shared memory; consecutive calls may reuse it.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // the previous call's readers are done with scratch
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < warps ? scratch[lane] : 0.f;
+  return warp_sum(v);
+}
+
+// VEC values of T moved as one 16-byte access.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// Load VEC consecutive values starting at row[i] as floats: one vector access when ALIGNED
+// (16-byte aligned and C % VEC == 0), else element by element with bounds checks (zeros past C).
+template <bool ALIGNED, int VEC, typename T>
+__device__ __forceinline__ void load_floats(const T* row, int i, int C, float (&out)[VEC]) {
+  if constexpr (ALIGNED) {
+    const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(row + i);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out[k] = to_float(p.v[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out[k] = i + k < C ? to_float(row[i + k]) : 0.f;
+  }
+}
+
+template <bool ALIGNED, int VEC, typename T>
+__device__ __forceinline__ void store_floats(T* row, int i, int C, const float (&in)[VEC]) {
+  if constexpr (ALIGNED) {
+    Pack<T, VEC> p;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) p.v[k] = from_float<T>(in[k]);
+    *reinterpret_cast<Pack<T, VEC>*>(row + i) = p;
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+      if (i + k < C) row[i + k] = from_float<T>(in[k]);
+  }
+}
+
+}  // namespace scratchformer

@@ -13,55 +13,16 @@
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/util/Exception.h>
 
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
 #include "kernels.h"
 
 namespace {
 
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
-
-void check_pair(const char* op, const Tensor& a, const Tensor& b) {
-  STD_TORCH_CHECK(a.scalar_type() == b.scalar_type(), op,
-                  ": a and b must have the same dtype; cast one of them first");
-  STD_TORCH_CHECK(a.get_device() == b.get_device() && a.is_cuda() == b.is_cuda(), op,
-                  ": a and b must be on the same device");
-  STD_TORCH_CHECK(a.dim() == b.dim(), op, ": a and b must have the same shape (got ", a.dim(),
-                  " and ", b.dim(), " dimensions); broadcast explicitly with expand() first");
-  for (int64_t d = 0; d < a.dim(); ++d) {
-    STD_TORCH_CHECK(a.size(d) == b.size(d), op, ": a and b must have the same shape (size ",
-                    a.size(d), " vs ", b.size(d), " at dim ", d,
-                    "); broadcast explicitly with expand() first");
-  }
-}
-
-template <typename T>
-void scaled_add_loop(const T* a, const T* b, T alpha, T* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = a[i] + alpha * b[i];
-}
-
-Tensor scaled_add_cpu(Tensor a, Tensor b, double alpha) {
-  check_pair("scaled_add", a, b);
-  a = torch::stable::contiguous(a);
-  b = torch::stable::contiguous(b);
-  Tensor out = torch::stable::empty_like(a);
-  const int64_t n = a.numel();
-  switch (a.scalar_type()) {
-    case ScalarType::Float:
-      scaled_add_loop(static_cast<const float*>(a.data_ptr()),
-                      static_cast<const float*>(b.data_ptr()), float(alpha),
-                      static_cast<float*>(out.data_ptr()), n);
-      break;
-    case ScalarType::Double:
-      scaled_add_loop(static_cast<const double*>(a.data_ptr()),
-                      static_cast<const double*>(b.data_ptr()), alpha,
-                      static_cast<double*>(out.data_ptr()), n);
-      break;
-    default:
-      STD_TORCH_CHECK(false, "scaled_add on CPU supports float32 and float64, got ",
-                      a.scalar_type());
-  }
-  return out;
-}
 
 #ifdef SCRATCHFORMER_CUDA
 scratchformer::DType cuda_dtype(const char* op, ScalarType t) {
@@ -70,7 +31,7 @@ scratchformer::DType cuda_dtype(const char* op, ScalarType t) {
     case ScalarType::Half: return scratchformer::DType::kFloat16;
     case ScalarType::BFloat16: return scratchformer::DType::kBFloat16;
     default:
-      STD_TORCH_CHECK(false, op, " on CUDA supports float32, float16 and bfloat16, got ", t);
+      STD_TORCH_CHECK(false, op, ": supports float32, float16 and bfloat16, got ", t);
   }
   return scratchformer::DType::kFloat32;
 }
@@ -81,34 +42,131 @@ void* current_stream(const Tensor& t) {
   return stream;
 }
 
-Tensor scaled_add_cuda(Tensor a, Tensor b, double alpha) {
-  check_pair("scaled_add", a, b);
-  const auto dtype = cuda_dtype("scaled_add", a.scalar_type());
-  torch::stable::accelerator::DeviceGuard guard(a.get_device_index());
-  a = torch::stable::contiguous(a);
-  b = torch::stable::contiguous(b);
-  Tensor out = torch::stable::empty_like(a);
-  const char* err = scratchformer::launch_scaled_add(dtype, a.data_ptr(), b.data_ptr(),
-                                                     float(alpha), out.data_ptr(), a.numel(),
-                                                     current_stream(a));
-  STD_TORCH_CHECK(err == nullptr, "scaled_add: CUDA launch failed: ", err);
-  return out;
+void check_cuda(const char* op, const char* name, const Tensor& t, const Tensor& like) {
+  STD_TORCH_CHECK(t.is_cuda() && t.get_device() == like.get_device(), op, ": ", name,
+                  " must be on the same CUDA device as x");
+}
+
+// x: [rows, C] with unit stride along C; weight, bias: [C] contiguous, of x's dtype or float32.
+void check_layer_norm_inputs(const char* op, const Tensor& x, const Tensor& weight) {
+  STD_TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
+  STD_TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [rows, C], got ", x.dim(), " dimensions");
+  STD_TORCH_CHECK(x.size(1) >= 1 && x.size(1) <= INT32_MAX, op, ": C must be in [1, 2^31), got ", x.size(1));
+  STD_TORCH_CHECK(x.size(1) == 1 || x.stride(1) == 1, op, ": x must be contiguous along C (call .contiguous())");
+  check_cuda(op, "weight", weight, x);
+  STD_TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous(), op,
+                  ": weight must be contiguous with shape [", x.size(1), "]");
+  STD_TORCH_CHECK(weight.scalar_type() == x.scalar_type() || weight.scalar_type() == ScalarType::Float, op,
+                  ": weight must have x's dtype or float32, got ", weight.scalar_type(), " for x of ",
+                  x.scalar_type());
+}
+
+Tensor rows_of_floats(const Tensor& like, int64_t rows) {
+  return torch::stable::new_empty(like, {rows}, ScalarType::Float);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(Tensor x, Tensor weight, Tensor bias,
+                                                          std::optional<Tensor> residual, double eps) {
+  const char* op = "scratchformer::layer_norm_fwd";
+  check_layer_norm_inputs(op, x, weight);
+  check_cuda(op, "bias", bias, x);
+  STD_TORCH_CHECK(bias.scalar_type() == weight.scalar_type() && bias.dim() == 1 &&
+                      bias.size(0) == x.size(1) && bias.is_contiguous(),
+                  op, ": bias must be contiguous, shaped and typed like weight");
+  STD_TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
+  const auto dtype = cuda_dtype(op, x.scalar_type());
+  torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  const int64_t rows = x.size(0), C = x.size(1);
+  Tensor y = torch::stable::new_empty(x, {rows, C});
+  Tensor h = torch::stable::new_empty(x, {residual ? rows : 0, C});
+  Tensor mean = rows_of_floats(x, rows), rstd = rows_of_floats(x, rows);
+  scratchformer::LayerNormForward args{};
+  args.dtype = dtype;
+  args.weight_dtype = cuda_dtype(op, weight.scalar_type());
+  args.x = x.data_ptr();
+  args.x_stride = x.stride(0);
+  if (residual) {
+    const Tensor& r = *residual;
+    check_cuda(op, "residual", r, x);
+    STD_TORCH_CHECK(r.scalar_type() == x.scalar_type() && r.dim() == 2 && r.size(0) == rows && r.size(1) == C &&
+                        (C == 1 || r.stride(1) == 1),
+                    op, ": residual must have x's dtype and shape and be contiguous along C");
+    args.residual = r.data_ptr();
+    args.r_stride = r.stride(0);
+    args.h = h.data_ptr();
+  }
+  args.weight = weight.data_ptr();
+  args.bias = bias.data_ptr();
+  args.y = y.data_ptr();
+  args.mean = static_cast<float*>(mean.data_ptr());
+  args.rstd = static_cast<float*>(rstd.data_ptr());
+  args.rows = rows;
+  args.C = int(C);
+  args.eps = float(eps);
+  const char* err = scratchformer::launch_layer_norm_forward(args, current_stream(x));
+  STD_TORCH_CHECK(err == nullptr, op, ": CUDA launch failed: ", err);
+  return {y, h, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd,
+                                                  std::optional<Tensor> grad_h) {
+  const char* op = "scratchformer::layer_norm_bwd";
+  check_layer_norm_inputs(op, x, weight);
+  const int64_t rows = x.size(0), C = x.size(1);
+  const Tensor gh = grad_h.value_or(dy);
+  for (const Tensor* t : {static_cast<const Tensor*>(&dy), &gh}) {
+    check_cuda(op, "dy and grad_h", *t, x);
+    STD_TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->dim() == 2 && t->size(0) == rows &&
+                        t->size(1) == C && t->is_contiguous(),
+                    op, ": dy and grad_h must be contiguous with x's dtype and shape");
+  }
+  for (const Tensor* t : {static_cast<const Tensor*>(&mean), static_cast<const Tensor*>(&rstd)}) {
+    check_cuda(op, "mean and rstd", *t, x);
+    STD_TORCH_CHECK(t->scalar_type() == ScalarType::Float && t->dim() == 1 && t->size(0) == rows &&
+                        t->is_contiguous(),
+                    op, ": mean and rstd must be contiguous float32 of shape [rows]");
+  }
+  torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  Tensor dx = torch::stable::new_empty(x, {rows, C});
+  Tensor dweight = torch::stable::new_empty(weight, {C});
+  Tensor dbias = torch::stable::new_empty(weight, {C});
+  const int chunks = scratchformer::layer_norm_backward_chunks(rows, C);
+  Tensor partial = torch::stable::new_empty(x, {2 * int64_t(chunks) * C}, ScalarType::Float);
+  scratchformer::LayerNormBackward args{};
+  args.dtype = cuda_dtype(op, x.scalar_type());
+  args.weight_dtype = cuda_dtype(op, weight.scalar_type());
+  args.dy = dy.data_ptr();
+  args.x = x.data_ptr();
+  args.x_stride = x.stride(0);
+  args.weight = weight.data_ptr();
+  args.mean = static_cast<const float*>(mean.data_ptr());
+  args.rstd = static_cast<const float*>(rstd.data_ptr());
+  args.grad_h = grad_h ? grad_h->data_ptr() : nullptr;
+  args.dx = dx.data_ptr();
+  args.dweight = dweight.data_ptr();
+  args.dbias = dbias.data_ptr();
+  args.partial = static_cast<float*>(partial.data_ptr());
+  args.rows = rows;
+  args.C = int(C);
+  const char* err = scratchformer::launch_layer_norm_backward(args, current_stream(x));
+  STD_TORCH_CHECK(err == nullptr, op, ": CUDA launch failed: ", err);
+  return {dx, dweight, dbias};
 }
 #endif
 
 }  // namespace
 
+// The schemas exist in every build, so fake implementations and autograd register everywhere;
+// the kernels exist where CUDA was compiled in.
 STABLE_TORCH_LIBRARY(scratchformer, m) {
-  m.def("scaled_add(Tensor a, Tensor b, float alpha) -> Tensor");
-}
-
-STABLE_TORCH_LIBRARY_IMPL(scratchformer, CPU, m) {
-  m.impl("scaled_add", TORCH_BOX(&scaled_add_cpu));
+  m.def("layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, Tensor? residual, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor? grad_h) -> (Tensor, Tensor, Tensor)");
 }
 
 #ifdef SCRATCHFORMER_CUDA
 STABLE_TORCH_LIBRARY_IMPL(scratchformer, CUDA, m) {
-  m.impl("scaled_add", TORCH_BOX(&scaled_add_cuda));
+  m.impl("layer_norm_fwd", TORCH_BOX(&layer_norm_fwd));
+  m.impl("layer_norm_bwd", TORCH_BOX(&layer_norm_bwd));
 }
 #endif
 

@@ -5,15 +5,14 @@ See `backend.py` for how the implementation is chosen, `reference.py` for the ma
 
 from .attention import causal_attention
 from .backend import BACKENDS, FusedUnavailableError, get_backend, set_backend
-from .layer_norm import layer_norm
-from .scaled_add import scaled_add
+from .layer_norm import add_layer_norm, layer_norm
 
 __all__ = [
     "BACKENDS",
+    "add_layer_norm",
     "FusedUnavailableError",
     "causal_attention",
     "get_backend",
     "layer_norm",
-    "scaled_add",
     "set_backend",
 ]

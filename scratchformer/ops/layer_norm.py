@@ -1,12 +1,20 @@
-"""layer_norm: LayerNorm over the last dimension, on the backend of your choice."""
+"""layer_norm and add_layer_norm: LayerNorm over the last dimension, on the backend of your choice.
+
+The fused backend is `torch.ops.scratchformer.layer_norm_fwd` / `layer_norm_bwd`
+(csrc/kernels/layernorm.cu), given fake implementations and autograd here so that
+`torch.compile(fullgraph=True)` traces through it.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .. import _extensions
 from . import reference
 from .backend import choose
+
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> None:
@@ -24,6 +32,25 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps
         raise ValueError(f"layer_norm: eps must be > 0, got {eps}")
 
 
+def _fused_reason(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> str | None:
+    """Why the kernel cannot take these inputs, or None."""
+    if x.dtype not in FUSED_DTYPES:
+        return f"the kernel takes float32, float16 or bfloat16, not {x.dtype}"
+    if weight.dtype != bias.dtype or weight.dtype not in (x.dtype, torch.float32):
+        return f"weight and bias must share x's dtype or be float32, got {weight.dtype} and {bias.dtype}"
+    if x.shape[-1] >= 2**31:
+        return f"C = {x.shape[-1]} is too large for the kernel"
+    return None
+
+
+def _fused(x, weight, bias, residual, eps):
+    shape, channels = x.shape, x.shape[-1]
+    x2 = x.reshape(-1, channels)  # a view when the leading dimensions allow one
+    r2 = residual.reshape(-1, channels) if residual is not None else None
+    y, h, _, _ = torch.ops.scratchformer.layer_norm_fwd(x2, weight.contiguous(), bias.contiguous(), r2, eps)
+    return y.view(shape), (h.view(shape) if residual is not None else None)
+
+
 def layer_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -37,6 +64,68 @@ def layer_norm(
     `backend` picks the implementation for this call (default: `get_backend()`).
     """
     _check_inputs(x, weight, bias, eps)
-    if choose("layer_norm", backend, (x, weight, bias)) == "torch":
+    which = choose("layer_norm", backend, (x, weight, bias), lambda: _fused_reason(x, weight, bias))
+    if which == "fused":
+        return _fused(x, weight, bias, None, eps)[0]
+    if which == "torch":
         return F.layer_norm(x, (x.shape[-1],), weight.to(x.dtype), bias.to(x.dtype), eps)
     return reference.layer_norm(x, weight, bias, eps)[0]
+
+
+def add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = x + residual and layer_norm(h), in one pass with the fused kernel: returns (y, h)."""
+    _check_inputs(x, weight, bias, eps)
+    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(
+            f"add_layer_norm: residual must match x in shape, dtype and device, got {tuple(residual.shape)} "
+            f"{residual.dtype} on {residual.device} for x {tuple(x.shape)} {x.dtype} on {x.device}"
+        )
+    which = choose("layer_norm", backend, (x, residual, weight, bias), lambda: _fused_reason(x, weight, bias))
+    if which == "fused":
+        return _fused(x, weight, bias, residual, eps)
+    h = x + residual
+    if which == "torch":
+        return F.layer_norm(h, (h.shape[-1],), weight.to(h.dtype), bias.to(h.dtype), eps), h
+    return reference.layer_norm(h, weight, bias, eps)[0], h
+
+
+# ---- registration of the compiled ops with torch.library --------------------------------------
+
+if _extensions.kernels is not None:
+
+    @torch.library.register_fake("scratchformer::layer_norm_fwd")
+    def _fwd_fake(x, weight, bias, residual, eps):
+        rows, channels = x.shape
+        torch._check(weight.shape == (channels,) and bias.shape == (channels,), lambda: "layer_norm_fwd: weight and bias must be [C]")
+        h = x.new_empty((rows if residual is not None else 0, channels))
+        stats = x.new_empty((rows,), dtype=torch.float32)
+        return x.new_empty((rows, channels)), h, stats, torch.empty_like(stats)
+
+    @torch.library.register_fake("scratchformer::layer_norm_bwd")
+    def _bwd_fake(dy, x, weight, mean, rstd, grad_h):
+        return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+    def _setup_context(ctx, inputs, output):
+        x, weight, _, residual, _ = inputs
+        _, h, mean, rstd = output
+        ctx.has_residual = residual is not None
+        ctx.save_for_backward(h if ctx.has_residual else x, weight, mean, rstd)
+        ctx.set_materialize_grads(False)
+
+    def _backward(ctx, dy, dh, _dmean, _drstd):
+        normalized, weight, mean, rstd = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(normalized)
+        grad_h = dh.contiguous() if ctx.has_residual and dh is not None else None
+        dx, dweight, dbias = torch.ops.scratchformer.layer_norm_bwd(dy.contiguous(), normalized, weight, mean, rstd, grad_h)
+        return dx, dweight, dbias, (dx if ctx.has_residual else None), None
+
+    torch.library.register_autograd("scratchformer::layer_norm_fwd", _backward, setup_context=_setup_context)
