@@ -198,7 +198,7 @@ int row_threads(int C, int vec) {
   return threads;
 }
 
-bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+bool aligned(const void* p, size_t bytes = 16) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 const char* last_error() {
   const cudaError_t err = cudaGetLastError();
@@ -208,9 +208,10 @@ const char* last_error() {
 template <typename T, typename W>
 const char* forward(const LayerNormForward& a, cudaStream_t stream) {
   constexpr int VEC = vec_of<T>();
-  const bool vec_ok = a.C % VEC == 0 && a.x_stride % VEC == 0 && aligned(a.x) && aligned(a.weight) &&
-                      aligned(a.bias) && aligned(a.y) && (a.residual == nullptr || (a.r_stride % VEC == 0 &&
-                      aligned(a.residual) && aligned(a.h)));
+  // weight and bias are read VEC at a time too: 32 bytes for float32 next to 16-bit x.
+  const bool vec_ok = a.C % VEC == 0 && a.x_stride % VEC == 0 && aligned(a.x) && aligned(a.weight, sizeof(W) * VEC) &&
+                      aligned(a.bias, sizeof(W) * VEC) && aligned(a.y) &&
+                      (a.residual == nullptr || (a.r_stride % VEC == 0 && aligned(a.residual) && aligned(a.h)));
   const dim3 grid(unsigned(a.rows)), block(row_threads(a.C, VEC));
   auto x = static_cast<const T*>(a.x);
   auto r = static_cast<const T*>(a.residual);
@@ -234,7 +235,7 @@ template <typename T, typename W>
 const char* backward(const LayerNormBackward& a, cudaStream_t stream) {
   constexpr int VEC = vec_of<T>();
   const bool vec_ok = a.C % VEC == 0 && a.x_stride % VEC == 0 && aligned(a.dy) && aligned(a.x) &&
-                      aligned(a.weight) && aligned(a.dx) && (a.grad_h == nullptr || aligned(a.grad_h));
+                      aligned(a.weight, sizeof(W) * VEC) && aligned(a.dx) && (a.grad_h == nullptr || aligned(a.grad_h));
   const dim3 grid(unsigned(a.rows)), block(row_threads(a.C, VEC));
   auto dy = static_cast<const T*>(a.dy);
   auto x = static_cast<const T*>(a.x);

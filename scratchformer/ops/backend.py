@@ -46,6 +46,12 @@ def get_backend() -> str:
     return _default
 
 
+@torch.compiler.assume_constant_result
+def _capability(index: int | None) -> tuple[int, int]:
+    # A constant to torch.compile: the choice of kernel is made while tracing, not in the graph.
+    return torch.cuda.get_device_capability(index)
+
+
 def _gpu_reason(tensors: Iterable[torch.Tensor]) -> str | None:
     """Why no fused kernel of this build can run on these tensors, or None if one can."""
     if _extensions.kernels is None:
@@ -60,7 +66,7 @@ def _gpu_reason(tensors: Iterable[torch.Tensor]) -> str | None:
     devices = {t.device for t in tensors}
     if any(d.type != "cuda" for d in devices):
         return f"the fused kernels run on CUDA tensors, got {', '.join(sorted(map(str, devices)))}"
-    major, minor = torch.cuda.get_device_capability(next(iter(devices)))
+    major, minor = _capability(next(iter(devices)).index)
     capability = 10 * major + minor
     # Machine code for sm_XY runs on sm_XZ with Z >= Y (same major version).
     if not any(a // 10 == major and a <= capability for a in _extensions.cuda_archs):
