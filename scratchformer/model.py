@@ -67,6 +67,10 @@ class LayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.layer_norm(x, self.weight, self.bias)
 
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): one pass with the fused kernel."""
+        return ops.add_layer_norm(x, residual, self.weight, self.bias)
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -105,8 +109,11 @@ class Block(nn.Module):
         )
 
     def forward(self, x, rotary, cache, layer):
-        x = x + self.attention(self.norm1(x), rotary, cache, layer)
-        return x + self.feed_forward(self.norm2(x))
+        # Under autocast the attention output is bf16/fp16 while the residual stream stays fp32:
+        # casting it up is exactly what the addition would do.
+        attended = self.attention(self.norm1(x), rotary, cache, layer).to(x.dtype)
+        normed, x = self.norm2.add_and_norm(attended, x)
+        return x + self.feed_forward(normed)
 
 
 class GPT(nn.Module):
