@@ -52,6 +52,52 @@ const char* launch_layer_norm_backward(const LayerNormBackward& args, void* stre
 // Row chunks of the deterministic dweight/dbias reduction (sizes its scratch buffer).
 int layer_norm_backward_chunks(int64_t rows, int64_t C);
 
+// Causal attention (attention_*.cu). q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D]; Hq % Hkv == 0 and
+// query head h reads kv head h / (Hq / Hkv); 1 <= Tq <= Tk and query i sees keys j <= i + Tk - Tq.
+// Inputs have unit stride along D and the element strides below for the other dimensions;
+// outputs are contiguous. D is one of attention_head_dim_supported's.
+struct Strides {
+  int64_t batch, head, time;
+};
+
+struct AttentionShape {
+  int batch, heads, kv_heads, t_q, t_k, head_dim;
+};
+
+struct AttentionForward {
+  DType dtype;
+  AttentionShape shape;
+  const void *q, *k, *v;
+  Strides q_stride, k_stride, v_stride;
+  float scale;
+  void* out;   // [B, Hq, Tq, D]
+  float* lse;  // [B, Hq, Tq]: natural log of the sum of exp(scaled scores) of each query
+  // Flash-decoding: with splits > 1 the keys are cut into `splits` ranges done by separate
+  // blocks; partial_out ([splits, B*Hq*Tq, D]) and partial_lse ([splits, B*Hq*Tq]) hold their
+  // results until a second kernel combines them.
+  int splits;
+  float* partial_out;
+  float* partial_lse;
+};
+
+struct AttentionBackward {
+  DType dtype;
+  AttentionShape shape;
+  const void *q, *k, *v, *dout;
+  Strides q_stride, k_stride, v_stride, dout_stride;
+  const void* out;   // [B, Hq, Tq, D], the forward's output
+  const float* lse;  // [B, Hq, Tq], the forward's log-sum-exp
+  float scale;
+  float* delta;      // scratch [B, Hq, Tq]: rowsum(dout * out)
+  void *dq, *dk, *dv;  // [B, Hq, Tq, D], [B, Hkv, Tk, D], [B, Hkv, Tk, D]
+};
+
+bool attention_head_dim_supported(int head_dim);
+// How many key ranges the forward should split into (1: none) on the current device.
+int attention_forward_splits(const AttentionShape& shape, DType dtype);
+const char* launch_attention_forward(const AttentionForward& args, void* stream);
+const char* launch_attention_backward(const AttentionBackward& args, void* stream);
+
 // Compute capabilities (e.g. 80, 90) that the kernels were compiled for; returns how many,
 // writing at most `capacity` of them.
 int compiled_cuda_archs(int* out, int capacity);

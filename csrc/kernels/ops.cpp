@@ -44,7 +44,7 @@ void* current_stream(const Tensor& t) {
 
 void check_cuda(const char* op, const char* name, const Tensor& t, const Tensor& like) {
   STD_TORCH_CHECK(t.is_cuda() && t.get_device() == like.get_device(), op, ": ", name,
-                  " must be on the same CUDA device as x");
+                  " must be a CUDA tensor on the same device as the other inputs");
 }
 
 // x: [rows, C] with unit stride along C; weight, bias: [C] contiguous, of x's dtype or float32.
@@ -152,6 +152,123 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(Tensor dy, Tensor x, Tensor we
   STD_TORCH_CHECK(err == nullptr, op, ": CUDA launch failed: ", err);
   return {dx, dweight, dbias};
 }
+
+// ---- causal attention ------------------------------------------------------------------------
+
+scratchformer::Strides strides_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// A [B, H, T, D] input: on x's device with its dtype, unit stride along D; for the tensor-core
+// path (16-bit types) the address and every stride a multiple of 16 bytes (cp.async).
+void check_attention_input(const char* op, const char* name, const Tensor& t, const Tensor& like) {
+  check_cuda(op, name, t, like);
+  STD_TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D [batch, heads, time, head_dim], got ", t.dim(),
+                  " dimensions");
+  STD_TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+                  ", q has ", like.scalar_type(), "; they must match");
+  STD_TORCH_CHECK(t.stride(3) == 1, op, ": ", name, " must be contiguous along head_dim (call .contiguous())");
+  if (t.scalar_type() != ScalarType::Float) {
+    const int64_t bytes = t.element_size();
+    const bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) * bytes % 16 == 0 &&
+                         t.stride(1) * bytes % 16 == 0 && t.stride(2) * bytes % 16 == 0;
+    STD_TORCH_CHECK(aligned, op, ": ", name,
+                    " must start at a 16-byte aligned address with strides that are multiples of 16 bytes "
+                    "(call .contiguous())");
+  }
+}
+
+scratchformer::AttentionShape attention_shape(const char* op, const Tensor& q, const Tensor& k, const Tensor& v) {
+  STD_TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor");
+  check_attention_input(op, "q", q, q);
+  check_attention_input(op, "k", k, q);
+  check_attention_input(op, "v", v, q);
+  cuda_dtype(op, q.scalar_type());
+  for (int d = 0; d < 4; ++d)
+    STD_TORCH_CHECK(k.size(d) == v.size(d), op, ": k and v must have the same shape");
+  STD_TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), op,
+                  ": q and k/v must agree on batch and head_dim");
+  const int64_t heads = q.size(1), kv_heads = k.size(1), t_q = q.size(2), t_k = k.size(2), dim = q.size(3);
+  STD_TORCH_CHECK(kv_heads >= 1 && heads % kv_heads == 0, op, ": the ", heads,
+                  " query heads must be a multiple of the ", kv_heads, " key/value heads");
+  STD_TORCH_CHECK(1 <= t_q && t_q <= t_k && t_k <= INT32_MAX, op, ": need 1 <= query length <= key length < 2^31, got ",
+                  t_q, " queries and ", t_k, " keys");
+  STD_TORCH_CHECK(scratchformer::attention_head_dim_supported(int(dim)), op, ": head_dim ", dim,
+                  " is not supported (32, 64, 96 or 128)");
+  STD_TORCH_CHECK(q.size(0) >= 1 && q.size(0) * heads <= 65535, op, ": batch * heads must be in [1, 65535], got ",
+                  q.size(0) * heads);
+  return {int(q.size(0)), int(heads), int(kv_heads), int(t_q), int(t_k), int(dim)};
+}
+
+std::tuple<Tensor, Tensor> attention_fwd(Tensor q, Tensor k, Tensor v, double scale) {
+  const char* op = "scratchformer::attention_fwd";
+  const auto shape = attention_shape(op, q, k, v);
+  torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
+  const int64_t rows = int64_t(shape.batch) * shape.heads * shape.t_q;
+  Tensor out = torch::stable::new_empty(q, {shape.batch, shape.heads, shape.t_q, shape.head_dim});
+  Tensor lse = torch::stable::new_empty(q, {shape.batch, shape.heads, shape.t_q}, ScalarType::Float);
+  scratchformer::AttentionForward args{};
+  args.dtype = cuda_dtype(op, q.scalar_type());
+  args.shape = shape;
+  args.q = q.data_ptr();
+  args.k = k.data_ptr();
+  args.v = v.data_ptr();
+  args.q_stride = strides_of(q);
+  args.k_stride = strides_of(k);
+  args.v_stride = strides_of(v);
+  args.scale = float(scale);
+  args.out = out.data_ptr();
+  args.lse = static_cast<float*>(lse.data_ptr());
+  args.splits = scratchformer::attention_forward_splits(shape, args.dtype);
+  Tensor partial = torch::stable::new_empty(q, {args.splits > 1 ? args.splits * rows * (shape.head_dim + 1) : 0},
+                                            ScalarType::Float);
+  if (args.splits > 1) {
+    args.partial_out = static_cast<float*>(partial.data_ptr());
+    args.partial_lse = args.partial_out + args.splits * rows * shape.head_dim;
+  }
+  const char* err = scratchformer::launch_attention_forward(args, current_stream(q));
+  STD_TORCH_CHECK(err == nullptr, op, ": CUDA launch failed: ", err);
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
+                                                 double scale) {
+  const char* op = "scratchformer::attention_bwd";
+  const auto shape = attention_shape(op, q, k, v);
+  check_attention_input(op, "dout", dout, q);
+  check_attention_input(op, "out", out, q);
+  for (int d = 0; d < 4; ++d)
+    STD_TORCH_CHECK(dout.size(d) == q.size(d) && out.size(d) == q.size(d), op, ": dout and out must have q's shape");
+  STD_TORCH_CHECK(out.is_contiguous(), op, ": out must be contiguous (the forward's output)");
+  check_cuda(op, "lse", lse, q);
+  STD_TORCH_CHECK(lse.scalar_type() == ScalarType::Float && lse.dim() == 3 && lse.size(0) == shape.batch &&
+                      lse.size(1) == shape.heads && lse.size(2) == shape.t_q && lse.is_contiguous(),
+                  op, ": lse must be contiguous float32 [batch, heads, queries] (the forward's)");
+  torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
+  Tensor dq = torch::stable::new_empty(q, {shape.batch, shape.heads, shape.t_q, shape.head_dim});
+  Tensor dk = torch::stable::new_empty(q, {shape.batch, shape.kv_heads, shape.t_k, shape.head_dim});
+  Tensor dv = torch::stable::new_empty(q, {shape.batch, shape.kv_heads, shape.t_k, shape.head_dim});
+  Tensor delta = torch::stable::new_empty(q, {int64_t(shape.batch) * shape.heads * shape.t_q}, ScalarType::Float);
+  scratchformer::AttentionBackward args{};
+  args.dtype = cuda_dtype(op, q.scalar_type());
+  args.shape = shape;
+  args.q = q.data_ptr();
+  args.k = k.data_ptr();
+  args.v = v.data_ptr();
+  args.dout = dout.data_ptr();
+  args.q_stride = strides_of(q);
+  args.k_stride = strides_of(k);
+  args.v_stride = strides_of(v);
+  args.dout_stride = strides_of(dout);
+  args.out = out.data_ptr();
+  args.lse = static_cast<const float*>(lse.data_ptr());
+  args.scale = float(scale);
+  args.delta = static_cast<float*>(delta.data_ptr());
+  args.dq = dq.data_ptr();
+  args.dk = dk.data_ptr();
+  args.dv = dv.data_ptr();
+  const char* err = scratchformer::launch_attention_backward(args, current_stream(q));
+  STD_TORCH_CHECK(err == nullptr, op, ": CUDA launch failed: ", err);
+  return {dq, dk, dv};
+}
 #endif
 
 }  // namespace
@@ -161,12 +278,16 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(Tensor dy, Tensor x, Tensor we
 STABLE_TORCH_LIBRARY(scratchformer, m) {
   m.def("layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, Tensor? residual, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor? grad_h) -> (Tensor, Tensor, Tensor)");
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 #ifdef SCRATCHFORMER_CUDA
 STABLE_TORCH_LIBRARY_IMPL(scratchformer, CUDA, m) {
   m.impl("layer_norm_fwd", TORCH_BOX(&layer_norm_fwd));
   m.impl("layer_norm_bwd", TORCH_BOX(&layer_norm_bwd));
+  m.impl("attention_fwd", TORCH_BOX(&attention_fwd));
+  m.impl("attention_bwd", TORCH_BOX(&attention_bwd));
 }
 #endif
 

@@ -1,0 +1,289 @@
+// Causal attention backward on tensor cores (fp16, bf16), and the backward's dispatch.
+//
+// With P = softmax(scale * Q K^T) recomputed from the saved log-sum-exp (P = exp2(S' - lse'),
+// S' and lse' in log2 units), dP = dO V^T and delta = rowsum(dO * O) (delta_kernel):
+//   dS = P * (dP - delta),  dV = P^T dO,  dK = scale * dS^T Q,  dQ = scale * dS K.
+// Two kernels, neither with atomics, so results are deterministic:
+// - dkv_kernel: a block of 4 warps owns 64 keys of one kv head (16 keys per warp, keys as the
+//   rows of every product). It walks 64- (D <= 64) or 32-query tiles of each query head of the
+//   kv group, from the first query that sees its first key, computing S^T = K Q^T and
+//   dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q; the group's sum is in its accumulators.
+// - dq_kernel: a block owns 64 queries of one head (Q and dO tiles in registers as A
+//   fragments) and walks 64- or 32-key tiles up to its last visible key: S = Q K^T,
+//   dP = dO V^T, dQ += dS K.
+// Shared tiles are padded as in the forward; fragment layouts are in attention.cuh.
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+#include "attention.cuh"
+#include "attention_launch.cuh"
+
+namespace scratchformer {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kBlock = 64;  // queries per dq block, keys per dkv block: 16 per warp
+
+template <int D>
+constexpr int inner_tile() {  // the other side's tile: smaller for large D to stay in registers
+  return D <= 64 ? 64 : 32;
+}
+
+template <typename T, int D>
+constexpr int dkv_shared_bytes() {
+  return (2 * kBlock + 2 * inner_tile<D>()) * (D + 8) * int(sizeof(T)) + 2 * inner_tile<D>() * int(sizeof(float));
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
+  constexpr int BM = inner_tile<D>();
+  constexpr int STRIDE = D + 8, KSLABS = D / 16, DTILES = D / 8, QTILES = BM / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* k_s = reinterpret_cast<T*>(smem);  // [kBlock][STRIDE]
+  T* v_s = k_s + kBlock * STRIDE;       // [kBlock][STRIDE]
+  T* q_s = v_s + kBlock * STRIDE;       // [BM][STRIDE]
+  T* do_s = q_s + BM * STRIDE;          // [BM][STRIDE]
+  float* lse_s = reinterpret_cast<float*>(do_s + BM * STRIDE);  // [BM], log2 units
+  float* delta_s = lse_s + BM;                                  // [BM]
+
+  const AttentionShape& s = a.shape;
+  const int group = s.heads / s.kv_heads;
+  const int n0 = blockIdx.x * kBlock;
+  const int b = blockIdx.y / s.kv_heads, kv_head = blockIdx.y % s.kv_heads;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, c = lane % 4, mi = lane / 8;
+  const int offset = s.t_k - s.t_q;
+  const int key0 = n0 + warp * 16 + g;  // this thread's rows: key0 and key0 + 8
+  const float scale2 = a.scale * kLog2e;
+
+  load_tile_async<T, kBlock, D, STRIDE, kThreads>(k_s, a.k, a.k_stride, b, kv_head, n0, s.t_k);
+  load_tile_async<T, kBlock, D, STRIDE, kThreads>(v_s, a.v, a.v_stride, b, kv_head, n0, s.t_k);
+  cp_async_commit();
+
+  float dk[DTILES][4] = {}, dv[DTILES][4] = {};
+  const int first_query = max(0, n0 - offset);  // the first query that sees key n0
+  for (int hg = 0; hg < group; ++hg) {
+    const int h = kv_head * group + hg;
+    const int64_t head_row = (int64_t(b) * s.heads + h) * s.t_q;
+    for (int i0 = first_query; i0 < s.t_q; i0 += BM) {
+      __syncthreads();  // every warp is done with the previous q_s, do_s
+      load_tile_async<T, BM, D, STRIDE, kThreads>(q_s, a.q, a.q_stride, b, h, i0, s.t_q);
+      load_tile_async<T, BM, D, STRIDE, kThreads>(do_s, a.dout, a.dout_stride, b, h, i0, s.t_q);
+      cp_async_commit();
+      if (threadIdx.x < BM) {
+        const bool in = i0 + int(threadIdx.x) < s.t_q;
+        lse_s[threadIdx.x] = in ? a.lse[head_row + i0 + threadIdx.x] * kLog2e : 0.f;
+        delta_s[threadIdx.x] = in ? a.delta[head_row + i0 + threadIdx.x] : 0.f;
+      }
+      cp_async_wait<0>();
+      __syncthreads();
+
+      // S^T = K Q^T and dP^T = V dO^T: 16 keys x BM queries per warp.
+      float st[QTILES][4] = {}, dpt[QTILES][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < KSLABS; ++kk) {
+        uint32_t kf[4], vf[4];
+        ldmatrix_x4(kf, &k_s[(warp * 16 + lane % 16) * STRIDE + kk * 16 + (lane / 16) * 8]);
+        ldmatrix_x4(vf, &v_s[(warp * 16 + lane % 16) * STRIDE + kk * 16 + (lane / 16) * 8]);
+#pragma unroll
+        for (int nt = 0; nt < QTILES; nt += 2) {
+          const int row = ((nt + mi / 2) * 8 + lane % 8) * STRIDE + kk * 16 + (mi % 2) * 8;
+          uint32_t qf[4], df[4];
+          ldmatrix_x4(qf, &q_s[row]);
+          ldmatrix_x4(df, &do_s[row]);
+          mma_16816<T>(st[nt], kf, qf[0], qf[1]);
+          mma_16816<T>(st[nt + 1], kf, qf[2], qf[3]);
+          mma_16816<T>(dpt[nt], vf, df[0], df[1]);
+          mma_16816<T>(dpt[nt + 1], vf, df[2], df[3]);
+        }
+      }
+
+      // P^T and dS^T, zero where the query does not see the key.
+#pragma unroll
+      for (int nt = 0; nt < QTILES; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = nt * 8 + 2 * c + (e & 1), query = i0 + col, key = key0 + (e >> 1) * 8;
+          const bool visible = query < s.t_q && key < s.t_k && key <= query + offset;
+          const float p = visible ? exp2f(st[nt][e] * scale2 - lse_s[col]) : 0.f;
+          st[nt][e] = p;
+          dpt[nt][e] = p * (dpt[nt][e] - delta_s[col]);
+        }
+      }
+
+      // dV += P^T dO and dK += dS^T Q.
+#pragma unroll
+      for (int qs = 0; qs < BM / 16; ++qs) {
+        uint32_t pa[4], dsa[4];
+        c_to_a<T>(pa, st[2 * qs], st[2 * qs + 1]);
+        c_to_a<T>(dsa, dpt[2 * qs], dpt[2 * qs + 1]);
+#pragma unroll
+        for (int dt = 0; dt < DTILES; dt += 2) {
+          const int row = (qs * 16 + (mi % 2) * 8 + lane % 8) * STRIDE + (dt + mi / 2) * 8;
+          uint32_t f[4];
+          ldmatrix_x4_trans(f, &do_s[row]);
+          mma_16816<T>(dv[dt], pa, f[0], f[1]);
+          mma_16816<T>(dv[dt + 1], pa, f[2], f[3]);
+          ldmatrix_x4_trans(f, &q_s[row]);
+          mma_16816<T>(dk[dt], dsa, f[0], f[1]);
+          mma_16816<T>(dk[dt + 1], dsa, f[2], f[3]);
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = key0 + r * 8;
+    if (key >= s.t_k) continue;
+    const int64_t row = (int64_t(b) * s.kv_heads + kv_head) * s.t_k + key;
+    T* dk_out = static_cast<T*>(a.dk) + row * D;
+    T* dv_out = static_cast<T*>(a.dv) + row * D;
+#pragma unroll
+    for (int dt = 0; dt < DTILES; ++dt) {
+      *reinterpret_cast<uint32_t*>(dk_out + dt * 8 + 2 * c) =
+          pack2<T>(dk[dt][2 * r] * a.scale, dk[dt][2 * r + 1] * a.scale);
+      *reinterpret_cast<uint32_t*>(dv_out + dt * 8 + 2 * c) = pack2<T>(dv[dt][2 * r], dv[dt][2 * r + 1]);
+    }
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
+  constexpr int BN = inner_tile<D>();
+  constexpr int STRIDE = D + 8, KSLABS = D / 16, DTILES = D / 8, NTILES = BN / 8;
+  __shared__ __align__(16) T k_s[kBlock * STRIDE];  // the Q tile, then K tiles of BN rows
+  __shared__ __align__(16) T v_s[kBlock * STRIDE];  // the dO tile, then V tiles
+
+  const AttentionShape& s = a.shape;
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlock;  // longest rows first
+  const int b = blockIdx.y / s.heads, h = blockIdx.y % s.heads;
+  const int kv_head = h / (s.heads / s.kv_heads);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, c = lane % 4, mi = lane / 8;
+  const int offset = s.t_k - s.t_q;
+  const int query0 = m0 + warp * 16 + g;  // this thread's rows: query0 and query0 + 8
+  const float scale2 = a.scale * kLog2e;
+
+  load_tile_async<T, kBlock, D, STRIDE, kThreads>(k_s, a.q, a.q_stride, b, h, m0, s.t_q);
+  load_tile_async<T, kBlock, D, STRIDE, kThreads>(v_s, a.dout, a.dout_stride, b, h, m0, s.t_q);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  uint32_t q_frag[KSLABS][4], do_frag[KSLABS][4];
+#pragma unroll
+  for (int kk = 0; kk < KSLABS; ++kk) {
+    const int row = (warp * 16 + lane % 16) * STRIDE + kk * 16 + (lane / 16) * 8;
+    ldmatrix_x4(q_frag[kk], &k_s[row]);
+    ldmatrix_x4(do_frag[kk], &v_s[row]);
+  }
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int query = query0 + r * 8;
+    const int64_t row = (int64_t(b) * s.heads + h) * s.t_q + query;
+    lse2[r] = query < s.t_q ? a.lse[row] * kLog2e : 0.f;
+    delta[r] = query < s.t_q ? a.delta[row] : 0.f;
+  }
+
+  const int key_end = min(s.t_k, min(m0 + kBlock, s.t_q) + offset);
+  float dq[DTILES][4] = {};
+  for (int n0 = 0; n0 < key_end; n0 += BN) {
+    __syncthreads();
+    load_tile_async<T, BN, D, STRIDE, kThreads>(k_s, a.k, a.k_stride, b, kv_head, n0, key_end);
+    load_tile_async<T, BN, D, STRIDE, kThreads>(v_s, a.v, a.v_stride, b, kv_head, n0, key_end);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // S = Q K^T and dP = dO V^T: 16 queries x BN keys per warp.
+    float sc[NTILES][4] = {}, dp[NTILES][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < KSLABS; ++kk) {
+#pragma unroll
+      for (int nt = 0; nt < NTILES; nt += 2) {
+        const int row = ((nt + mi / 2) * 8 + lane % 8) * STRIDE + kk * 16 + (mi % 2) * 8;
+        uint32_t kf[4], vf[4];
+        ldmatrix_x4(kf, &k_s[row]);
+        ldmatrix_x4(vf, &v_s[row]);
+        mma_16816<T>(sc[nt], q_frag[kk], kf[0], kf[1]);
+        mma_16816<T>(sc[nt + 1], q_frag[kk], kf[2], kf[3]);
+        mma_16816<T>(dp[nt], do_frag[kk], vf[0], vf[1]);
+        mma_16816<T>(dp[nt + 1], do_frag[kk], vf[2], vf[3]);
+      }
+    }
+
+    // dS = P * (dP - delta), zero where the query does not see the key.
+#pragma unroll
+    for (int nt = 0; nt < NTILES; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = n0 + nt * 8 + 2 * c + (e & 1), r = e >> 1, query = query0 + r * 8;
+        const bool visible = query < s.t_q && key < key_end && key <= query + offset;
+        sc[nt][e] = visible ? exp2f(sc[nt][e] * scale2 - lse2[r]) * (dp[nt][e] - delta[r]) : 0.f;
+      }
+    }
+
+    // dQ += dS K.
+#pragma unroll
+    for (int ks = 0; ks < BN / 16; ++ks) {
+      uint32_t dsa[4];
+      c_to_a<T>(dsa, sc[2 * ks], sc[2 * ks + 1]);
+#pragma unroll
+      for (int dt = 0; dt < DTILES; dt += 2) {
+        uint32_t kf[4];
+        ldmatrix_x4_trans(kf, &k_s[(ks * 16 + (mi % 2) * 8 + lane % 8) * STRIDE + (dt + mi / 2) * 8]);
+        mma_16816<T>(dq[dt], dsa, kf[0], kf[1]);
+        mma_16816<T>(dq[dt + 1], dsa, kf[2], kf[3]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int query = query0 + r * 8;
+    if (query >= s.t_q) continue;
+    T* out = static_cast<T*>(a.dq) + ((int64_t(b) * s.heads + h) * s.t_q + query) * D;
+#pragma unroll
+    for (int dt = 0; dt < DTILES; ++dt)
+      *reinterpret_cast<uint32_t*>(out + dt * 8 + 2 * c) = pack2<T>(dq[dt][2 * r] * a.scale, dq[dt][2 * r + 1] * a.scale);
+  }
+}
+
+}  // namespace
+
+template <typename T, int D>
+cudaError_t backward_tensor_cores(const AttentionBackward& a, cudaStream_t stream) {
+  const AttentionShape& s = a.shape;
+  constexpr int bytes = dkv_shared_bytes<T, D>();
+  // Above 48 KB of dynamic shared memory a kernel must opt in.
+  const cudaError_t err = cudaFuncSetAttribute(dkv_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err != cudaSuccess) return err;
+  dkv_kernel<T, D><<<dim3((s.t_k + kBlock - 1) / kBlock, s.batch * s.kv_heads), kThreads, bytes, stream>>>(a);
+  dq_kernel<T, D><<<dim3((s.t_q + kBlock - 1) / kBlock, s.batch * s.heads), kThreads, 0, stream>>>(a);
+  return cudaSuccess;
+}
+
+#define SCRATCHFORMER_BACKWARD(T, D) \
+  template cudaError_t backward_tensor_cores<T, D>(const AttentionBackward&, cudaStream_t);
+SCRATCHFORMER_FOR_EACH_TENSOR_CORE_TYPE(SCRATCHFORMER_BACKWARD)
+
+const char* launch_attention_backward(const AttentionBackward& a, void* stream) {
+  const auto st = static_cast<cudaStream_t>(stream);
+  cudaError_t err = cudaSuccess;
+  const bool supported = dispatch_attention(a.dtype, a.shape.head_dim, [&](auto type, auto dim) {
+    using T = decltype(type);
+    constexpr int D = decltype(dim)::value;
+    backward_delta<T, D>(a, st);
+    if constexpr (std::is_same_v<T, float>)
+      backward_simt<T, D>(a, st);
+    else
+      err = backward_tensor_cores<T, D>(a, st);
+  });
+  if (!supported) return "unsupported dtype or head dim";
+  if (err == cudaSuccess) err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace scratchformer

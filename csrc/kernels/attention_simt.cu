@@ -1,0 +1,349 @@
+// Attention on CUDA cores: the fp32 path (forward and backward), the split-key decoding forward
+// for every dtype (flash-decoding), and the small kernels both paths share.
+//
+// Tiling. A block of 4 warps takes 4 "rows" and walks 32-key tiles that its 128 threads stage in
+// shared memory as fp32. In the forward and dq kernels a row is a query; the rows of a block are
+// consecutive in (query head within the kv group, query position), so at decoding time (Tq = 1)
+// the query heads that share a kv head also share each K/V tile read. Inside a warp, lane j
+// scores key j of the tile (a dot product over D read from shared memory) and lane l owns
+// output dimensions l, l + 32, ...; the softmax runs online in the log2 domain (running max and
+// sum per row, rescaled as tiles arrive), so no Tq x Tk matrix ever exists.
+//
+// Split keys (forward with Tq <= 16): blockIdx.z takes one range of keys; each range writes its
+// normalised output and log-sum-exp in fp32, and `combine` weighs the ranges by exp(lse) — the
+// same merge the online softmax does tile by tile. One token at batch 1 then still fills the GPU.
+//
+// dk, dv: a warp per key, lanes over 32-query tiles of every query head in the kv group, so the
+// group's sum happens in registers (no atomics; the result is deterministic).
+#include <cuda_runtime.h>
+
+#include "attention.cuh"
+#include "attention_launch.cuh"
+
+namespace scratchformer {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kTile = 32;
+
+// Stage rows [t0, t0 + kTile) of head h (zeros past t_end) as fp32, D + 1 floats apart: lanes
+// reading one column of different rows then hit different banks.
+template <typename T, int D>
+__device__ void stage_rows(float (*tile)[D + 1], const void* base, const Strides& s, int b, int h, int t0,
+                           int t_end) {
+  for (int i = threadIdx.x; i < kTile * D; i += kThreads) {
+    const int r = i / D, d = i % D;
+    tile[r][d] = t0 + r < t_end ? to_float(row_ptr<T>(base, s, b, h, t0 + r)[d]) : 0.f;
+  }
+}
+
+// The (query head, query position) of row r of a kv head's rows; the largest position among
+// rows [r0, r0 + kWarps) is what bounds the keys a block must read.
+struct QueryRows {
+  int group, t_q;
+  __device__ int head(int kv_head, int r) const { return kv_head * group + r / t_q; }
+  __device__ int position(int r) const { return r % t_q; }
+  __device__ int last_position(int r0) const {
+    const int r1 = min(group * t_q, r0 + kWarps) - 1;
+    return r1 / t_q != r0 / t_q ? t_q - 1 : r1 % t_q;
+  }
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a, int chunk) {
+  constexpr int PER_LANE = D / 32;
+  __shared__ float k_s[kTile][D + 1];
+  __shared__ float v_s[kTile][D + 1];
+  __shared__ float q_s[kWarps][D];
+  const AttentionShape& s = a.shape;
+  const QueryRows rows{s.heads / s.kv_heads, s.t_q};
+  const int b = blockIdx.y / s.kv_heads, kv_head = blockIdx.y % s.kv_heads;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int r0 = blockIdx.x * kWarps, r = r0 + warp;
+  const bool active = r < rows.group * s.t_q;
+  const int h = rows.head(kv_head, active ? r : r0), t = rows.position(active ? r : r0);
+  const int offset = s.t_k - s.t_q;
+  const int key_begin = blockIdx.z * chunk;
+  const int key_end = min(min(s.t_k, key_begin + chunk), rows.last_position(r0) + offset + 1);
+  const int last_key = min(key_end - 1, t + offset);  // the last key this row sees in this range
+
+  // Scores in log2 units: exp(x) = exp2(x * log2(e)), folded into q once.
+  const float scale2 = a.scale * kLog2e;
+  const T* q_row = row_ptr<T>(a.q, a.q_stride, b, h, t);
+  for (int d = lane; d < D; d += 32) q_s[warp][d] = active ? to_float(q_row[d]) * scale2 : 0.f;
+
+  float m = -INFINITY, l = 0.f, o[PER_LANE] = {};
+  for (int k0 = key_begin; k0 < key_end; k0 += kTile) {
+    __syncthreads();  // the previous tile is consumed (and q_s written, the first time)
+    stage_rows<T, D>(k_s, a.k, a.k_stride, b, kv_head, k0, key_end);
+    stage_rows<T, D>(v_s, a.v, a.v_stride, b, kv_head, k0, key_end);
+    __syncthreads();
+    if (!active || k0 > last_key) continue;  // warp-uniform
+    float score = -INFINITY;
+    if (k0 + lane <= last_key) {
+      score = 0.f;
+#pragma unroll 8
+      for (int d = 0; d < D; ++d) score += q_s[warp][d] * k_s[lane][d];
+    }
+    const float m_new = fmaxf(m, warp_max(score));  // finite: key k0 is visible
+    const float alpha = exp2f(m - m_new), p = exp2f(score - m_new);
+    l = l * alpha + warp_sum(p);
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) o[i] *= alpha;
+    const int keys = min(kTile, last_key - k0 + 1);
+    for (int j = 0; j < keys; ++j) {
+      const float pj = __shfl_sync(0xffffffffu, p, j);
+#pragma unroll
+      for (int i = 0; i < PER_LANE; ++i) o[i] += pj * v_s[j][lane + 32 * i];
+    }
+    m = m_new;
+  }
+  if (!active) return;
+
+  const int64_t row = (int64_t(b) * s.heads + h) * s.t_q + t;
+  const float inv = l > 0.f ? 1.f / l : 0.f;  // l == 0: this key range holds no visible key
+  const float lse = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
+  if (gridDim.z == 1) {
+    T* out = static_cast<T*>(a.out) + row * D;
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) out[lane + 32 * i] = from_float<T>(o[i] * inv);
+    if (lane == 0) a.lse[row] = lse;
+  } else {
+    const int64_t rows_total = int64_t(s.batch) * s.heads * s.t_q;
+    float* out = a.partial_out + (blockIdx.z * rows_total + row) * D;
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) out[lane + 32 * i] = o[i] * inv;
+    if (lane == 0) a.partial_lse[blockIdx.z * rows_total + row] = lse;
+  }
+}
+
+// Merge the key ranges of each row: out = sum_s w_s out_s / sum_s w_s with w_s = exp(lse_s).
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1) combine_kernel(AttentionForward a) {
+  constexpr int PER_LANE = D / 32;
+  const int64_t rows_total = int64_t(a.shape.batch) * a.shape.heads * a.shape.t_q;
+  const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows_total) return;
+  float m = -INFINITY;
+  for (int s = lane; s < a.splits; s += 32) m = fmaxf(m, a.partial_lse[s * rows_total + row]);
+  m = warp_max(m);  // finite: the first range holds key 0, which every query sees
+  float sum = 0.f, o[PER_LANE] = {};
+  for (int s = 0; s < a.splits; ++s) {
+    const float w = expf(a.partial_lse[s * rows_total + row] - m);
+    const float* part = a.partial_out + (s * rows_total + row) * D;
+    sum += w;
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) o[i] += w * part[lane + 32 * i];
+  }
+  T* out = static_cast<T*>(a.out) + row * D;
+#pragma unroll
+  for (int i = 0; i < PER_LANE; ++i) out[lane + 32 * i] = from_float<T>(o[i] / sum);
+  if (lane == 0) a.lse[row] = m + logf(sum);
+}
+
+// delta = rowsum(dout * out), the softmax backward's correction term; a warp per row.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1) delta_kernel(AttentionBackward a) {
+  const AttentionShape& s = a.shape;
+  const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= int64_t(s.batch) * s.heads * s.t_q) return;
+  const int t = int(row % s.t_q), h = int(row / s.t_q % s.heads), b = int(row / s.t_q / s.heads);
+  const T* dout = row_ptr<T>(a.dout, a.dout_stride, b, h, t);
+  const T* out = static_cast<const T*>(a.out) + row * D;
+  float acc = 0.f;
+  for (int d = lane; d < D; d += 32) acc += to_float(dout[d]) * to_float(out[d]);
+  acc = warp_sum(acc);
+  if (lane == 0) a.delta[row] = acc;
+}
+
+// dq = scale * sum_j ds_ij k_j with ds_ij = p_ij (dout_i . v_j - delta_i); rows as in the forward.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
+  constexpr int PER_LANE = D / 32;
+  __shared__ float k_s[kTile][D + 1];
+  __shared__ float v_s[kTile][D + 1];
+  __shared__ float q_s[kWarps][D];
+  __shared__ float do_s[kWarps][D];
+  const AttentionShape& s = a.shape;
+  const QueryRows rows{s.heads / s.kv_heads, s.t_q};
+  const int b = blockIdx.y / s.kv_heads, kv_head = blockIdx.y % s.kv_heads;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int r0 = blockIdx.x * kWarps, r = r0 + warp;
+  const bool active = r < rows.group * s.t_q;
+  const int h = rows.head(kv_head, active ? r : r0), t = rows.position(active ? r : r0);
+  const int offset = s.t_k - s.t_q;
+  const int key_end = min(s.t_k, rows.last_position(r0) + offset + 1);
+  const int last_key = t + offset;
+
+  const float scale2 = a.scale * kLog2e;
+  const int64_t row = (int64_t(b) * s.heads + h) * s.t_q + t;
+  const float lse2 = active ? a.lse[row] * kLog2e : 0.f;
+  const float delta = active ? a.delta[row] : 0.f;
+  const T* q_row = row_ptr<T>(a.q, a.q_stride, b, h, t);
+  const T* do_row = row_ptr<T>(a.dout, a.dout_stride, b, h, t);
+  for (int d = lane; d < D; d += 32) {
+    q_s[warp][d] = active ? to_float(q_row[d]) * scale2 : 0.f;
+    do_s[warp][d] = active ? to_float(do_row[d]) : 0.f;
+  }
+
+  float dq[PER_LANE] = {};
+  for (int k0 = 0; k0 < key_end; k0 += kTile) {
+    __syncthreads();
+    stage_rows<T, D>(k_s, a.k, a.k_stride, b, kv_head, k0, key_end);
+    stage_rows<T, D>(v_s, a.v, a.v_stride, b, kv_head, k0, key_end);
+    __syncthreads();
+    if (!active || k0 > last_key) continue;
+    float ds = 0.f;
+    if (k0 + lane <= last_key) {
+      float score = 0.f, dp = 0.f;
+#pragma unroll 8
+      for (int d = 0; d < D; ++d) {
+        score += q_s[warp][d] * k_s[lane][d];
+        dp += do_s[warp][d] * v_s[lane][d];
+      }
+      ds = exp2f(score - lse2) * (dp - delta);
+    }
+    const int keys = min(kTile, last_key - k0 + 1);
+    for (int j = 0; j < keys; ++j) {
+      const float dsj = __shfl_sync(0xffffffffu, ds, j);
+#pragma unroll
+      for (int i = 0; i < PER_LANE; ++i) dq[i] += dsj * k_s[j][lane + 32 * i];
+    }
+  }
+  if (!active) return;
+  T* out = static_cast<T*>(a.dq) + row * D;
+#pragma unroll
+  for (int i = 0; i < PER_LANE; ++i) out[lane + 32 * i] = from_float<T>(dq[i] * a.scale);
+}
+
+// dv_j = sum_i p_ij dout_i and dk_j = scale * sum_i ds_ij q_i over every query head i of the
+// kv group; a warp per key, lane i per query of a 32-query tile.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
+  constexpr int PER_LANE = D / 32;
+  __shared__ float q_s[kTile][D + 1];
+  __shared__ float do_s[kTile][D + 1];
+  __shared__ float lse_s[kTile], delta_s[kTile];
+  __shared__ float k_s[kWarps][D];
+  __shared__ float v_s[kWarps][D];
+  const AttentionShape& s = a.shape;
+  const int group = s.heads / s.kv_heads;
+  const int b = blockIdx.y / s.kv_heads, kv_head = blockIdx.y % s.kv_heads;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int j0 = blockIdx.x * kWarps, j = j0 + warp;
+  const bool active = j < s.t_k;
+  const int offset = s.t_k - s.t_q;
+  const float scale2 = a.scale * kLog2e;
+  const T* k_row = row_ptr<T>(a.k, a.k_stride, b, kv_head, active ? j : j0);
+  const T* v_row = row_ptr<T>(a.v, a.v_stride, b, kv_head, active ? j : j0);
+  for (int d = lane; d < D; d += 32) {
+    k_s[warp][d] = active ? to_float(k_row[d]) * scale2 : 0.f;
+    v_s[warp][d] = active ? to_float(v_row[d]) : 0.f;
+  }
+
+  float dk[PER_LANE] = {}, dv[PER_LANE] = {};
+  const int first_query = max(0, j0 - offset);  // the first query that sees key j0
+  for (int g = 0; g < group; ++g) {
+    const int h = kv_head * group + g;
+    const float* lse = a.lse + (int64_t(b) * s.heads + h) * s.t_q;
+    const float* delta = a.delta + (int64_t(b) * s.heads + h) * s.t_q;
+    for (int i0 = first_query; i0 < s.t_q; i0 += kTile) {
+      __syncthreads();
+      stage_rows<T, D>(q_s, a.q, a.q_stride, b, h, i0, s.t_q);
+      stage_rows<T, D>(do_s, a.dout, a.dout_stride, b, h, i0, s.t_q);
+      if (threadIdx.x < kTile) {
+        const bool in = i0 + threadIdx.x < s.t_q;
+        lse_s[threadIdx.x] = in ? lse[i0 + threadIdx.x] * kLog2e : 0.f;
+        delta_s[threadIdx.x] = in ? delta[i0 + threadIdx.x] : 0.f;
+      }
+      __syncthreads();
+      const int last_query = min(s.t_q - 1, i0 + kTile - 1);
+      if (!active || last_query + offset < j) continue;  // no query of the tile sees key j
+      const int query = i0 + lane;
+      float p = 0.f, ds = 0.f;
+      if (query < s.t_q && j <= query + offset) {
+        float score = 0.f, dp = 0.f;
+#pragma unroll 8
+        for (int d = 0; d < D; ++d) {
+          score += q_s[lane][d] * k_s[warp][d];
+          dp += do_s[lane][d] * v_s[warp][d];
+        }
+        p = exp2f(score - lse_s[lane]);
+        ds = p * (dp - delta_s[lane]);
+      }
+      const int queries = last_query - i0 + 1;
+      for (int x = 0; x < queries; ++x) {
+        const float px = __shfl_sync(0xffffffffu, p, x), dsx = __shfl_sync(0xffffffffu, ds, x);
+#pragma unroll
+        for (int i = 0; i < PER_LANE; ++i) {
+          dv[i] += px * do_s[x][lane + 32 * i];
+          dk[i] += dsx * q_s[x][lane + 32 * i];
+        }
+      }
+    }
+  }
+  if (!active) return;
+  const int64_t row = (int64_t(b) * s.kv_heads + kv_head) * s.t_k + j;
+  T* dk_out = static_cast<T*>(a.dk) + row * D;
+  T* dv_out = static_cast<T*>(a.dv) + row * D;
+#pragma unroll
+  for (int i = 0; i < PER_LANE; ++i) {
+    dk_out[lane + 32 * i] = from_float<T>(dk[i] * a.scale);
+    dv_out[lane + 32 * i] = from_float<T>(dv[i]);
+  }
+}
+
+int row_blocks(const AttentionShape& s) {
+  return (s.heads / s.kv_heads * s.t_q + kWarps - 1) / kWarps;
+}
+
+}  // namespace
+
+template <typename T, int D>
+void forward_simt(const AttentionForward& a, cudaStream_t stream) {
+  const AttentionShape& s = a.shape;
+  // Whole 32-key tiles per range; splits was chosen so that every range holds keys.
+  const int chunk = ((s.t_k + a.splits - 1) / a.splits + kTile - 1) / kTile * kTile;
+  const dim3 grid(row_blocks(s), s.batch * s.kv_heads, a.splits);
+  forward_kernel<T, D><<<grid, kThreads, 0, stream>>>(a, chunk);
+  if (a.splits > 1) {
+    const int64_t rows = int64_t(s.batch) * s.heads * s.t_q;
+    combine_kernel<T, D><<<unsigned((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(a);
+  }
+}
+
+template <typename T, int D>
+void backward_delta(const AttentionBackward& a, cudaStream_t stream) {
+  const int64_t rows = int64_t(a.shape.batch) * a.shape.heads * a.shape.t_q;
+  delta_kernel<T, D><<<unsigned((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(a);
+}
+
+template <typename T, int D>
+void backward_simt(const AttentionBackward& a, cudaStream_t stream) {
+  const AttentionShape& s = a.shape;
+  dq_kernel<T, D><<<dim3(row_blocks(s), s.batch * s.kv_heads), kThreads, 0, stream>>>(a);
+  dkv_kernel<T, D><<<dim3((s.t_k + kWarps - 1) / kWarps, s.batch * s.kv_heads), kThreads, 0, stream>>>(a);
+}
+
+int forward_simt_splits(const AttentionShape& s, int sm_count) {
+  // Enough blocks for two waves, each range at least 256 keys, at most 128 ranges.
+  const int64_t blocks = int64_t(row_blocks(s)) * s.batch * s.kv_heads;
+  const int64_t wanted = (2 * int64_t(sm_count) + blocks - 1) / blocks;
+  const int64_t most = (s.t_k + 255) / 256;
+  int splits = int(std::min<int64_t>(std::min<int64_t>(wanted, most), 128));
+  if (splits <= 1) return 1;
+  // Every range must be non-empty after rounding its length up to whole tiles.
+  const int chunk = ((s.t_k + splits - 1) / splits + kTile - 1) / kTile * kTile;
+  return (s.t_k + chunk - 1) / chunk;
+}
+
+#define SCRATCHFORMER_SIMT(T, D)                                                  \
+  template void forward_simt<T, D>(const AttentionForward&, cudaStream_t);        \
+  template void backward_delta<T, D>(const AttentionBackward&, cudaStream_t);     \
+  template void backward_simt<T, D>(const AttentionBackward&, cudaStream_t);
+SCRATCHFORMER_FOR_EACH_ATTENTION_TYPE(SCRATCHFORMER_SIMT)
+
+}  // namespace scratchformer
