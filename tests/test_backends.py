@@ -67,11 +67,18 @@ def test_per_call_backend_overrides_the_default(monkeypatch):
 
 
 def test_forcing_fused_without_a_kernel_names_the_reason():
+    with pytest.raises(ops.FusedUnavailableError, match="rotary: backend 'fused' cannot run: this build has no fused rotary kernel"):
+        backend_module.choose("rotary", "fused", qkv())
+    assert backend_module.choose("rotary", "auto", qkv()) == "reference"
+
+
+def test_forcing_fused_attention_on_cpu_tensors_names_the_reason():
+    reason = "run on CUDA tensors, got cpu" if _extensions.cuda_archs else "built without CUDA kernels"
     call = lambda: ops.causal_attention(*qkv(), backend="fused")  # noqa: E731
-    with pytest.raises(ops.FusedUnavailableError, match="causal_attention: backend 'fused' cannot run: this build has no fused causal_attention kernel"):
+    with pytest.raises(ops.FusedUnavailableError, match=f"causal_attention: backend 'fused' cannot run: .*{reason}"):
         call()
     ops.set_backend("fused")  # the process-wide default is held to the same rule
-    with pytest.raises(ops.FusedUnavailableError):
+    with pytest.raises(ops.FusedUnavailableError, match=reason):
         call()
 
 

@@ -157,23 +157,28 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(Tensor dy, Tensor x, Tensor we
 
 scratchformer::Strides strides_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
-// A [B, H, T, D] input: on x's device with its dtype, unit stride along D; for the tensor-core
-// path (16-bit types) the address and every stride a multiple of 16 bytes (cp.async).
-void check_attention_input(const char* op, const char* name, const Tensor& t, const Tensor& like) {
-  check_cuda(op, name, t, like);
+// A [B, H, T, D] input on q's device with q's dtype.
+void check_attention_input(const char* op, const char* name, const Tensor& t, const Tensor& q) {
+  check_cuda(op, name, t, q);
   STD_TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D [batch, heads, time, head_dim], got ", t.dim(),
                   " dimensions");
-  STD_TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-                  ", q has ", like.scalar_type(), "; they must match");
-  STD_TORCH_CHECK(t.stride(3) == 1, op, ": ", name, " must be contiguous along head_dim (call .contiguous())");
-  if (t.scalar_type() != ScalarType::Float) {
-    const int64_t bytes = t.element_size();
-    const bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) * bytes % 16 == 0 &&
-                         t.stride(1) * bytes % 16 == 0 && t.stride(2) * bytes % 16 == 0;
-    STD_TORCH_CHECK(aligned, op, ": ", name,
-                    " must start at a 16-byte aligned address with strides that are multiples of 16 bytes "
-                    "(call .contiguous())");
-  }
+  STD_TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+                  ", q has ", q.scalar_type(), "; they must match");
+}
+
+// t as the kernels read it: unit stride along head_dim and, for the tensor-core path (16-bit
+// types, cp.async), a 16-byte aligned address and strides. Copied only when it is not already.
+Tensor kernel_layout(Tensor t) {
+  auto ok = [](const Tensor& x) {
+    if (x.stride(3) != 1 && x.size(3) > 1) return false;
+    if (x.scalar_type() == ScalarType::Float) return true;
+    const int64_t bytes = int64_t(x.element_size());
+    return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && x.stride(0) * bytes % 16 == 0 &&
+           x.stride(1) * bytes % 16 == 0 && x.stride(2) * bytes % 16 == 0;
+  };
+  if (!ok(t)) t = torch::stable::contiguous(t);
+  if (!ok(t)) t = torch::stable::clone(t);  // contiguous but misaligned (a view at an odd offset)
+  return t;
 }
 
 scratchformer::AttentionShape attention_shape(const char* op, const Tensor& q, const Tensor& k, const Tensor& v) {
@@ -201,6 +206,9 @@ scratchformer::AttentionShape attention_shape(const char* op, const Tensor& q, c
 std::tuple<Tensor, Tensor> attention_fwd(Tensor q, Tensor k, Tensor v, double scale) {
   const char* op = "scratchformer::attention_fwd";
   const auto shape = attention_shape(op, q, k, v);
+  q = kernel_layout(q);
+  k = kernel_layout(k);
+  v = kernel_layout(v);
   torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
   const int64_t rows = int64_t(shape.batch) * shape.heads * shape.t_q;
   Tensor out = torch::stable::new_empty(q, {shape.batch, shape.heads, shape.t_q, shape.head_dim});
@@ -238,6 +246,10 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(Tensor dout, Tensor q, Tensor k
   for (int d = 0; d < 4; ++d)
     STD_TORCH_CHECK(dout.size(d) == q.size(d) && out.size(d) == q.size(d), op, ": dout and out must have q's shape");
   STD_TORCH_CHECK(out.is_contiguous(), op, ": out must be contiguous (the forward's output)");
+  q = kernel_layout(q);
+  k = kernel_layout(k);
+  v = kernel_layout(v);
+  dout = kernel_layout(dout);
   check_cuda(op, "lse", lse, q);
   STD_TORCH_CHECK(lse.scalar_type() == ScalarType::Float && lse.dim() == 3 && lse.size(0) == shape.batch &&
                       lse.size(1) == shape.heads && lse.size(2) == shape.t_q && lse.is_contiguous(),

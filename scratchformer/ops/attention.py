@@ -1,12 +1,21 @@
-"""causal_attention: the model's attention op, on the backend of your choice."""
+"""causal_attention: the model's attention op, on the backend of your choice.
+
+The fused backend is `torch.ops.scratchformer.attention_fwd` / `attention_bwd`
+(csrc/kernels/attention_*.cu), given fake implementations and autograd here so that
+`torch.compile(fullgraph=True)` traces through it.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .. import _extensions
 from . import reference
 from .backend import choose
+
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FUSED_HEAD_DIMS = (32, 64, 96, 128)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -35,6 +44,17 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
 
 
+def _fused_reason(q: torch.Tensor) -> str | None:
+    """Why the kernel cannot take these inputs, or None."""
+    if q.dtype not in FUSED_DTYPES:
+        return f"the kernel takes float32, float16 or bfloat16, not {q.dtype}"
+    if q.shape[-1] not in FUSED_HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} is not one the kernel supports ({', '.join(map(str, FUSED_HEAD_DIMS))})"
+    if q.shape[0] * q.shape[1] > 65535:
+        return f"batch * heads = {q.shape[0] * q.shape[1]} is more than the kernel's grid takes (65535)"
+    return None
+
+
 def _torch_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
     t_q, t_k = q.shape[-2], k.shape[-2]
     gqa = q.shape[1] != k.shape[1]
@@ -60,6 +80,43 @@ def causal_attention(
     `backend` picks the implementation for this call (default: `get_backend()`).
     """
     _check_inputs(q, k, v)
-    if choose("causal_attention", backend, (q, k, v)) == "torch":
+    which = choose("causal_attention", backend, (q, k, v), lambda: _fused_reason(q))
+    if which == "fused":
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        return torch.ops.scratchformer.attention_fwd(q, k, v, scale)[0]
+    if which == "torch":
         return _torch_sdpa(q, k, v, scale)
     return reference.causal_attention(q, k, v, scale)[0]
+
+
+# ---- registration of the compiled ops with torch.library --------------------------------------
+
+if _extensions.kernels is not None:
+
+    @torch.library.register_fake("scratchformer::attention_fwd")
+    def _fwd_fake(q, k, v, scale):
+        batch, heads, t_q, dim = q.shape
+        torch._check(k.shape == v.shape and k.shape[0] == batch and k.shape[3] == dim, lambda: "attention_fwd: bad k/v shape")
+        return q.new_empty((batch, heads, t_q, dim)), q.new_empty((batch, heads, t_q), dtype=torch.float32)
+
+    @torch.library.register_fake("scratchformer::attention_bwd")
+    def _bwd_fake(dout, q, k, v, out, lse, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        ctx.set_materialize_grads(False)
+
+    def _backward(ctx, dout, dlse):
+        if dlse is not None:
+            raise NotImplementedError("scratchformer::attention_fwd: no gradient through the log-sum-exp output")
+        if dout is None:
+            return None, None, None, None
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.scratchformer.attention_bwd(dout, q, k, v, out, lse, ctx.scale)
+        return dq, dk, dv, None
+
+    torch.library.register_autograd("scratchformer::attention_fwd", _backward, setup_context=_setup_context)
