@@ -28,7 +28,7 @@ step build env SCRATCHFORMER_CUDA=1 python -m pip install -v --no-build-isolatio
 step info python -c "import scratchformer; print(scratchformer.build_info())"
 step ptxas python tools/check_ptxas.py
 step cuda_tests python -m pytest -m cuda -v -p no:cacheprovider tests
-step train_curves python benchmarks/train_curves.py --steps 200 --backends auto,reference --out "$out"
+step train_curves python benchmarks/train_curves.py --steps 200 --backends fused,reference --out "$out"
 for bench in benchmarks/bench_*.py; do
   [ -e "$bench" ] || continue
   name=$(basename "$bench" .py)
