@@ -2,7 +2,8 @@
 //
 // Tiling (FlashAttention-2's forward). A block of 4 warps owns 64 queries of one head, 16 per
 // warp; its Q tile stays in registers as mma A fragments. It walks 64-key tiles of K and V
-// (cp.async into padded shared memory: 8 ldmatrix rows then fall in distinct banks) up to the
+// (cp.async into padded shared memory: 8 ldmatrix rows then fall in distinct banks; the next
+// K tile loads while this one's softmax and P V run) up to the
 // last key its last query sees, so causal masking halves the work. Per tile and warp:
 //   S = Q K^T            mma.sync m16n8k16, fp32 accumulators (16 x 64 scores)
 //   online softmax       running row max m and sum l in fp32, log2 domain, 4-lane shuffles
@@ -55,13 +56,15 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a
   float o[DTILES][4] = {};
   float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.f, 0.f};
 
+  // Loads overlap compute: V(j) lands while S(j) is computed, K(j+1) while softmax(j) and
+  // P(j) V(j) run. One buffer each suffices, with a barrier before each is refilled.
+  __syncthreads();  // every warp has its Q fragments: k_s may take K
+  load_tile_async<T, kBlockN, D, STRIDE, kThreads>(k_s, a.k, a.k_stride, b, kv_head, 0, key_end);
+  cp_async_commit();
   for (int n0 = 0; n0 < key_end; n0 += kBlockN) {
-    __syncthreads();  // every warp is done with k_s and v_s (the Q fragments, the first time)
-    load_tile_async<T, kBlockN, D, STRIDE, kThreads>(k_s, a.k, a.k_stride, b, kv_head, n0, key_end);
-    cp_async_commit();
     load_tile_async<T, kBlockN, D, STRIDE, kThreads>(v_s, a.v, a.v_stride, b, kv_head, n0, key_end);
     cp_async_commit();
-    cp_async_wait<1>();  // K has landed; V may still be in flight
+    cp_async_wait<1>();  // K(j) has landed; V(j) may still be in flight
     __syncthreads();
 
     float sc[NTILES][4] = {};
@@ -75,6 +78,11 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a
         mma_16816<T>(sc[nt + 1], q_frag[kk], kf[2], kf[3]);
       }
     }
+
+    __syncthreads();  // every warp is done with K(j): fetch K(j+1) (an empty group after the last tile)
+    if (n0 + kBlockN < key_end)
+      load_tile_async<T, kBlockN, D, STRIDE, kThreads>(k_s, a.k, a.k_stride, b, kv_head, n0 + kBlockN, key_end);
+    cp_async_commit();
 
     // Scale into log2 units; mask keys past the end or past a query's diagonal.
     const bool masked = n0 + kBlockN > key_end || n0 + kBlockN - 1 > m0 + offset;
@@ -112,7 +120,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a
       }
     }
 
-    cp_async_wait<0>();
+    cp_async_wait<1>();  // V(j) has landed; K(j+1) may still be in flight
     __syncthreads();
 #pragma unroll
     for (int ks = 0; ks < kBlockN / 16; ++ks) {
@@ -126,6 +134,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a
         mma_16816<T>(o[dt + 1], pa, vf[2], vf[3]);
       }
     }
+    __syncthreads();  // every warp is done with V(j): the next iteration refills v_s
   }
 
 #pragma unroll

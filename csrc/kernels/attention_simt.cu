@@ -28,13 +28,18 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kTile = 32;
 
 // Stage rows [t0, t0 + kTile) of head h (zeros past t_end) as fp32, D + 1 floats apart: lanes
-// reading one column of different rows then hit different banks.
+// reading one column of different rows then hit different banks. Global reads are 16 bytes wide
+// (the glue passes 16-byte aligned rows).
 template <typename T, int D>
 __device__ void stage_rows(float (*tile)[D + 1], const void* base, const Strides& s, int b, int h, int t0,
                            int t_end) {
-  for (int i = threadIdx.x; i < kTile * D; i += kThreads) {
-    const int r = i / D, d = i % D;
-    tile[r][d] = t0 + r < t_end ? to_float(row_ptr<T>(base, s, b, h, t0 + r)[d]) : 0.f;
+  constexpr int VEC = 16 / sizeof(T), CHUNKS = D / VEC;
+  for (int i = threadIdx.x; i < kTile * CHUNKS; i += kThreads) {
+    const int r = i / CHUNKS, d = i % CHUNKS * VEC;
+    float x[VEC] = {};
+    if (t0 + r < t_end) load_floats<true, VEC>(row_ptr<T>(base, s, b, h, t0 + r), d, D, x);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) tile[r][d + k] = x[k];
   }
 }
 
@@ -329,10 +334,11 @@ void backward_simt(const AttentionBackward& a, cudaStream_t stream) {
 }
 
 int forward_simt_splits(const AttentionShape& s, int sm_count) {
-  // Enough blocks for two waves, each range at least 256 keys, at most 128 ranges.
+  // About four blocks per SM (each streams its keys one 32-key tile at a time, so it takes
+  // several to keep the memory system busy), each range at least 128 keys, at most 128 ranges.
   const int64_t blocks = int64_t(row_blocks(s)) * s.batch * s.kv_heads;
-  const int64_t wanted = (2 * int64_t(sm_count) + blocks - 1) / blocks;
-  const int64_t most = (s.t_k + 255) / 256;
+  const int64_t wanted = (4 * int64_t(sm_count) + blocks - 1) / blocks;
+  const int64_t most = (s.t_k + 127) / 128;
   int splits = int(std::min<int64_t>(std::min<int64_t>(wanted, most), 128));
   if (splits <= 1) return 1;
   // Every range must be non-empty after rounding its length up to whole tiles.

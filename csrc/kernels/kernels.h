@@ -54,8 +54,8 @@ int layer_norm_backward_chunks(int64_t rows, int64_t C);
 
 // Causal attention (attention_*.cu). q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D]; Hq % Hkv == 0 and
 // query head h reads kv head h / (Hq / Hkv); 1 <= Tq <= Tk and query i sees keys j <= i + Tk - Tq.
-// Inputs have unit stride along D and the element strides below for the other dimensions;
-// outputs are contiguous. D is one of attention_head_dim_supported's.
+// Inputs have unit stride along D and the element strides below for the other dimensions, each
+// row 16-byte aligned; outputs are contiguous. D is one of attention_head_dim_supported's.
 struct Strides {
   int64_t batch, head, time;
 };

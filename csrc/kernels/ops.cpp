@@ -166,15 +166,15 @@ void check_attention_input(const char* op, const char* name, const Tensor& t, co
                   ", q has ", q.scalar_type(), "; they must match");
 }
 
-// t as the kernels read it: unit stride along head_dim and, for the tensor-core path (16-bit
-// types, cp.async), a 16-byte aligned address and strides. Copied only when it is not already.
+// t as the kernels read it: unit stride along head_dim, a 16-byte aligned address and strides
+// (the kernels read 16-byte vectors). Copied only when it is not already.
 Tensor kernel_layout(Tensor t) {
   auto ok = [](const Tensor& x) {
-    if (x.stride(3) != 1 && x.size(3) > 1) return false;
-    if (x.scalar_type() == ScalarType::Float) return true;
+    if (x.stride(3) != 1 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) return false;
     const int64_t bytes = int64_t(x.element_size());
-    return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && x.stride(0) * bytes % 16 == 0 &&
-           x.stride(1) * bytes % 16 == 0 && x.stride(2) * bytes % 16 == 0;
+    for (int d = 0; d < 3; ++d)  // the stride of a dimension of size 1 is never used
+      if (x.size(d) > 1 && x.stride(d) * bytes % 16 != 0) return false;
+    return true;
   };
   if (!ok(t)) t = torch::stable::contiguous(t);
   if (!ok(t)) t = torch::stable::clone(t);  // contiguous but misaligned (a view at an odd offset)
