@@ -1,0 +1,98 @@
+"""Build the attention kernels' CUDA source for the CPU emulator (tests/emulator) and call them.
+
+The `.cu` files are compiled by g++ as they are, with two mechanical rewrites: the `<<<grid,
+block, shared, stream>>>` launches become `emu::launch(...)` calls and the dynamic shared memory
+declaration becomes a pointer to the emulator's buffer; `tensor_core.cuh` (mma.sync, ldmatrix,
+cp.async) is replaced by tests/emulator/tensor_core.cuh. Everything else, the index arithmetic,
+masking, online softmax, barriers and the launchers' dispatch, is the code that runs on a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNELS = ROOT / "csrc" / "kernels"
+EMULATOR = Path(__file__).resolve().parent / "emulator"
+SOURCES = ["attention_fwd.cu", "attention_bwd.cu", "attention_simt.cu"]
+HEADERS = ["attention.cuh", "attention_launch.cuh", "common.cuh", "kernels.h"]
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+LAUNCH = re.compile(r"(\w+<[^<>;]*>)<<<(.*?)>>>\((.*?)\);")
+DYNAMIC_SHARED = "extern __shared__ __align__(16) unsigned char smem[];"
+
+
+def build(work: Path) -> Path:
+    """Compile the emulated kernels into work/libattention_emulated.so."""
+    src = work / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    for name in HEADERS:
+        shutil.copy(KERNELS / name, src / name)
+    shutil.copy(EMULATOR / "tensor_core.cuh", src / "tensor_core.cuh")
+    sources = []
+    for name in SOURCES:
+        text = (KERNELS / name).read_text()
+        text, launches = LAUNCH.subn(r"emu::launch(\1, \2, \3);", text)
+        assert launches, f"no kernel launch found in {name}"
+        text = text.replace(DYNAMIC_SHARED, "unsigned char* smem = emu::dynamic_smem();")
+        path = src / (Path(name).stem + ".cpp")
+        path.write_text(text)
+        sources.append(str(path))
+    library = work / "libattention_emulated.so"
+    cmd = ["g++", "-std=c++17", "-O1", "-fPIC", "-shared", "-fno-strict-aliasing", "-I", str(src), "-I", str(EMULATOR),
+           *sources, str(EMULATOR / "harness.cpp"), "-o", str(library)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"building the emulated kernels failed:\n{result.stderr[-8000:]}")
+    return library
+
+
+class EmulatedKernels:
+    """scratchformer's attention launchers, run on the CPU emulator with torch CPU tensors."""
+
+    def __init__(self, library: Path):
+        self.lib = ctypes.CDLL(str(library))
+        self.lib.emulated_attention_forward.restype = ctypes.c_char_p
+        self.lib.emulated_attention_backward.restype = ctypes.c_char_p
+
+    @staticmethod
+    def _ints(values, kind=ctypes.c_longlong):
+        return (kind * len(values))(*values)
+
+    @staticmethod
+    def _shape(q, k):
+        batch, heads, t_q, dim = q.shape
+        return (ctypes.c_int * 6)(batch, heads, k.shape[1], t_q, k.shape[2], dim)
+
+    def _args(self, t):
+        assert t.stride(-1) == 1
+        return ctypes.c_void_p(t.data_ptr()), self._ints(t.stride()[:3])
+
+    def forward(self, q, k, v, scale, sm_count=8):
+        """(out, lse, splits): splits is how many key ranges the launcher chose."""
+        out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+        lse = torch.full(q.shape[:3], float("nan"))
+        splits = ctypes.c_int()
+        err = self.lib.emulated_attention_forward(
+            DTYPES[q.dtype], self._shape(q, k), sm_count, *self._args(q), *self._args(k), *self._args(v),
+            ctypes.c_float(scale), ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(lse.data_ptr()), ctypes.byref(splits))
+        assert err is None, err.decode()
+        return out, lse, splits.value
+
+    def backward(self, dout, q, k, v, out, lse, scale):
+        """(dq, dk, dv)."""
+        out, lse = out.contiguous(), lse.contiguous()
+        dq = torch.full(q.shape, float("nan"), dtype=q.dtype)
+        dk = torch.full(k.shape, float("nan"), dtype=k.dtype)
+        dv = torch.full(k.shape, float("nan"), dtype=k.dtype)
+        err = self.lib.emulated_attention_backward(
+            DTYPES[q.dtype], self._shape(q, k), *self._args(q), *self._args(k), *self._args(v), *self._args(dout),
+            ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(lse.data_ptr()), ctypes.c_float(scale),
+            ctypes.c_void_p(dq.data_ptr()), ctypes.c_void_p(dk.data_ptr()), ctypes.c_void_p(dv.data_ptr()))
+        assert err is None, err.decode()
+        return dq, dk, dv

@@ -1,0 +1,275 @@
+// A CPU stand-in for the parts of CUDA the attention kernels use, so their own source runs
+// without a GPU (tests/test_attention_emulated.py). Every thread of a block is a fiber
+// (ucontext) on one OS thread; a fiber runs until it waits at a barrier, then the next one runs.
+// __syncthreads is a block barrier, and warp-wide operations (shuffles, ldmatrix, mma) exchange
+// values through a per-warp buffer between two warp barriers. Blocks run one after another.
+// cp.async copies are deferred until the issuing thread's cp.async.wait_group, so a kernel that
+// reads shared memory before waiting sees stale data, as it could on a GPU.
+#pragma once
+
+#include <math.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+// ---- language ------------------------------------------------------------------------------
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static  // one copy shared by the block's fibers; blocks run one at a time
+#define __align__(n) __attribute__((aligned(n)))
+#define CUDART_VERSION 13000
+#define __CUDA_ARCH_LIST__ 800, 900
+
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+using cudaStream_t = void*;
+enum cudaError_t { cudaSuccess = 0 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount };
+
+namespace emu {
+
+inline dim3 thread_idx, block_idx, grid_dim, block_dim;
+inline int sm_count = 8;
+inline long dynamic_smem_limit = 48 * 1024;  // raised by cudaFuncSetAttribute, as on a GPU
+
+struct Fiber {
+  ucontext_t context;
+  std::vector<char> stack;
+  bool done = false;
+  // cp.async: committed groups and the open one, each a list of 16-byte copies.
+  struct Copy {
+    void* dst;
+    const void* src;
+    bool valid;
+  };
+  std::vector<std::vector<Copy>> groups;
+  std::vector<Copy> open;
+};
+
+inline std::vector<Fiber> fibers;
+inline ucontext_t scheduler;
+inline int current = 0;
+inline std::function<void()> body;
+inline long progress = 0;  // barrier releases and exits: a round without any is a deadlock
+inline int block_arrived = 0, block_alive = 0;
+inline long block_generation = 0;
+inline int warp_arrived[32], warp_alive[32];
+inline long warp_generation[32];
+alignas(16) inline unsigned char warp_exchange[32][32][64];
+inline std::vector<unsigned char> dynamic_smem_buffer;
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "emulator: %s (block %u,%u,%u thread %u)\n", what, block_idx.x, block_idx.y, block_idx.z,
+               thread_idx.x);
+  std::abort();
+}
+
+inline void yield() { swapcontext(&fibers[current].context, &scheduler); }
+
+inline void block_barrier() {
+  const long target = block_generation + 1;
+  if (++block_arrived == block_alive) {
+    block_arrived = 0;
+    ++block_generation;
+    ++progress;
+    return;
+  }
+  while (block_generation < target) yield();
+}
+
+inline void warp_barrier() {
+  const int w = thread_idx.x / 32;
+  const long target = warp_generation[w] + 1;
+  if (++warp_arrived[w] == warp_alive[w]) {
+    warp_arrived[w] = 0;
+    ++warp_generation[w];
+    ++progress;
+    return;
+  }
+  while (warp_generation[w] < target) yield();
+}
+
+// Every lane of the warp contributes `mine`; returns all 32 contributions, by lane.
+template <typename V>
+std::vector<V> warp_all(const V& mine) {
+  static_assert(sizeof(V) <= 64, "exchange slot too small");
+  const int w = thread_idx.x / 32, lane = thread_idx.x % 32;
+  std::memcpy(warp_exchange[w][lane], &mine, sizeof(V));
+  warp_barrier();
+  if (warp_alive[w] != 32) fail("a warp-wide operation with exited lanes");
+  std::vector<V> all(32);
+  for (int l = 0; l < 32; ++l) std::memcpy(&all[l], warp_exchange[w][l], sizeof(V));
+  warp_barrier();  // every lane has read before the slots are reused
+  return all;
+}
+
+inline void trampoline() {
+  body();
+  Fiber& f = fibers[current];
+  f.done = true;
+  const int w = thread_idx.x / 32;
+  --block_alive;
+  --warp_alive[w];
+  ++progress;
+  // Threads that exit no longer hold back the barriers the others wait at.
+  if (block_arrived > 0 && block_arrived == block_alive) {
+    block_arrived = 0;
+    ++block_generation;
+  }
+  if (warp_arrived[w] > 0 && warp_arrived[w] == warp_alive[w]) {
+    warp_arrived[w] = 0;
+    ++warp_generation[w];
+  }
+  swapcontext(&f.context, &scheduler);
+}
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem, cudaStream_t, Args&&... args) {
+  if (block.y != 1 || block.z != 1 || block.x % 32 || block.x > 1024) fail("unsupported block shape");
+  if (long(smem) > dynamic_smem_limit) fail("dynamic shared memory above the limit set for the kernel");
+  grid_dim = grid;
+  block_dim = block;
+  dynamic_smem_buffer.assign(smem + 16, 0xff);  // NaN-like garbage, as uninitialised memory is
+  body = [&] { kernel(args...); };
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        block_idx = dim3(x, y, z);
+        fibers.resize(block.x);
+        block_arrived = 0;
+        block_alive = int(block.x);
+        for (int w = 0; w < int(block.x / 32); ++w) {
+          warp_arrived[w] = 0;
+          warp_alive[w] = 32;
+        }
+        for (unsigned t = 0; t < block.x; ++t) {
+          Fiber& f = fibers[t];
+          f.done = false;
+          f.groups.clear();
+          f.open.clear();
+          f.stack.resize(256 * 1024);
+          getcontext(&f.context);
+          f.context.uc_stack.ss_sp = f.stack.data();
+          f.context.uc_stack.ss_size = f.stack.size();
+          f.context.uc_link = nullptr;
+          makecontext(&f.context, trampoline, 0);
+        }
+        for (int remaining = int(block.x); remaining > 0;) {
+          const long before = progress;
+          remaining = 0;
+          for (unsigned t = 0; t < block.x; ++t) {
+            if (fibers[t].done) continue;
+            current = int(t);
+            thread_idx = dim3(t);
+            swapcontext(&scheduler, &fibers[t].context);
+            remaining += !fibers[t].done;
+          }
+          if (remaining > 0 && progress == before) fail("deadlock: threads wait at barriers that never complete");
+        }
+      }
+}
+
+inline unsigned char* dynamic_smem() {
+  return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(dynamic_smem_buffer.data()) + 15) & ~uintptr_t(15));
+}
+
+}  // namespace emu
+
+#define threadIdx emu::thread_idx
+#define blockIdx emu::block_idx
+#define gridDim emu::grid_dim
+#define blockDim emu::block_dim
+
+inline void __syncthreads() { emu::block_barrier(); }
+
+template <typename V>
+inline V __shfl_sync(unsigned, V v, int src) {
+  return emu::warp_all(v)[src & 31];
+}
+template <typename V>
+inline V __shfl_xor_sync(unsigned, V v, int mask) {
+  return emu::warp_all(v)[(threadIdx.x % 32) ^ mask];
+}
+
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t) { return "no error"; }
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
+  *value = emu::sm_count;
+  return cudaSuccess;
+}
+template <typename F>
+inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int bytes) {
+  emu::dynamic_smem_limit = bytes;
+  return cudaSuccess;
+}
+
+// ---- 16-bit floating point ---------------------------------------------------------------
+
+struct __half {
+  uint16_t bits;
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+struct __half2 {
+  __half x, y;
+};
+struct __nv_bfloat162 {
+  __nv_bfloat16 x, y;
+};
+
+inline float __half2float(__half h) {
+  _Float16 f;
+  std::memcpy(&f, &h.bits, 2);
+  return float(f);
+}
+inline __half __float2half_rn(float x) {
+  const _Float16 f = _Float16(x);  // round to nearest even
+  __half h;
+  std::memcpy(&h.bits, &f, 2);
+  return h;
+}
+inline float __bfloat162float(__nv_bfloat16 b) {
+  const uint32_t bits = uint32_t(b.bits) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  __nv_bfloat16 b;
+  if (std::isnan(x)) {
+    b.bits = 0x7fc0;
+  } else {
+    bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even
+    b.bits = uint16_t(bits >> 16);
+  }
+  return b;
+}
+inline __half2 __floats2half2_rn(float lo, float hi) { return {__float2half_rn(lo), __float2half_rn(hi)}; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
+  return {__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)};
+}

@@ -1,0 +1,118 @@
+"""The attention kernels' own CUDA source, run on the CPU emulator (tests/emulator), against the
+float64 reference: the flash-attention rule of the GPU tests (error at most twice the reference's
+in the same precision, plus a small floor) for the output, the log-sum-exp, dq, dk and dv.
+
+This checks the kernels' logic everywhere the tests run: tiling and its edges, masking, the
+online softmax, GQA indexing, split-key decoding, the backward's recomputation, and that every
+read of shared memory follows the barrier and the cp.async wait it needs. It cannot check what
+only hardware shows (speed, and the PTX fragment layouts, which emulator and kernels both take
+from the PTX ISA): the `cuda` tests in test_attention_kernel.py do that on a GPU.
+"""
+
+import shutil
+
+import pytest
+import torch
+
+from emulated_kernels import EmulatedKernels, build
+from scratchformer.ops import reference
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the emulated kernels")
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    return EmulatedKernels(build(tmp_path_factory.mktemp("emulated")))
+
+
+def make_inputs(batch, heads, kv_heads, t_q, t_k, dim, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed * 7919 + batch * 1009 + t_q * 101 + t_k * 7 + dim + kv_heads)
+    q = torch.randn(batch, heads, t_q, dim, generator=g).to(dtype)
+    k = torch.randn(batch, kv_heads, t_k, dim, generator=g).to(dtype)
+    v = torch.randn(batch, kv_heads, t_k, dim, generator=g).to(dtype)
+    dout = torch.randn(batch, heads, t_q, dim, generator=g).to(dtype)
+    return q, k, v, dout
+
+
+def reference_run(q, k, v, dout, dtype):
+    leaves = [t.to(dtype).clone().requires_grad_() for t in (q, k, v)]
+    out, lse = reference.causal_attention(*leaves, q.shape[-1] ** -0.5)
+    out.backward(dout.to(dtype))
+    return [out.detach(), lse.detach()] + [t.grad for t in leaves]
+
+
+def emulated_run(kernels, q, k, v, dout):
+    scale = q.shape[-1] ** -0.5
+    out, lse, splits = kernels.forward(q, k, v, scale)
+    return [out, lse, *kernels.backward(dout, q, k, v, out, lse, scale)], splits
+
+
+def assert_within_twice_the_reference(got, low, truth):
+    for name, g, l, t in zip(["out", "lse", "dq", "dk", "dv"], got, low, truth):
+        assert torch.isfinite(g).all(), f"{name}: not finite (an element was never written?)"
+        err = (g.double() - t).abs().max().item()
+        err_ref = (l.double() - t).abs().max().item()
+        floor = 1e-4 * (1 + t.abs().max().item())
+        assert err <= 2 * err_ref + floor, f"{name}: kernel error {err:.3g} > 2 x reference {err_ref:.3g} + {floor:.2g}"
+
+
+CASES = [
+    # (batch, heads, kv_heads, t_q, t_k, dim, dtype): the tensor-core path takes 16-bit types with
+    # more than 16 queries, the split-key path up to 16 queries, the CUDA-core path float32.
+    (1, 2, 2, 17, 17, 64, torch.bfloat16),
+    (1, 4, 1, 130, 130, 64, torch.float16),
+    (1, 2, 1, 100, 333, 128, torch.bfloat16),
+    (2, 4, 2, 65, 65, 32, torch.float16),
+    (1, 2, 2, 70, 200, 96, torch.bfloat16),
+    (2, 4, 2, 1, 1, 64, torch.bfloat16),
+    (1, 4, 1, 1, 700, 128, torch.float16),
+    (2, 4, 4, 5, 300, 64, torch.bfloat16),
+    (1, 4, 2, 16, 257, 32, torch.float32),
+    (1, 2, 1, 40, 90, 64, torch.float32),
+    (1, 2, 2, 33, 33, 128, torch.float32),
+]
+
+
+def case_id(case):
+    batch, heads, kv_heads, t_q, t_k, dim, dtype = case
+    return f"B{batch}-H{heads}/{kv_heads}-T{t_q}x{t_k}-D{dim}-{str(dtype).split('.')[-1]}"
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, t_q, t_k, dim, dtype", CASES, ids=map(case_id, CASES))
+def test_emulated_kernels_against_float64(kernels, batch, heads, kv_heads, t_q, t_k, dim, dtype):
+    q, k, v, dout = make_inputs(batch, heads, kv_heads, t_q, t_k, dim, dtype)
+    got, splits = emulated_run(kernels, q, k, v, dout)
+    if t_q == 1 and t_k >= 256:
+        assert splits > 1, "decoding against a long cache should split the keys"
+    assert_within_twice_the_reference(got, reference_run(q, k, v, dout, dtype), reference_run(q, k, v, dout, torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_kernels_read_strided_inputs_in_place(kernels, dtype):
+    """q/k/v as the model makes them: transposed views of one projection, rows 3*H*D apart."""
+    batch, t, heads, dim = 1, 40, 2, 64
+    x = torch.randn(batch, t, 3, heads, dim).to(dtype)
+    q, k, v = x.permute(2, 0, 3, 1, 4)
+    dout = torch.randn(batch, heads, t, dim).to(dtype)
+    assert not q.is_contiguous()
+    got, _ = emulated_run(kernels, q, k, v, dout)
+    contiguous, _ = emulated_run(kernels, q.contiguous(), k.contiguous(), v.contiguous(), dout)
+    for a, b in zip(got, contiguous):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype, t_q, t_k", [(torch.bfloat16, 80, 80), (torch.float32, 50, 60), (torch.bfloat16, 3, 400)])
+def test_emulated_perturbing_a_key_never_reaches_the_queries_that_cannot_see_it(kernels, dtype, t_q, t_k):
+    q, k, v, dout = make_inputs(1, 2, 1, t_q, t_k, 64, dtype)
+    offset = t_k - t_q
+    j = t_k - t_q // 2 - 1
+    before, _ = emulated_run(kernels, q, k, v, dout)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, j] += 1.0
+    v2[:, :, j] -= 2.0
+    after, _ = emulated_run(kernels, q, k2, v2, dout)
+    blind = torch.arange(t_q) + offset < j
+    assert blind.any() and (~blind).any()
+    for name, x, y in [("out", before[0], after[0]), ("dq", before[2], after[2])]:
+        assert torch.equal(x[:, :, blind], y[:, :, blind]), f"{name} of queries that cannot see key {j} changed"
+        assert not torch.equal(x[:, :, ~blind], y[:, :, ~blind]), f"{name} of queries that see key {j} did not change"
