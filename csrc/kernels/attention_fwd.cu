@@ -1,10 +1,11 @@
 // Causal attention forward on tensor cores (fp16, bf16), and the forward's dispatch.
 //
-// Tiling (FlashAttention-2's forward). A block of 4 warps owns 64 queries of one head, 16 per
-// warp; its Q tile stays in registers as mma A fragments. It walks 64-key tiles of K and V
-// (cp.async into padded shared memory: 8 ldmatrix rows then fall in distinct banks; the next
-// K tile loads while this one's softmax and P V run) up to the
-// last key its last query sees, so causal masking halves the work. Per tile and warp:
+// Tiling (FlashAttention-2's forward). A block of 8 warps owns 128 queries of one head, 16 per
+// warp; its Q tile stays in registers as mma A fragments. (Each K/V tile read from L2 serves 128
+// queries: with 64 the loads, at about 32 FLOP per byte, would bound the speed before the
+// tensor cores.) It walks 64-key tiles of K and V (cp.async into padded shared memory: 8
+// ldmatrix rows then fall in distinct banks; the next K tile loads while this one's softmax and
+// P V run) up to the last key its last query sees, so causal masking halves the work. Per tile and warp:
 //   S = Q K^T            mma.sync m16n8k16, fp32 accumulators (16 x 64 scores)
 //   online softmax       running row max m and sum l in fp32, log2 domain, 4-lane shuffles
 //   O = O * alpha + P V  P goes from C to A fragments in registers (see attention.cuh)
@@ -21,16 +22,19 @@
 namespace scratchformer {
 namespace {
 
-constexpr int kBlockM = 64;  // queries per block, 16 per warp
-constexpr int kBlockN = 64;  // keys per tile
-constexpr int kThreads = 128;
+constexpr int kWarps = 8;
+constexpr int kBlockM = 16 * kWarps;  // queries per block, 16 per warp
+constexpr int kBlockN = 64;           // keys per tile
+constexpr int kThreads = 32 * kWarps;
+static_assert(kBlockM == 2 * kBlockN, "the Q tile is staged through the K and V buffers");
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a) {
   constexpr int STRIDE = D + 8;  // elements per shared row
   constexpr int KSLABS = D / 16, DTILES = D / 8, NTILES = kBlockN / 8;
-  __shared__ __align__(16) T k_s[kBlockN * STRIDE];
-  __shared__ __align__(16) T v_s[kBlockN * STRIDE];
+  __shared__ __align__(16) T kv_s[2 * kBlockN * STRIDE];
+  T* k_s = kv_s;
+  T* v_s = kv_s + kBlockN * STRIDE;
 
   const AttentionShape& s = a.shape;
   const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;
@@ -41,15 +45,15 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a
   const int offset = s.t_k - s.t_q;
   const int query0 = m0 + warp * 16 + g;  // this thread's rows: query0 and query0 + 8
 
-  // The Q tile, staged through k_s, into A fragments.
-  load_tile_async<T, kBlockM, D, STRIDE, kThreads>(k_s, a.q, a.q_stride, b, h, m0, s.t_q);
+  // The Q tile, staged through k_s and v_s, into A fragments.
+  load_tile_async<T, kBlockM, D, STRIDE, kThreads>(kv_s, a.q, a.q_stride, b, h, m0, s.t_q);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
   uint32_t q_frag[KSLABS][4];
 #pragma unroll
   for (int kk = 0; kk < KSLABS; ++kk)
-    ldmatrix_x4(q_frag[kk], &k_s[(warp * 16 + lane % 16) * STRIDE + kk * 16 + (lane / 16) * 8]);
+    ldmatrix_x4(q_frag[kk], &kv_s[(warp * 16 + lane % 16) * STRIDE + kk * 16 + (lane / 16) * 8]);
 
   const float scale2 = a.scale * kLog2e;
   const int key_end = min(s.t_k, min(m0 + kBlockM, s.t_q) + offset);  // past the last query's last key
@@ -58,7 +62,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a
 
   // Loads overlap compute: V(j) lands while S(j) is computed, K(j+1) while softmax(j) and
   // P(j) V(j) run. One buffer each suffices, with a barrier before each is refilled.
-  __syncthreads();  // every warp has its Q fragments: k_s may take K
+  __syncthreads();  // every warp has its Q fragments: the buffers may take K and V
   load_tile_async<T, kBlockN, D, STRIDE, kThreads>(k_s, a.k, a.k_stride, b, kv_head, 0, key_end);
   cp_async_commit();
   for (int n0 = 0; n0 < key_end; n0 += kBlockN) {
