@@ -87,6 +87,23 @@ def test_emulated_kernels_against_float64(kernels, batch, heads, kv_heads, t_q, 
     assert_within_twice_the_reference(got, reference_run(q, k, v, dout, dtype), reference_run(q, k, v, dout, torch.float64))
 
 
+@pytest.mark.parametrize("dtype, t_q", [(torch.bfloat16, 70), (torch.float32, 20)])
+def test_emulated_gradient_through_the_log_sum_exp(kernels, dtype, t_q):
+    q, k, v, dout = make_inputs(1, 2, 1, t_q, t_q + 3, 64, dtype)
+    dlse = torch.randn(1, 2, t_q)
+    scale = 64**-0.5
+    out, lse, _ = kernels.forward(q, k, v, scale)
+    got = [out, lse, *kernels.backward(dout, q, k, v, out, lse, scale, dlse)]
+
+    def reference_with_lse(cast):
+        leaves = [cast(t).clone().requires_grad_() for t in (q, k, v)]
+        out, lse = reference.causal_attention(*leaves, scale)
+        ((out * cast(dout)).sum() + (lse * cast(dlse)).sum()).backward()
+        return [out.detach(), lse.detach()] + [t.grad for t in leaves]
+
+    assert_within_twice_the_reference(got, reference_with_lse(lambda t: t), reference_with_lse(lambda t: t.double()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_emulated_kernels_read_strided_inputs_in_place(kernels, dtype):
     """q/k/v as the model makes them: transposed views of one projection, rows 3*H*D apart."""

@@ -70,8 +70,9 @@ def test_fake_implementations_give_the_shapes_on_meta_tensors():
     out, lse = torch.ops.scratchformer.attention_fwd(q, k, k, 0.125)
     assert out.shape == q.shape and out.dtype == torch.bfloat16
     assert lse.shape == (2, 8, 5) and lse.dtype == torch.float32
-    dq, dk, dv = torch.ops.scratchformer.attention_bwd(out, q, k, k, out, lse, 0.125)
-    assert dq.shape == q.shape and dk.shape == dv.shape == k.shape and dk.dtype == torch.bfloat16
+    for dlse in (None, lse):
+        dq, dk, dv = torch.ops.scratchformer.attention_bwd(out, q, k, k, out, lse, dlse, 0.125)
+        assert dq.shape == q.shape and dk.shape == dv.shape == k.shape and dk.dtype == torch.bfloat16
 
 
 def test_what_the_kernel_refuses():
@@ -158,6 +159,24 @@ def test_perturbing_a_key_never_reaches_the_queries_that_cannot_see_it(t_q, t_k,
     for name, x, y in [("out", before[0], after[0]), ("dq", before[1], after[1])]:
         assert torch.equal(x[:, :, blind], y[:, :, blind]), f"{name} of queries that cannot see key {j} changed"
         assert not torch.equal(x[:, :, ~blind], y[:, :, ~blind]), f"{name} of queries that see key {j} did not change"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype, t_q", [(torch.bfloat16, 300), (torch.float32, 70)])
+def test_gradient_through_the_log_sum_exp(dtype, t_q):
+    """The op's second output is differentiable too: a gradient reaching lse joins the backward."""
+    q, k, v, dout = make_inputs(2, 4, 2, t_q, t_q + 5, 64, dtype)
+    dlse = torch.randn(2, 4, t_q, device="cuda")
+    results = {}
+    for name, cast in (("fused", lambda t: t), ("low", lambda t: t), ("truth", lambda t: t.double())):
+        leaves = [cast(t).clone().requires_grad_() for t in (q, k, v)]
+        if name == "fused":
+            out, lse = torch.ops.scratchformer.attention_fwd(*leaves, 64**-0.5)
+        else:
+            out, lse = reference.causal_attention(*leaves, 64**-0.5)
+        ((out * cast(dout)).sum() + (lse * cast(dlse)).sum()).backward()
+        results[name] = [out.detach(), lse.detach()] + [t.grad for t in leaves]
+    assert_within_twice_the_reference(results["fused"], results["low"], results["truth"], ("out", "lse", "dq", "dk", "dv"))
 
 
 @pytest.mark.cuda

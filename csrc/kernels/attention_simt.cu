@@ -148,7 +148,9 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(AttentionForward a
   if (lane == 0) a.lse[row] = m + logf(sum);
 }
 
-// delta = rowsum(dout * out), the softmax backward's correction term; a warp per row.
+// delta = rowsum(dout * out) - dlse, the softmax backward's correction term; a warp per row.
+// (A gradient g reaching lse_i = log sum_j exp(s_ij) adds g p_ij to ds_ij = p_ij (dp_ij - delta_i):
+// the same as lowering delta_i by g.)
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) delta_kernel(AttentionBackward a) {
   const AttentionShape& s = a.shape;
@@ -161,7 +163,7 @@ __global__ void __launch_bounds__(kThreads, 1) delta_kernel(AttentionBackward a)
   float acc = 0.f;
   for (int d = lane; d < D; d += 32) acc += to_float(dout[d]) * to_float(out[d]);
   acc = warp_sum(acc);
-  if (lane == 0) a.delta[row] = acc;
+  if (lane == 0) a.delta[row] = acc - (a.dlse != nullptr ? a.dlse[row] : 0.f);
 }
 
 // dq = scale * sum_j ds_ij k_j with ds_ij = p_ij (dout_i . v_j - delta_i); rows as in the forward.

@@ -87,8 +87,9 @@ struct AttentionBackward {
   Strides q_stride, k_stride, v_stride, dout_stride;
   const void* out;   // [B, Hq, Tq, D], the forward's output
   const float* lse;  // [B, Hq, Tq], the forward's log-sum-exp
+  const float* dlse; // [B, Hq, Tq], the gradient reaching the log-sum-exp, or nullptr
   float scale;
-  float* delta;      // scratch [B, Hq, Tq]: rowsum(dout * out)
+  float* delta;      // scratch [B, Hq, Tq]: rowsum(dout * out) - dlse
   void *dq, *dk, *dv;  // [B, Hq, Tq, D], [B, Hkv, Tk, D], [B, Hkv, Tk, D]
 };
 

@@ -238,7 +238,7 @@ std::tuple<Tensor, Tensor> attention_fwd(Tensor q, Tensor k, Tensor v, double sc
 }
 
 std::tuple<Tensor, Tensor, Tensor> attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
-                                                 double scale) {
+                                                 std::optional<Tensor> dlse, double scale) {
   const char* op = "scratchformer::attention_bwd";
   const auto shape = attention_shape(op, q, k, v);
   check_attention_input(op, "dout", dout, q);
@@ -254,6 +254,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(Tensor dout, Tensor q, Tensor k
   STD_TORCH_CHECK(lse.scalar_type() == ScalarType::Float && lse.dim() == 3 && lse.size(0) == shape.batch &&
                       lse.size(1) == shape.heads && lse.size(2) == shape.t_q && lse.is_contiguous(),
                   op, ": lse must be contiguous float32 [batch, heads, queries] (the forward's)");
+  if (dlse) {
+    check_cuda(op, "dlse", *dlse, q);
+    STD_TORCH_CHECK(dlse->scalar_type() == ScalarType::Float && dlse->dim() == 3 && dlse->size(0) == shape.batch &&
+                        dlse->size(1) == shape.heads && dlse->size(2) == shape.t_q && dlse->is_contiguous(),
+                    op, ": dlse must be contiguous float32 shaped like lse");
+  }
   torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
   Tensor dq = torch::stable::new_empty(q, {shape.batch, shape.heads, shape.t_q, shape.head_dim});
   Tensor dk = torch::stable::new_empty(q, {shape.batch, shape.kv_heads, shape.t_k, shape.head_dim});
@@ -272,6 +278,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(Tensor dout, Tensor q, Tensor k
   args.dout_stride = strides_of(dout);
   args.out = out.data_ptr();
   args.lse = static_cast<const float*>(lse.data_ptr());
+  args.dlse = dlse ? static_cast<const float*>(dlse->data_ptr()) : nullptr;
   args.scale = float(scale);
   args.delta = static_cast<float*>(delta.data_ptr());
   args.dq = dq.data_ptr();
@@ -291,7 +298,7 @@ STABLE_TORCH_LIBRARY(scratchformer, m) {
   m.def("layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, Tensor? residual, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor? grad_h) -> (Tensor, Tensor, Tensor)");
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
-  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 #ifdef SCRATCHFORMER_CUDA

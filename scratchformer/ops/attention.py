@@ -100,7 +100,7 @@ if _extensions.kernels is not None:
         return q.new_empty((batch, heads, t_q, dim)), q.new_empty((batch, heads, t_q), dtype=torch.float32)
 
     @torch.library.register_fake("scratchformer::attention_bwd")
-    def _bwd_fake(dout, q, k, v, out, lse, scale):
+    def _bwd_fake(dout, q, k, v, out, lse, dlse, scale):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def _setup_context(ctx, inputs, output):
@@ -111,12 +111,14 @@ if _extensions.kernels is not None:
         ctx.set_materialize_grads(False)
 
     def _backward(ctx, dout, dlse):
-        if dlse is not None:
-            raise NotImplementedError("scratchformer::attention_fwd: no gradient through the log-sum-exp output")
-        if dout is None:
+        if dout is None and dlse is None:
             return None, None, None, None
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.scratchformer.attention_bwd(dout, q, k, v, out, lse, ctx.scale)
+        if dout is None:
+            dout = torch.zeros_like(out)
+        if dlse is not None:
+            dlse = dlse.float().contiguous()
+        dq, dk, dv = torch.ops.scratchformer.attention_bwd(dout, q, k, v, out, lse, dlse, ctx.scale)
         return dq, dk, dv, None
 
     torch.library.register_autograd("scratchformer::attention_fwd", _backward, setup_context=_setup_context)

@@ -40,8 +40,8 @@ const char* emulated_attention_forward(int dtype, const int* shape, int sm_count
 const char* emulated_attention_backward(int dtype, const int* shape, const void* q, const long long* q_stride,
                                         const void* k, const long long* k_stride, const void* v,
                                         const long long* v_stride, const void* dout, const long long* dout_stride,
-                                        const void* out, const float* lse, float scale, void* dq, void* dk,
-                                        void* dv) {
+                                        const void* out, const float* lse, const float* dlse, float scale, void* dq,
+                                        void* dk, void* dv) {
   AttentionBackward a{};
   a.dtype = DType(dtype);
   a.shape = shape_of(shape);
@@ -50,6 +50,7 @@ const char* emulated_attention_backward(int dtype, const int* shape, const void*
   a.dout_stride = strides(dout_stride);
   a.out = out;
   a.lse = lse;
+  a.dlse = dlse;
   a.scale = scale;
   std::vector<float> delta((size_t)a.shape.batch * a.shape.heads * a.shape.t_q);
   a.delta = delta.data();
