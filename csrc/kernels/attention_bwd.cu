@@ -6,8 +6,9 @@
 // Two kernels, neither with atomics, so results are deterministic:
 // - dkv_kernel: a block of 4 warps owns 64 keys of one kv head (16 keys per warp, keys as the
 //   rows of every product). It walks 64- (D <= 64) or 32-query tiles of each query head of the
-//   kv group, from the first query that sees its first key, computing S^T = K Q^T and
-//   dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q; the group's sum is in its accumulators.
+//   kv group, from the first query that sees its first key (double-buffered: the next tile
+//   loads during this one), computing S^T = K Q^T and dP^T = V dO^T, then dV += P^T dO and
+//   dK += dS^T Q; the group's sum is in its accumulators.
 // - dq_kernel: a block owns 64 queries of one head (Q and dO tiles in registers as A
 //   fragments) and walks 64- or 32-key tiles up to its last visible key: S = Q K^T,
 //   dP = dO V^T, dQ += dS K.
@@ -31,8 +32,8 @@ constexpr int inner_tile() {  // the other side's tile: smaller for large D to s
 }
 
 template <typename T, int D>
-constexpr int dkv_shared_bytes() {
-  return (2 * kBlock + 2 * inner_tile<D>()) * (D + 8) * int(sizeof(T)) + 2 * inner_tile<D>() * int(sizeof(float));
+constexpr int dkv_shared_bytes() {  // K, V, and two buffers of (Q, dO, lse, delta)
+  return (2 * kBlock + 4 * inner_tile<D>()) * (D + 8) * int(sizeof(T)) + 4 * inner_tile<D>() * int(sizeof(float));
 }
 
 template <typename T, int D>
@@ -42,10 +43,10 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
   extern __shared__ __align__(16) unsigned char smem[];
   T* k_s = reinterpret_cast<T*>(smem);  // [kBlock][STRIDE]
   T* v_s = k_s + kBlock * STRIDE;       // [kBlock][STRIDE]
-  T* q_s = v_s + kBlock * STRIDE;       // [BM][STRIDE]
-  T* do_s = q_s + BM * STRIDE;          // [BM][STRIDE]
-  float* lse_s = reinterpret_cast<float*>(do_s + BM * STRIDE);  // [BM], log2 units
-  float* delta_s = lse_s + BM;                                  // [BM]
+  T* q_buf = v_s + kBlock * STRIDE;     // [2][BM][STRIDE]: the query tile and the next one
+  T* do_buf = q_buf + 2 * BM * STRIDE;  // [2][BM][STRIDE]
+  float* lse_buf = reinterpret_cast<float*>(do_buf + 2 * BM * STRIDE);  // [2][BM], log2 units
+  float* delta_buf = lse_buf + 2 * BM;                                  // [2][BM]
 
   const AttentionShape& s = a.shape;
   const int group = s.heads / s.kv_heads;
@@ -57,78 +58,90 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
   const int key0 = n0 + warp * 16 + g;  // this thread's rows: key0 and key0 + 8
   const float scale2 = a.scale * kLog2e;
 
+  // The query tiles: those from the first query that sees key n0 on, for each query head of
+  // the kv group. Tile `it + 1` loads into the other buffer while tile `it` is computed.
+  const int first_query = max(0, n0 - offset);
+  const int tiles_per_head = (s.t_q - first_query + BM - 1) / BM, tiles = group * tiles_per_head;
+  auto load_query_tile = [&](int it) {
+    const int h = kv_head * group + it / tiles_per_head, i0 = first_query + it % tiles_per_head * BM;
+    const int buf = it % 2;
+    load_tile_async<T, BM, D, STRIDE, kThreads>(q_buf + buf * BM * STRIDE, a.q, a.q_stride, b, h, i0, s.t_q);
+    load_tile_async<T, BM, D, STRIDE, kThreads>(do_buf + buf * BM * STRIDE, a.dout, a.dout_stride, b, h, i0, s.t_q);
+    if (threadIdx.x < BM) {
+      const int64_t row = (int64_t(b) * s.heads + h) * s.t_q + i0 + threadIdx.x;
+      const bool in = i0 + int(threadIdx.x) < s.t_q;
+      lse_buf[buf * BM + threadIdx.x] = in ? a.lse[row] * kLog2e : 0.f;
+      delta_buf[buf * BM + threadIdx.x] = in ? a.delta[row] : 0.f;
+    }
+  };
+
   load_tile_async<T, kBlock, D, STRIDE, kThreads>(k_s, a.k, a.k_stride, b, kv_head, n0, s.t_k);
   load_tile_async<T, kBlock, D, STRIDE, kThreads>(v_s, a.v, a.v_stride, b, kv_head, n0, s.t_k);
+  load_query_tile(0);
   cp_async_commit();
 
   float dk[DTILES][4] = {}, dv[DTILES][4] = {};
-  const int first_query = max(0, n0 - offset);  // the first query that sees key n0
-  for (int hg = 0; hg < group; ++hg) {
-    const int h = kv_head * group + hg;
-    const int64_t head_row = (int64_t(b) * s.heads + h) * s.t_q;
-    for (int i0 = first_query; i0 < s.t_q; i0 += BM) {
-      __syncthreads();  // every warp is done with the previous q_s, do_s
-      load_tile_async<T, BM, D, STRIDE, kThreads>(q_s, a.q, a.q_stride, b, h, i0, s.t_q);
-      load_tile_async<T, BM, D, STRIDE, kThreads>(do_s, a.dout, a.dout_stride, b, h, i0, s.t_q);
-      cp_async_commit();
-      if (threadIdx.x < BM) {
-        const bool in = i0 + int(threadIdx.x) < s.t_q;
-        lse_s[threadIdx.x] = in ? a.lse[head_row + i0 + threadIdx.x] * kLog2e : 0.f;
-        delta_s[threadIdx.x] = in ? a.delta[head_row + i0 + threadIdx.x] : 0.f;
-      }
-      cp_async_wait<0>();
-      __syncthreads();
+  for (int it = 0; it < tiles; ++it) {
+    __syncthreads();  // every warp is done with tile it - 1: its buffer may take tile it + 1
+    if (it + 1 < tiles) load_query_tile(it + 1);
+    cp_async_commit();  // (an empty group after the last tile)
+    cp_async_wait<1>();  // tile it (and K, V) have landed
+    __syncthreads();
+    const int i0 = first_query + it % tiles_per_head * BM;
+    const T* q_s = q_buf + it % 2 * BM * STRIDE;
+    const T* do_s = do_buf + it % 2 * BM * STRIDE;
+    const float* lse_s = lse_buf + it % 2 * BM;
+    const float* delta_s = delta_buf + it % 2 * BM;
 
-      // S^T = K Q^T and dP^T = V dO^T: 16 keys x BM queries per warp.
-      float st[QTILES][4] = {}, dpt[QTILES][4] = {};
+    // S^T = K Q^T and dP^T = V dO^T: 16 keys x BM queries per warp.
+    float st[QTILES][4] = {}, dpt[QTILES][4] = {};
 #pragma unroll
-      for (int kk = 0; kk < KSLABS; ++kk) {
-        uint32_t kf[4], vf[4];
-        ldmatrix_x4(kf, &k_s[(warp * 16 + lane % 16) * STRIDE + kk * 16 + (lane / 16) * 8]);
-        ldmatrix_x4(vf, &v_s[(warp * 16 + lane % 16) * STRIDE + kk * 16 + (lane / 16) * 8]);
+    for (int kk = 0; kk < KSLABS; ++kk) {
+      uint32_t kf[4], vf[4];
+      ldmatrix_x4(kf, &k_s[(warp * 16 + lane % 16) * STRIDE + kk * 16 + (lane / 16) * 8]);
+      ldmatrix_x4(vf, &v_s[(warp * 16 + lane % 16) * STRIDE + kk * 16 + (lane / 16) * 8]);
 #pragma unroll
-        for (int nt = 0; nt < QTILES; nt += 2) {
-          const int row = ((nt + mi / 2) * 8 + lane % 8) * STRIDE + kk * 16 + (mi % 2) * 8;
-          uint32_t qf[4], df[4];
-          ldmatrix_x4(qf, &q_s[row]);
-          ldmatrix_x4(df, &do_s[row]);
-          mma_16816<T>(st[nt], kf, qf[0], qf[1]);
-          mma_16816<T>(st[nt + 1], kf, qf[2], qf[3]);
-          mma_16816<T>(dpt[nt], vf, df[0], df[1]);
-          mma_16816<T>(dpt[nt + 1], vf, df[2], df[3]);
-        }
+      for (int nt = 0; nt < QTILES; nt += 2) {
+        const int row = ((nt + mi / 2) * 8 + lane % 8) * STRIDE + kk * 16 + (mi % 2) * 8;
+        uint32_t qf[4], df[4];
+        ldmatrix_x4(qf, &q_s[row]);
+        ldmatrix_x4(df, &do_s[row]);
+        mma_16816<T>(st[nt], kf, qf[0], qf[1]);
+        mma_16816<T>(st[nt + 1], kf, qf[2], qf[3]);
+        mma_16816<T>(dpt[nt], vf, df[0], df[1]);
+        mma_16816<T>(dpt[nt + 1], vf, df[2], df[3]);
       }
+    }
 
-      // P^T and dS^T, zero where the query does not see the key.
+    // P^T and dS^T, zero where the query does not see the key.
 #pragma unroll
-      for (int nt = 0; nt < QTILES; ++nt) {
+    for (int nt = 0; nt < QTILES; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = nt * 8 + 2 * c + (e & 1), query = i0 + col, key = key0 + (e >> 1) * 8;
-          const bool visible = query < s.t_q && key < s.t_k && key <= query + offset;
-          const float p = visible ? exp2f(st[nt][e] * scale2 - lse_s[col]) : 0.f;
-          st[nt][e] = p;
-          dpt[nt][e] = p * (dpt[nt][e] - delta_s[col]);
-        }
+      for (int e = 0; e < 4; ++e) {
+        const int col = nt * 8 + 2 * c + (e & 1), query = i0 + col, key = key0 + (e >> 1) * 8;
+        const bool visible = query < s.t_q && key < s.t_k && key <= query + offset;
+        const float p = visible ? exp2f(st[nt][e] * scale2 - lse_s[col]) : 0.f;
+        st[nt][e] = p;
+        dpt[nt][e] = p * (dpt[nt][e] - delta_s[col]);
       }
+    }
 
-      // dV += P^T dO and dK += dS^T Q.
+    // dV += P^T dO and dK += dS^T Q.
 #pragma unroll
-      for (int qs = 0; qs < BM / 16; ++qs) {
-        uint32_t pa[4], dsa[4];
-        c_to_a<T>(pa, st[2 * qs], st[2 * qs + 1]);
-        c_to_a<T>(dsa, dpt[2 * qs], dpt[2 * qs + 1]);
+    for (int qs = 0; qs < BM / 16; ++qs) {
+      uint32_t pa[4], dsa[4];
+      c_to_a<T>(pa, st[2 * qs], st[2 * qs + 1]);
+      c_to_a<T>(dsa, dpt[2 * qs], dpt[2 * qs + 1]);
 #pragma unroll
-        for (int dt = 0; dt < DTILES; dt += 2) {
-          const int row = (qs * 16 + (mi % 2) * 8 + lane % 8) * STRIDE + (dt + mi / 2) * 8;
-          uint32_t f[4];
-          ldmatrix_x4_trans(f, &do_s[row]);
-          mma_16816<T>(dv[dt], pa, f[0], f[1]);
-          mma_16816<T>(dv[dt + 1], pa, f[2], f[3]);
-          ldmatrix_x4_trans(f, &q_s[row]);
-          mma_16816<T>(dk[dt], dsa, f[0], f[1]);
-          mma_16816<T>(dk[dt + 1], dsa, f[2], f[3]);
-        }
+      for (int dt = 0; dt < DTILES; dt += 2) {
+        const int row = (qs * 16 + (mi % 2) * 8 + lane % 8) * STRIDE + (dt + mi / 2) * 8;
+        uint32_t f[4];
+        ldmatrix_x4_trans(f, &do_s[row]);
+        mma_16816<T>(dv[dt], pa, f[0], f[1]);
+        mma_16816<T>(dv[dt + 1], pa, f[2], f[3]);
+        ldmatrix_x4_trans(f, &q_s[row]);
+        mma_16816<T>(dk[dt], dsa, f[0], f[1]);
+        mma_16816<T>(dk[dt + 1], dsa, f[2], f[3]);
       }
     }
   }
