@@ -10,8 +10,8 @@
 //   loads during this one), computing S^T = K Q^T and dP^T = V dO^T, then dV += P^T dO and
 //   dK += dS^T Q; the group's sum is in its accumulators.
 // - dq_kernel: a block owns 64 queries of one head (Q and dO tiles in registers as A
-//   fragments) and walks 64- or 32-key tiles up to its last visible key: S = Q K^T,
-//   dP = dO V^T, dQ += dS K.
+//   fragments) and walks 64- or 32-key tiles up to its last visible key (double-buffered):
+//   S = Q K^T, dP = dO V^T, dQ += dS K.
 // Shared tiles are padded as in the forward; fragment layouts are in attention.cuh.
 #include <cuda_runtime.h>
 
@@ -166,8 +166,9 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
   constexpr int BN = inner_tile<D>();
   constexpr int STRIDE = D + 8, KSLABS = D / 16, DTILES = D / 8, NTILES = BN / 8;
-  __shared__ __align__(16) T k_s[kBlock * STRIDE];  // the Q tile, then K tiles of BN rows
-  __shared__ __align__(16) T v_s[kBlock * STRIDE];  // the dO tile, then V tiles
+  static_assert(4 * BN >= 2 * kBlock, "the Q and dO tiles are staged through the K/V buffers");
+  // Two buffers of (K tile, V tile): tile j + 1 loads while tile j is computed.
+  __shared__ __align__(16) T kv_s[4 * BN * STRIDE];
 
   const AttentionShape& s = a.shape;
   const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlock;  // longest rows first
@@ -179,8 +180,8 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
   const int query0 = m0 + warp * 16 + g;  // this thread's rows: query0 and query0 + 8
   const float scale2 = a.scale * kLog2e;
 
-  load_tile_async<T, kBlock, D, STRIDE, kThreads>(k_s, a.q, a.q_stride, b, h, m0, s.t_q);
-  load_tile_async<T, kBlock, D, STRIDE, kThreads>(v_s, a.dout, a.dout_stride, b, h, m0, s.t_q);
+  load_tile_async<T, kBlock, D, STRIDE, kThreads>(kv_s, a.q, a.q_stride, b, h, m0, s.t_q);
+  load_tile_async<T, kBlock, D, STRIDE, kThreads>(kv_s + kBlock * STRIDE, a.dout, a.dout_stride, b, h, m0, s.t_q);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -188,8 +189,8 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
 #pragma unroll
   for (int kk = 0; kk < KSLABS; ++kk) {
     const int row = (warp * 16 + lane % 16) * STRIDE + kk * 16 + (lane / 16) * 8;
-    ldmatrix_x4(q_frag[kk], &k_s[row]);
-    ldmatrix_x4(do_frag[kk], &v_s[row]);
+    ldmatrix_x4(q_frag[kk], &kv_s[row]);
+    ldmatrix_x4(do_frag[kk], &kv_s[kBlock * STRIDE + row]);
   }
   float lse2[2], delta[2];
 #pragma unroll
@@ -201,14 +202,26 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
   }
 
   const int key_end = min(s.t_k, min(m0 + kBlock, s.t_q) + offset);
+  const int tiles = (key_end + BN - 1) / BN;
+  auto load_key_tile = [&](int j) {
+    T* k_tile = kv_s + j % 2 * 2 * BN * STRIDE;
+    load_tile_async<T, BN, D, STRIDE, kThreads>(k_tile, a.k, a.k_stride, b, kv_head, j * BN, key_end);
+    load_tile_async<T, BN, D, STRIDE, kThreads>(k_tile + BN * STRIDE, a.v, a.v_stride, b, kv_head, j * BN, key_end);
+  };
+  __syncthreads();  // every warp has its Q and dO fragments: the buffers may take K and V
+  load_key_tile(0);
+  cp_async_commit();
+
   float dq[DTILES][4] = {};
-  for (int n0 = 0; n0 < key_end; n0 += BN) {
-    __syncthreads();
-    load_tile_async<T, BN, D, STRIDE, kThreads>(k_s, a.k, a.k_stride, b, kv_head, n0, key_end);
-    load_tile_async<T, BN, D, STRIDE, kThreads>(v_s, a.v, a.v_stride, b, kv_head, n0, key_end);
+  for (int j = 0; j < tiles; ++j) {
+    __syncthreads();  // every warp is done with tile j - 1: its buffer may take tile j + 1
+    if (j + 1 < tiles) load_key_tile(j + 1);
     cp_async_commit();
-    cp_async_wait<0>();
+    cp_async_wait<1>();  // tile j has landed
     __syncthreads();
+    const int n0 = j * BN;
+    const T* k_s = kv_s + j % 2 * 2 * BN * STRIDE;
+    const T* v_s = k_s + BN * STRIDE;
 
     // S = Q K^T and dP = dO V^T: 16 queries x BN keys per warp.
     float sc[NTILES][4] = {}, dp[NTILES][4] = {};
