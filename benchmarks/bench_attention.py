@@ -25,28 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from gpu_timing import l2_flush_buffer, timed
 from scratchformer import ops
 
 TOKENS = 16384
 LENGTHS = [256, 512, 1024, 2048, 4096, 8192]
 REFERENCE_MAX_T = 2048
 CACHES = [256, 1024, 4096, 16384, 32768]
-
-
-def timed(fn, reps: int, flush: torch.Tensor) -> float:
-    """Median milliseconds of fn() over reps, the L2 cache flushed before each."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def peak_mib(fn) -> float:
@@ -185,7 +170,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_attention needs a CUDA GPU", file=sys.stderr)
         return 2
-    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")  # larger than any L2
+    flush = l2_flush_buffer()
     plot = {}
     train = training_rows(args.reps, flush, plot)
     decode = decode_rows(args.reps, flush, plot)

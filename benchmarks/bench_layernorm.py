@@ -19,25 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gpu_timing import l2_flush_buffer, timed
 from scratchformer import ops
 
 SHAPES = [(16384, 512), (16384, 1024), (65536, 768), (32768, 2048), (65536, 4096)]
-
-
-def timed(fn, reps: int, flush: torch.Tensor) -> float:
-    """Median milliseconds of fn() over reps, the L2 cache flushed before each."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> int:
@@ -48,7 +33,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_layernorm needs a CUDA GPU", file=sys.stderr)
         return 2
-    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")  # larger than any L2
+    flush = l2_flush_buffer()
     rows_out, plot = [], {}
     for dtype in (torch.bfloat16, torch.float32):
         size = torch.finfo(dtype).bits // 8

@@ -55,6 +55,20 @@ struct QueryRows {
   }
 };
 
+// The row of this warp: batch, kv head, query head, position, the block's first row, and whether
+// the row exists (the last block of a kv head may have fewer rows than warps).
+struct WarpRow {
+  int b, kv_head, h, t, r0;
+  bool active;
+};
+
+__device__ WarpRow warp_row(const AttentionShape& s, const QueryRows& rows) {
+  const int b = blockIdx.y / s.kv_heads, kv_head = blockIdx.y % s.kv_heads;
+  const int r0 = blockIdx.x * kWarps, r = r0 + threadIdx.x / 32;
+  const bool active = r < rows.group * s.t_q;
+  return {b, kv_head, rows.head(kv_head, active ? r : r0), rows.position(active ? r : r0), r0, active};
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a, int chunk) {
   constexpr int PER_LANE = D / 32;
@@ -63,11 +77,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a
   __shared__ float q_s[kWarps][D];
   const AttentionShape& s = a.shape;
   const QueryRows rows{s.heads / s.kv_heads, s.t_q};
-  const int b = blockIdx.y / s.kv_heads, kv_head = blockIdx.y % s.kv_heads;
+  const auto [b, kv_head, h, t, r0, active] = warp_row(s, rows);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int r0 = blockIdx.x * kWarps, r = r0 + warp;
-  const bool active = r < rows.group * s.t_q;
-  const int h = rows.head(kv_head, active ? r : r0), t = rows.position(active ? r : r0);
   const int offset = s.t_k - s.t_q;
   const int key_begin = blockIdx.z * chunk;
   const int key_end = min(min(s.t_k, key_begin + chunk), rows.last_position(r0) + offset + 1);
@@ -176,11 +187,8 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
   __shared__ float do_s[kWarps][D];
   const AttentionShape& s = a.shape;
   const QueryRows rows{s.heads / s.kv_heads, s.t_q};
-  const int b = blockIdx.y / s.kv_heads, kv_head = blockIdx.y % s.kv_heads;
+  const auto [b, kv_head, h, t, r0, active] = warp_row(s, rows);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int r0 = blockIdx.x * kWarps, r = r0 + warp;
-  const bool active = r < rows.group * s.t_q;
-  const int h = rows.head(kv_head, active ? r : r0), t = rows.position(active ? r : r0);
   const int offset = s.t_k - s.t_q;
   const int key_end = min(s.t_k, rows.last_position(r0) + offset + 1);
   const int last_key = t + offset;
