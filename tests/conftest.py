@@ -43,3 +43,15 @@ def small_text(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "small.txt"
     path.write_text("".join(articles)[:60000], encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def emulated(tmp_path_factory):
+    """The CUDA kernels' source built for the CPU emulator (tests/emulated_kernels.py)."""
+    import shutil
+
+    from emulated_kernels import EmulatedKernels, build
+
+    if shutil.which("g++") is None:
+        pytest.skip("needs g++ to build the emulated kernels")
+    return EmulatedKernels(build(tmp_path_factory.mktemp("emulated")))

@@ -1,10 +1,12 @@
-"""Build the attention kernels' CUDA source for the CPU emulator (tests/emulator) and call them.
+"""Build the CUDA kernels' source (attention, LayerNorm) for the CPU emulator (tests/emulator)
+and call their launchers.
 
 The `.cu` files are compiled by g++ as they are, with two mechanical rewrites: the `<<<grid,
 block, shared, stream>>>` launches become `emu::launch(...)` calls and the dynamic shared memory
 declaration becomes a pointer to the emulator's buffer; `tensor_core.cuh` (mma.sync, ldmatrix,
 cp.async) is replaced by tests/emulator/tensor_core.cuh. Everything else, the index arithmetic,
-masking, online softmax, barriers and the launchers' dispatch, is the code that runs on a GPU.
+masking, softmax and statistics, barriers and the launchers' dispatch, is the code that runs on
+a GPU.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ROOT / "csrc" / "kernels"
 EMULATOR = Path(__file__).resolve().parent / "emulator"
-SOURCES = ["attention_fwd.cu", "attention_bwd.cu", "attention_simt.cu"]
+SOURCES = ["attention_fwd.cu", "attention_bwd.cu", "attention_simt.cu", "layernorm.cu"]
 HEADERS = ["attention.cuh", "attention_launch.cuh", "common.cuh", "kernels.h"]
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-LAUNCH = re.compile(r"(\w+<[^<>;]*>)<<<(.*?)>>>\((.*?)\);")
+# kernel<...><<<launch configuration>>>(  ->  emu::launch(kernel<...>, launch configuration,
+LAUNCH = re.compile(r"(\w+(?:<[^<>;]*>)?)<<<(.*?)>>>\(")
 DYNAMIC_SHARED = "extern __shared__ __align__(16) unsigned char smem[];"
 
 
@@ -37,7 +40,7 @@ def build(work: Path) -> Path:
     sources = []
     for name in SOURCES:
         text = (KERNELS / name).read_text()
-        text, launches = LAUNCH.subn(r"emu::launch(\1, \2, \3);", text)
+        text, launches = LAUNCH.subn(r"emu::launch(\1, \2, ", text)
         assert launches, f"no kernel launch found in {name}"
         text = text.replace(DYNAMIC_SHARED, "unsigned char* smem = emu::dynamic_smem();")
         path = src / (Path(name).stem + ".cpp")
@@ -53,12 +56,12 @@ def build(work: Path) -> Path:
 
 
 class EmulatedKernels:
-    """scratchformer's attention launchers, run on the CPU emulator with torch CPU tensors."""
+    """scratchformer's kernel launchers, run on the CPU emulator with torch CPU tensors."""
 
     def __init__(self, library: Path):
         self.lib = ctypes.CDLL(str(library))
-        self.lib.emulated_attention_forward.restype = ctypes.c_char_p
-        self.lib.emulated_attention_backward.restype = ctypes.c_char_p
+        for name in ("attention_forward", "attention_backward", "layer_norm_forward", "layer_norm_backward"):
+            getattr(self.lib, f"emulated_{name}").restype = ctypes.c_char_p
 
     @staticmethod
     def _ints(values, kind=ctypes.c_longlong):
@@ -98,3 +101,30 @@ class EmulatedKernels:
             ctypes.c_void_p(dq.data_ptr()), ctypes.c_void_p(dk.data_ptr()), ctypes.c_void_p(dv.data_ptr()))
         assert err is None, err.decode()
         return dq, dk, dv
+
+    def layer_norm_forward(self, x, weight, bias, residual=None, eps=1e-5):
+        """(y, h, mean, rstd) for x [rows, C] with unit stride along C; h is None without residual."""
+        rows, channels = x.shape
+        y = torch.full((rows, channels), float("nan"), dtype=x.dtype)
+        h = torch.full((rows, channels), float("nan"), dtype=x.dtype) if residual is not None else None
+        mean, rstd = torch.full((rows,), float("nan")), torch.full((rows,), float("nan"))
+        ptr = lambda t: ctypes.c_void_p(t.data_ptr() if t is not None else None)  # noqa: E731
+        err = self.lib.emulated_layer_norm_forward(
+            DTYPES[x.dtype], DTYPES[weight.dtype], ptr(x), ctypes.c_longlong(x.stride(0)), ptr(residual),
+            ctypes.c_longlong(residual.stride(0) if residual is not None else 0), ptr(weight), ptr(bias), ptr(y), ptr(h),
+            ptr(mean), ptr(rstd), ctypes.c_longlong(rows), channels, ctypes.c_float(eps))
+        assert err is None, err.decode()
+        return y, h, mean, rstd
+
+    def layer_norm_backward(self, dy, x, weight, mean, rstd, grad_h=None):
+        """(dx, dweight, dbias); x is the normalized input (h in the residual variant)."""
+        rows, channels = x.shape
+        dx = torch.full((rows, channels), float("nan"), dtype=x.dtype)
+        dweight = torch.full((channels,), float("nan"), dtype=weight.dtype)
+        dbias = torch.full((channels,), float("nan"), dtype=weight.dtype)
+        ptr = lambda t: ctypes.c_void_p(t.data_ptr() if t is not None else None)  # noqa: E731
+        err = self.lib.emulated_layer_norm_backward(
+            DTYPES[x.dtype], DTYPES[weight.dtype], ptr(dy), ptr(x), ctypes.c_longlong(x.stride(0)), ptr(weight),
+            ptr(mean), ptr(rstd), ptr(grad_h), ptr(dx), ptr(dweight), ptr(dbias), ctypes.c_longlong(rows), channels)
+        assert err is None, err.decode()
+        return dx, dweight, dbias

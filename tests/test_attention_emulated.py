@@ -9,20 +9,15 @@ only hardware shows (speed, and the PTX fragment layouts, which emulator and ker
 from the PTX ISA): the `cuda` tests in test_attention_kernel.py do that on a GPU.
 """
 
-import shutil
-
 import pytest
 import torch
 
-from emulated_kernels import EmulatedKernels, build
 from scratchformer.ops import reference
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the emulated kernels")
 
-
-@pytest.fixture(scope="module")
-def kernels(tmp_path_factory):
-    return EmulatedKernels(build(tmp_path_factory.mktemp("emulated")))
+@pytest.fixture
+def kernels(emulated):
+    return emulated
 
 
 def make_inputs(batch, heads, kv_heads, t_q, t_k, dim, dtype, seed=0):

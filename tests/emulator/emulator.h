@@ -31,6 +31,7 @@
 #define CUDART_VERSION 13000
 #define __CUDA_ARCH_LIST__ 800, 900
 
+inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 
@@ -47,6 +48,9 @@ enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount };
 namespace emu {
 
 inline dim3 thread_idx, block_idx, grid_dim, block_dim;
+inline int linear_thread = 0;  // x fastest, as warps are formed on a GPU
+inline int warp_of() { return linear_thread / 32; }
+inline int lane_of() { return linear_thread % 32; }
 inline int sm_count = 8;
 inline long dynamic_smem_limit = 48 * 1024;  // raised by cudaFuncSetAttribute, as on a GPU
 
@@ -77,8 +81,8 @@ alignas(16) inline unsigned char warp_exchange[32][32][64];
 inline std::vector<unsigned char> dynamic_smem_buffer;
 
 [[noreturn]] inline void fail(const char* what) {
-  std::fprintf(stderr, "emulator: %s (block %u,%u,%u thread %u)\n", what, block_idx.x, block_idx.y, block_idx.z,
-               thread_idx.x);
+  std::fprintf(stderr, "emulator: %s (block %u,%u,%u thread %d)\n", what, block_idx.x, block_idx.y, block_idx.z,
+               linear_thread);
   std::abort();
 }
 
@@ -96,7 +100,7 @@ inline void block_barrier() {
 }
 
 inline void warp_barrier() {
-  const int w = thread_idx.x / 32;
+  const int w = warp_of();
   const long target = warp_generation[w] + 1;
   if (++warp_arrived[w] == warp_alive[w]) {
     warp_arrived[w] = 0;
@@ -111,7 +115,7 @@ inline void warp_barrier() {
 template <typename V>
 std::vector<V> warp_all(const V& mine) {
   static_assert(sizeof(V) <= 64, "exchange slot too small");
-  const int w = thread_idx.x / 32, lane = thread_idx.x % 32;
+  const int w = warp_of(), lane = lane_of();
   std::memcpy(warp_exchange[w][lane], &mine, sizeof(V));
   warp_barrier();
   if (warp_alive[w] != 32) fail("a warp-wide operation with exited lanes");
@@ -125,7 +129,7 @@ inline void trampoline() {
   body();
   Fiber& f = fibers[current];
   f.done = true;
-  const int w = thread_idx.x / 32;
+  const int w = warp_of();
   --block_alive;
   --warp_alive[w];
   ++progress;
@@ -143,7 +147,8 @@ inline void trampoline() {
 
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem, cudaStream_t, Args&&... args) {
-  if (block.y != 1 || block.z != 1 || block.x % 32 || block.x > 1024) fail("unsupported block shape");
+  const int threads = int(block.x * block.y * block.z);
+  if (threads % 32 || threads > 1024) fail("unsupported block shape");
   if (long(smem) > dynamic_smem_limit) fail("dynamic shared memory above the limit set for the kernel");
   grid_dim = grid;
   block_dim = block;
@@ -153,32 +158,33 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem, 
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         block_idx = dim3(x, y, z);
-        fibers.resize(block.x);
+        fibers.resize(threads);
         block_arrived = 0;
-        block_alive = int(block.x);
-        for (int w = 0; w < int(block.x / 32); ++w) {
+        block_alive = threads;
+        for (int w = 0; w < threads / 32; ++w) {
           warp_arrived[w] = 0;
           warp_alive[w] = 32;
         }
-        for (unsigned t = 0; t < block.x; ++t) {
+        for (int t = 0; t < threads; ++t) {
           Fiber& f = fibers[t];
           f.done = false;
           f.groups.clear();
           f.open.clear();
-          f.stack.resize(256 * 1024);
+          f.stack.resize(64 * 1024);
           getcontext(&f.context);
           f.context.uc_stack.ss_sp = f.stack.data();
           f.context.uc_stack.ss_size = f.stack.size();
           f.context.uc_link = nullptr;
           makecontext(&f.context, trampoline, 0);
         }
-        for (int remaining = int(block.x); remaining > 0;) {
+        for (int remaining = threads; remaining > 0;) {
           const long before = progress;
           remaining = 0;
-          for (unsigned t = 0; t < block.x; ++t) {
+          for (int t = 0; t < threads; ++t) {
             if (fibers[t].done) continue;
-            current = int(t);
-            thread_idx = dim3(t);
+            current = t;
+            linear_thread = t;
+            thread_idx = dim3(t % block.x, t / block.x % block.y, t / (block.x * block.y));
             swapcontext(&scheduler, &fibers[t].context);
             remaining += !fibers[t].done;
           }
@@ -206,7 +212,7 @@ inline V __shfl_sync(unsigned, V v, int src) {
 }
 template <typename V>
 inline V __shfl_xor_sync(unsigned, V v, int mask) {
-  return emu::warp_all(v)[(threadIdx.x % 32) ^ mask];
+  return emu::warp_all(v)[emu::lane_of() ^ mask];
 }
 
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }

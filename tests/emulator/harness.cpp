@@ -58,3 +58,37 @@ const char* emulated_attention_backward(int dtype, const int* shape, const void*
   return launch_attention_backward(a, nullptr);
 }
 }
+
+extern "C" {
+
+const char* emulated_layer_norm_forward(int dtype, int weight_dtype, const void* x, long long x_stride,
+                                        const void* residual, long long r_stride, const void* weight,
+                                        const void* bias, void* y, void* h, float* mean, float* rstd,
+                                        long long rows, int C, float eps) {
+  LayerNormForward a{};
+  a.dtype = DType(dtype);
+  a.weight_dtype = DType(weight_dtype);
+  a.x = x, a.x_stride = x_stride;
+  a.residual = residual, a.r_stride = r_stride;
+  a.weight = weight, a.bias = bias;
+  a.y = y, a.h = h, a.mean = mean, a.rstd = rstd;
+  a.rows = rows, a.C = C, a.eps = eps;
+  return launch_layer_norm_forward(a, nullptr);
+}
+
+const char* emulated_layer_norm_backward(int dtype, int weight_dtype, const void* dy, const void* x,
+                                         long long x_stride, const void* weight, const float* mean,
+                                         const float* rstd, const void* grad_h, void* dx, void* dweight,
+                                         void* dbias, long long rows, int C) {
+  LayerNormBackward a{};
+  a.dtype = DType(dtype);
+  a.weight_dtype = DType(weight_dtype);
+  a.dy = dy, a.x = x, a.x_stride = x_stride, a.weight = weight;
+  a.mean = mean, a.rstd = rstd, a.grad_h = grad_h;
+  a.dx = dx, a.dweight = dweight, a.dbias = dbias;
+  std::vector<float> partial(2 * size_t(layer_norm_backward_chunks(rows, C)) * C);
+  a.partial = partial.data();
+  a.rows = rows, a.C = C;
+  return launch_layer_norm_backward(a, nullptr);
+}
+}

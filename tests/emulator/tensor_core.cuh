@@ -28,7 +28,7 @@ inline void check_aligned(const void* p, const char* what) {
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
   emulated::check_aligned(row, "ldmatrix row address not 16-byte aligned");
   const auto rows = emu::warp_all(static_cast<const uint16_t*>(row));
-  const int lane = threadIdx.x % 32;
+  const int lane = emu::lane_of();
   for (int i = 0; i < 4; ++i) {
     const uint16_t* m = rows[8 * i + lane / 4];
     r[i] = uint32_t(m[2 * (lane % 4)]) | uint32_t(m[2 * (lane % 4) + 1]) << 16;
@@ -38,7 +38,7 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
   emulated::check_aligned(row, "ldmatrix row address not 16-byte aligned");
   const auto rows = emu::warp_all(static_cast<const uint16_t*>(row));
-  const int lane = threadIdx.x % 32;
+  const int lane = emu::lane_of();
   for (int i = 0; i < 4; ++i) {
     const uint16_t* first = rows[8 * i + 2 * (lane % 4)];
     const uint16_t* second = rows[8 * i + 2 * (lane % 4) + 1];
@@ -65,7 +65,7 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
     B[2 * q][g] = lo(f.b[0]), B[2 * q + 1][g] = hi(f.b[0]);
     B[2 * q + 8][g] = lo(f.b[1]), B[2 * q + 9][g] = hi(f.b[1]);
   }
-  const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  const int lane = emu::lane_of(), g = lane / 4, q = lane % 4;
   for (int e = 0; e < 4; ++e) {
     const int row = g + (e >> 1) * 8, col = 2 * q + (e & 1);
     float sum = 0.f;

@@ -1,0 +1,75 @@
+"""The LayerNorm kernels' own CUDA source (csrc/kernels/layernorm.cu), run on the CPU emulator
+(tests/emulator), against the float64 reference with the GPU tests' rule: the kernel's error at
+most twice the reference's in the same precision, plus a small floor, for y, h and every
+gradient. Covers the vectorized and the element-wise paths, fp32 weights next to 16-bit inputs,
+the fused residual add, strided rows, and the two-stage dweight/dbias reduction.
+"""
+
+import pytest
+import torch
+
+from scratchformer.ops import reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_inputs(rows, channels, dtype, weight_dtype=None, stride=None):
+    g = torch.Generator().manual_seed(rows * 100003 + channels)
+    stride = stride or channels
+    x = (torch.randn(rows, stride, generator=g) * 2 + 0.5).to(dtype)[:, :channels]
+    r = torch.randn(rows, channels, generator=g).to(dtype)
+    w = (torch.randn(channels, generator=g) * 0.5 + 1).to(weight_dtype or dtype)
+    b = torch.randn(channels, generator=g).to(weight_dtype or dtype)
+    dy, dh = torch.randn(rows, channels, generator=g).to(dtype), torch.randn(rows, channels, generator=g).to(dtype)
+    return x, r, w, b, dy, dh
+
+
+def reference_run(x, r, w, b, dy, dh, cast):
+    """y (and h), then dx, dweight, dbias (and dresidual) through autograd of the reference."""
+    leaves = [cast(t).clone().requires_grad_() for t in (x, w, b) + ((r,) if r is not None else ())]
+    if r is None:
+        y = reference.layer_norm(*leaves)[0]
+        y.backward(cast(dy))
+        return [y.detach()] + [t.grad for t in leaves]
+    h = leaves[0] + leaves[3]
+    y = reference.layer_norm(h, leaves[1], leaves[2])[0]
+    torch.autograd.backward([y, h], [cast(dy), cast(dh)])
+    return [y.detach(), h.detach()] + [t.grad for t in leaves]
+
+
+def emulated_run(kernels, x, r, w, b, dy, dh):
+    y, h, mean, rstd = kernels.layer_norm_forward(x, w, b, r)
+    normalized = h if r is not None else x
+    dx, dw, db = kernels.layer_norm_backward(dy, normalized, w, mean, rstd, dh if r is not None else None)
+    return [y] + ([h] if r is not None else []) + [dx, dw, db] + ([dx] if r is not None else [])
+
+
+def assert_within_twice_the_reference(got, low, truth):
+    for i, (g, l, t) in enumerate(zip(got, low, truth)):
+        assert torch.isfinite(g).all(), f"output {i}: not finite (an element was never written?)"
+        err = (g.double() - t.double()).abs().max().item()
+        err_ref = (l.double() - t.double()).abs().max().item()
+        floor = 1e-5 * (1 + t.abs().max().item())
+        assert err <= 2 * err_ref + floor, f"output {i}: kernel error {err:.3g} > 2 x reference {err_ref:.3g} + {floor:.2g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("rows, channels", [(1, 1), (3, 7), (37, 64), (5, 511), (9, 768), (2, 5000)])
+def test_emulated_layer_norm_against_float64(emulated, rows, channels, dtype):
+    x, _, w, b, dy, _ = make_inputs(rows, channels, dtype)
+    got = emulated_run(emulated, x, None, w, b, dy, None)
+    low = reference_run(x, None, w, b, dy, None, lambda t: t)
+    truth = reference_run(x, None, w, b, dy, None, lambda t: t.double())
+    assert_within_twice_the_reference(got, low, truth)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("channels, stride", [(512, 512), (100, 104), (96, 99)])
+def test_emulated_residual_variant_with_float32_parameters_and_strided_rows(emulated, channels, stride, dtype):
+    x, r, w, b, dy, dh = make_inputs(21, channels, dtype, weight_dtype=torch.float32, stride=stride)
+    assert x.stride(0) == stride
+    got = emulated_run(emulated, x, r, w, b, dy, dh)
+    assert got[3].dtype == torch.float32
+    low = reference_run(x, r, w, b, dy, dh, lambda t: t)
+    truth = reference_run(x, r, w, b, dy, dh, lambda t: t.double())
+    assert_within_twice_the_reference(got, low, truth)
