@@ -136,8 +136,9 @@ def save_plot(plot, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    training = {key: points for key, points in plot.items() if key[0] != "decode"}
     for d, ax in zip((64, 128), axes):
-        for (dim, pass_name, name), points in sorted(plot.items(), key=str):
+        for (dim, pass_name, name), points in sorted(training.items(), key=str):
             if dim != d:
                 continue
             style = "-" if pass_name == "forward" else "--"
