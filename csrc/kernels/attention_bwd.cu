@@ -1,7 +1,8 @@
 // Causal attention backward on tensor cores (fp16, bf16), and the backward's dispatch.
 //
 // With P = softmax(scale * Q K^T) recomputed from the saved log-sum-exp (P = exp2(S' - lse'),
-// S' and lse' in log2 units), dP = dO V^T and delta = rowsum(dO * O) (delta_kernel):
+// S' and lse' in log2 units), dP = dO V^T and delta = rowsum(dO * O) - dlse (delta_kernel, in
+// attention_simt.cu):
 //   dS = P * (dP - delta),  dV = P^T dO,  dK = scale * dS^T Q,  dQ = scale * dS K.
 // Two kernels, neither with atomics, so results are deterministic:
 // - dkv_kernel: a block of 4 warps owns 64 keys of one kv head (16 keys per warp, keys as the
