@@ -344,10 +344,11 @@ void backward_simt(const AttentionBackward& a, cudaStream_t stream) {
 }
 
 int forward_simt_splits(const AttentionShape& s, int sm_count) {
-  // About four blocks per SM (each streams its keys one 32-key tile at a time, so it takes
-  // several to keep the memory system busy), each range at least 128 keys, at most 128 ranges.
+  // About eight blocks per SM: each streams its keys one 32-key tile at a time, waiting for
+  // each, so it takes several per SM to keep the memory system busy. Each range at least 128
+  // keys, at most 128 ranges.
   const int64_t blocks = int64_t(row_blocks(s)) * s.batch * s.kv_heads;
-  const int64_t wanted = (4 * int64_t(sm_count) + blocks - 1) / blocks;
+  const int64_t wanted = (8 * int64_t(sm_count) + blocks - 1) / blocks;
   const int64_t most = (s.t_k + 127) / 128;
   int splits = int(std::min<int64_t>(std::min<int64_t>(wanted, most), 128));
   if (splits <= 1) return 1;
