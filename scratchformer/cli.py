@@ -12,6 +12,7 @@ import codecs
 import math
 import os
 import sys
+from pathlib import Path
 
 HELP = {
     "train": "train a model (default: the tiny preset on the bundled WikiText-2 mini corpus)",
@@ -33,6 +34,43 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
                         "PyTorch's own, or auto (fused where it can run)")
 
 
+# (option, type, what it sets): the model and training settings a preset fills in.
+MODEL_OPTIONS = (
+    ("n-layers", int, "transformer blocks"),
+    ("d-model", int, "width of the residual stream"),
+    ("n-heads", int, "attention (query) heads; must divide --d-model"),
+    ("n-kv-heads", int, "key/value heads: 1 is multi-query, a divisor of --n-heads grouped-query; unset is one per query head"),
+    ("d-ff", int, "hidden width of each feed-forward layer"),
+    ("context", int, "longest sequence the model sees, in tokens"),
+    ("dropout", float, "dropout probability"),
+)
+TRAIN_OPTIONS = (
+    ("steps", int, "optimizer steps in the whole run"),
+    ("batch-size", int, "sequences per optimizer step, over all processes and accumulation"),
+    ("grad-accum", int, "micro-batches per optimizer step (must divide --batch-size)"),
+    ("lr-scale", float, "factor on Vaswani's learning rate d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)"),
+    ("warmup", int, "steps over which the learning rate rises"),
+    ("label-smoothing", float, "probability mass spread over all tokens in the training loss"),
+    ("clip", float, "largest gradient norm (0: no clipping)"),
+    ("eval-every", int, "steps between evaluations on the eval split"),
+    ("checkpoint-every", int, "steps between checkpoints"),
+    ("seed", int, "seed of the initial weights and of the training windows"),
+)
+
+
+def _preset_values(field: str) -> str:
+    """'tiny: 2, seed: 4': a setting's value in each preset, for --help."""
+    from .config import PRESETS
+
+    values = []
+    for name, configs in PRESETS.items():
+        for config in configs:
+            if hasattr(config, field):
+                value = getattr(config, field)
+                values.append(f"{name}: {'unset' if value is None else value}")
+    return ", ".join(values)
+
+
 def _parser() -> argparse.ArgumentParser:
     from .config import PRESETS
 
@@ -40,24 +78,23 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     t = commands.add_parser("train", help=HELP["train"], description=HELP["train"] + ". Presets: " + ", ".join(PRESETS)
-                            + ". Any option below overrides the preset.")
+                            + ". Any option below overrides the preset; with --resume, the run's own settings are the defaults.")
     t.add_argument("--preset", default="tiny", help="tiny (CPU demo) or seed (the write-up's model); default tiny")
-    t.add_argument("--data", default="wikitext2-mini",
-                   help="wikitext2-mini (bundled, no network), wikitext2 (downloads the train split once), "
-                        "or a text file / folder of .txt files; default wikitext2-mini")
+    t.add_argument("--data", help="wikitext2-mini (bundled, no network), wikitext2 (downloads the train split once), "
+                                   "or a UTF-8 text file / folder of .txt files; default wikitext2-mini, or the run's own with --resume")
     t.add_argument("--out", help="run folder for checkpoint, tokenizer, metrics.csv and loss.png (default runs/PRESET)")
-    t.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
-    t.add_argument("--tokenizer", default="bpe", choices=["bpe", "gpt2"], help="train a BPE on the training split (default) or use GPT-2's vocabulary")
-    t.add_argument("--vocab-size", type=int, help="size of the trained BPE vocabulary (default 8192)")
+    t.add_argument("--resume", action="store_true", help="continue the checkpoint in --out, on its own corpus and tokenizer")
+    t.add_argument("--tokenizer", choices=["bpe", "gpt2"],
+                   help="bpe: train a byte-level BPE on the training split (default); gpt2: GPT-2's vocabulary of 50257 tokens")
+    t.add_argument("--vocab-size", type=int, help="size of the trained BPE vocabulary, at least 257 (default 8192)")
     g = t.add_argument_group("model (overrides the preset)")
-    for name, kind in (("n-layers", int), ("d-model", int), ("n-heads", int), ("n-kv-heads", int), ("d-ff", int), ("context", int), ("dropout", float)):
-        g.add_argument(f"--{name}", type=kind)
-    g.add_argument("--positions", choices=["sinusoidal", "rotary"])
-    g.add_argument("--tied", action="store_true", help="reuse the embedding matrix as the output layer")
+    for name, kind, what in MODEL_OPTIONS:
+        g.add_argument(f"--{name}", type=kind, help=f"{what} ({_preset_values(name.replace('-', '_'))})")
+    g.add_argument("--positions", choices=["sinusoidal", "rotary"], help=f"position encoding ({_preset_values('positions')})")
+    g.add_argument("--tied", action="store_true", help="reuse the embedding matrix as the output layer (presets: untied)")
     g = t.add_argument_group("training (overrides the preset)")
-    for name, kind in (("steps", int), ("batch-size", int), ("grad-accum", int), ("lr-scale", float), ("warmup", int),
-                       ("label-smoothing", float), ("clip", float), ("eval-every", int), ("checkpoint-every", int), ("seed", int)):
-        g.add_argument(f"--{name}", type=kind)
+    for name, kind, what in TRAIN_OPTIONS:
+        g.add_argument(f"--{name}", type=kind, help=f"{what} ({_preset_values(name.replace('-', '_'))})")
     g.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto", help="mixed precision (default: bf16 on GPUs that have it, off on CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--sample-tokens", type=int, default=60, help="tokens of text to print after training (0: none)")
@@ -68,25 +105,25 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="a checkpoint file or a run folder")
     e.add_argument("--data", help="corpus (default: the one it was trained on)")
     e.add_argument("--split", default="eval", help="eval (default), test (wikitext2 only) or train")
-    e.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
+    e.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision (default off)")
     _add_runtime(e)
 
     gen = commands.add_parser("generate", help=HELP["generate"], description=HELP["generate"] + ", streaming the text as it comes.")
     gen.add_argument("--checkpoint", required=True, help="a checkpoint file or a run folder")
     gen.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
-    gen.add_argument("--max-new-tokens", type=int, default=100)
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    gen.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate at most (default 100)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="divides the logits; 0 is greedy (default 0.8)")
     gen.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
     gen.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set of tokens with probability >= p")
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 makes tokens already in the text less likely (default 1.0: off)")
     gen.add_argument("--seed", type=int, help="fix the random choices for a reproducible text")
     _add_runtime(gen)
 
     tk = commands.add_parser("tokenizer", help=HELP["tokenizer"], description=HELP["tokenizer"])
     tk_cmd = tk.add_subparsers(dest="action", metavar="ACTION", required=True)
     tt = tk_cmd.add_parser("train", help="learn a BPE vocabulary from a corpus's training split")
-    tt.add_argument("--data", default="wikitext2-mini")
-    tt.add_argument("--vocab-size", type=int, default=8192)
+    tt.add_argument("--data", default="wikitext2-mini", help="corpus, as for train (default wikitext2-mini)")
+    tt.add_argument("--vocab-size", type=int, default=8192, help="tokens in the vocabulary, at least 257 (default 8192)")
     tt.add_argument("--out", required=True, help="where to write the tokenizer (JSON)")
     for action, what in (("encode", "text to token ids"), ("decode", "token ids to text")):
         a = tk_cmd.add_parser(action, help=what)
@@ -110,18 +147,33 @@ def _cmd_info(args) -> int:
     return 0
 
 
+MIN_VOCAB = 257  # the 256 bytes and <|endoftext|>
+
+
 def _cmd_train(args) -> int:
     from . import ops
     from .config import preset, replace
     from .sampling import Sampling, generate
-    from .training import load_checkpoint, pick_device, train
+    from .training import check_out_dir, load_checkpoint, pick_device, train
 
+    # Every option is checked here, before any work starts.
     model_cfg, train_cfg = preset(args.preset)
     out = args.out or os.path.join("runs", args.preset)
+    check_out_dir(Path(out))
+    if args.vocab_size is not None:
+        if args.tokenizer == "gpt2":
+            raise CliError("--vocab-size sets the size of a trained BPE; GPT-2's vocabulary has 50257 tokens: leave it out")
+        if args.vocab_size < MIN_VOCAB:
+            raise CliError(f"--vocab-size must be at least {MIN_VOCAB} (the 256 bytes and <|endoftext|>), got {args.vocab_size}")
+    if args.sample_tokens < 0:
+        raise CliError(f"--sample-tokens must be 0 or more, got {args.sample_tokens}")
     if args.resume:  # the run's own settings, unless overridden here
         saved = load_checkpoint(out)
         model_cfg = type(model_cfg)(**saved["model_config"])
         train_cfg = type(train_cfg)(**saved["train_config"])
+        if args.vocab_size is not None and args.vocab_size != model_cfg.vocab_size:
+            raise CliError(f"{out} holds a model with a vocabulary of {model_cfg.vocab_size}, not {args.vocab_size}: "
+                           "resume without --vocab-size, or train into another --out")
     model_cfg = replace(
         model_cfg, vocab_size=args.vocab_size, n_layers=args.n_layers, d_model=args.d_model, n_heads=args.n_heads,
         n_kv_heads=args.n_kv_heads, d_ff=args.d_ff, context=args.context, dropout=args.dropout, positions=args.positions,
@@ -141,7 +193,8 @@ def _cmd_train(args) -> int:
                    resume=args.resume, compile=args.compile, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    print(f"run saved in {result.out_dir}: checkpoint.pt, metrics.csv" + (", loss.png" if (result.out_dir / "loss.png").exists() else ""))
+    written = [name for name in ("checkpoint.pt", "tokenizer.json", "metrics.csv", "loss.png") if (result.out_dir / name).exists()]
+    print(f"run saved in {result.out_dir}: {', '.join(written)}")
     if result.final_eval is not None:
         print(f"eval loss {result.final_eval['loss']:.3f} nats/token against {result.unigram_loss:.3f} for the unigram "
               f"baseline (perplexity {result.final_eval['ppl']:.1f} against {math.exp(result.unigram_loss):.1f})")
@@ -189,9 +242,25 @@ def _cmd_eval(args) -> int:
 def _cmd_generate(args) -> int:
     from .sampling import Sampling, generate
 
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    try:
+        sampling.validate()
+    except ValueError as e:
+        message = str(e)
+        for name in ("temperature", "top_k", "top_p", "repetition_penalty"):
+            message = message.replace(name, "--" + name.replace("_", "-"))
+        raise CliError(message) from None
+    if args.max_new_tokens < 1:
+        raise CliError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     _, model, tok, _ = _model_from(args)
     prompt = tok.encode(args.prompt, special="allow") if args.prompt else [tok.eot_id]
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    if len(prompt) > model.config.context:
+        raise CliError(f"the prompt has {len(prompt)} tokens, more than the model's context of {model.config.context}: shorten it")
+    if args.prompt[-1:].isspace():
+        # The tokenizer attaches a space to the word after it, so a prompt that ends in one asks
+        # the model to continue mid-token (GPT-2's tools warn about this too).
+        print("scratchformer generate: note: the prompt ends in whitespace, which often makes a worse "
+              "continuation: leave the trailing space out", file=sys.stderr)
     print(args.prompt, end="", flush=True)
     # A character may span tokens: the incremental decoder holds back an unfinished one.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -208,6 +277,15 @@ def _cmd_tokenizer(args) -> int:
         from . import data as datamod
         from .tokenizer import BPETokenizer
 
+        if args.vocab_size < MIN_VOCAB:
+            raise CliError(f"--vocab-size must be at least {MIN_VOCAB} (the 256 bytes and <|endoftext|>), got {args.vocab_size}")
+        out = Path(args.out)
+        if out.is_dir():
+            raise CliError(f"--out {out}: is a folder: give the path of the file to write, e.g. {out / 'tokenizer.json'}")
+        folder = out.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise CliError(f"--out {out}: {folder} is not " + ("a writable folder" if folder.is_dir() else "an existing folder")
+                           + ": create it, or write somewhere else")
         corpus = datamod.load_corpus(args.data)
         tok = BPETokenizer.train(corpus["train"].documents, args.vocab_size, progress=True)
         tok.save(args.out)
@@ -225,11 +303,30 @@ def _cmd_tokenizer(args) -> int:
     return 0
 
 
+def _check_utf8(argv: list[str]) -> None:
+    """Python turns bytes that are not UTF-8 in arguments into lone surrogates: name the argument."""
+    for i, arg in enumerate(argv):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            option = argv[i - 1] if i and argv[i - 1].startswith("-") and not arg.startswith("-") else None
+            shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            raise CliError(f"{'the value of ' + option if option else 'argument ' + repr(shown)} is not valid UTF-8: "
+                           "give text in UTF-8 (check the terminal's or the file's encoding)") from None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    try:
+        _check_utf8(argv)
+    except CliError as e:
+        print(f"scratchformer{' ' + command if command in HELP else ''}: error: {e}", file=sys.stderr)
+        return 1
     args = _parser().parse_args(argv)
     run = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "tokenizer": _cmd_tokenizer, "info": _cmd_info}[args.command]
     from .ops import FusedUnavailableError
-    from .training import TrainingDiverged
+    from .training import TrainingDiverged, TrainingInterrupted
 
     try:
         return run(args)
@@ -238,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"scratchformer {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:
+        print(f"\nscratchformer {args.command}: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(f"\nscratchformer {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -41,7 +41,12 @@ class ModelConfig:
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}): "
                 "pick a head count that divides it"
             )
-        if self.kv_heads < 1 or self.n_heads % self.kv_heads:
+        if self.n_kv_heads is not None and self.n_kv_heads < 1:
+            raise ConfigError(
+                f"n_kv_heads must be at least 1, got {self.n_kv_heads}: use 1 (multi-query), a divisor of "
+                f"n_heads (grouped-query), or leave it out for multi-head attention"
+            )
+        if self.n_heads % self.kv_heads:
             raise ConfigError(
                 f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads}): "
                 "use 1 (multi-query), n_heads (multi-head) or a divisor of n_heads (grouped-query)"
@@ -72,7 +77,7 @@ class TrainConfig:
     seed: int = 1337
 
     def validate(self) -> "TrainConfig":
-        for name in ("steps", "batch_size", "grad_accum", "warmup"):
+        for name in ("steps", "batch_size", "grad_accum", "warmup", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:

@@ -21,7 +21,6 @@ import json
 import lzma
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .files import atomic_write
 from .tokenizer import BPETokenizer
 
 
@@ -91,30 +91,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_target(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=path.name + ".", suffix=".part", delete=False)
-
-
 def _fetch(url: str, dest: Path, size: int, sha256: str, progress: bool) -> None:
     """Download url to dest through a temporary file; raise DataError on a size or hash mismatch."""
     digest, got = hashlib.sha256(), 0
-    tmp = _atomic_target(dest)
-    try:
-        with tmp, urllib.request.urlopen(url, timeout=30) as response:
-            bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {dest.name}", disable=not progress)
-            for chunk in iter(lambda: response.read(1 << 16), b""):
-                tmp.write(chunk)
-                digest.update(chunk)
-                got += len(chunk)
-                bar.update(len(chunk))
-            bar.close()
-        if got != size or digest.hexdigest() != sha256:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(dest) as tmp, urllib.request.urlopen(url, timeout=30) as response:
+        bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {dest.name}", disable=not progress)
+        for chunk in iter(lambda: response.read(1 << 16), b""):
+            tmp.write(chunk)
+            digest.update(chunk)
+            got += len(chunk)
+            bar.update(len(chunk))
+        bar.close()
+        if got != size or digest.hexdigest() != sha256:  # raised inside the block: dest is left as it was
             raise DataError(f"{url} gave {got} bytes with SHA-256 {digest.hexdigest()}, expected {size} bytes with {sha256}")
-        os.replace(tmp.name, dest)
-    finally:
-        if os.path.exists(tmp.name):
-            os.unlink(tmp.name)
 
 
 def fetch_archive_member(remote: RemoteArchive, dest: Path, progress: bool = True) -> Path:
@@ -144,10 +134,8 @@ def fetch_archive_member(remote: RemoteArchive, dest: Path, progress: bool = Tru
         raise DataError(f"{archive}: cannot extract {remote.member} ({e})") from None
     if len(data) != remote.member_size or hashlib.sha256(data).hexdigest() != remote.member_sha256:
         raise DataError(f"{archive}: {remote.member} does not match its published size and SHA-256")
-    tmp = _atomic_target(dest)
-    with tmp:
+    with atomic_write(dest) as tmp:
         tmp.write(data)
-    os.replace(tmp.name, dest)
     return dest
 
 
@@ -180,11 +168,32 @@ def _wikitext(name: str, text: str) -> Split:
     return _split(name, text, wikitext_articles(text))
 
 
+# Bytes that are not UTF-8 (seen as lone surrogates) and control characters other than whitespace.
+_NOT_TEXT = re.compile("[\udc80-\udcff\x00-\x08\x0e-\x1f\x7f]")
+MAX_NOT_TEXT = 0.1  # the share of such characters above which a file is refused as not text
+
+
+def _read_text(path: Path) -> str:
+    """A user's text file; a few undecodable bytes become U+FFFD, a binary file is refused."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"--data {path}: cannot read it ({e.strerror})") from None
+    text = raw.decode("utf-8", errors="surrogateescape")
+    bad = len(_NOT_TEXT.findall(text))
+    if text and bad / len(text) > MAX_NOT_TEXT:
+        raise DataError(
+            f"--data {path}: {bad / len(text):.0%} of it is not text (bytes that are not UTF-8, or control "
+            "characters): give UTF-8 text files, not binary ones"
+        )
+    return text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
+
+
 def _user_text(path: Path) -> dict[str, Split]:
     if not path.exists():
         raise DataError(f"--data {path}: no such file or folder (give a text file, a folder of .txt files, or one of {', '.join(CORPORA)})")
     files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
-    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    texts = [_read_text(f) for f in files]
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise DataError(f"--data {path}: no text found" + (" (no non-empty .txt files)" if path.is_dir() else " (the file is empty)"))
@@ -269,11 +278,10 @@ def _read_cache(path: Path, expected: dict) -> np.ndarray | None:
 
 def _write_cache(path: Path, header: dict, tokens: np.ndarray) -> None:
     raw = json.dumps(header).encode()
-    tmp = _atomic_target(path)
-    with tmp:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
         tmp.write(_MAGIC + len(raw).to_bytes(4, "little") + raw)
         tmp.write(tokens.tobytes())
-    os.replace(tmp.name, path)
 
 
 def token_cache_path(data: str, split: str, tokenizer: BPETokenizer) -> Path:

@@ -21,7 +21,6 @@ import json
 import lzma
 import os
 import re
-import tempfile
 from collections import Counter, defaultdict
 from importlib import resources
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Iterable, Sequence
 from tqdm import tqdm
 
 from . import _extensions
+from .files import atomic_write
 from ._unicode_tables import LETTER_RANGES, NUMBER_RANGES
 
 EOT = "<|endoftext|>"
@@ -156,6 +156,30 @@ class BPETokenizer:
     @property
     def eot_id(self) -> int | None:
         return self.special.get(EOT)
+
+    # tiktoken's names for the same things, for code written against tiktoken.
+    n_vocab = vocab_size
+    eot_token = eot_id
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def token_to_id(self, token: bytes | str) -> int:
+        """The id of one token: its bytes, or a special token's text (`"<|endoftext|>"`)."""
+        if isinstance(token, str) and token in self.special:
+            return self.special[token]
+        key = token.encode("utf-8") if isinstance(token, str) else bytes(token)
+        if key not in self.ids:
+            raise KeyError(f"{token!r} is not a single token of this vocabulary (encode() splits text into tokens)")
+        return self.ids[key]
+
+    def id_to_token(self, id: int) -> bytes:
+        """The bytes of token `id` (a special token's text as UTF-8)."""
+        if 0 <= id < len(self.tokens):
+            return self.tokens[id]
+        if id in self._special_ids:
+            return self._special_ids[id].encode("utf-8")
+        raise KeyError(f"token id {id} is outside the vocabulary (size {self.vocab_size})")
 
     def _encode_piece(self, piece: str) -> list[int]:
         cached = self._cache.get(piece)
@@ -354,9 +378,8 @@ class BPETokenizer:
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer as JSON (atomically: a temporary file, then a rename)."""
         path = Path(path)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        with atomic_write(path, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f)
-        os.replace(f.name, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "BPETokenizer":

@@ -13,7 +13,6 @@ import dataclasses
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from tqdm import tqdm
 from . import data as datamod
 from . import ops
 from .config import ModelConfig, TrainConfig
+from .files import atomic_write
 from .model import GPT
 from .tokenizer import BPETokenizer
 
@@ -40,6 +40,10 @@ class CheckpointError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """The loss became inf or NaN."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says where the run can resume from."""
 
 
 def vaswani_lr(step: int, d_model: int, warmup: int, scale: float = 1.0) -> float:
@@ -74,14 +78,24 @@ def init_distributed(device: torch.device) -> Distributed:
 
 
 def pick_device(name: str) -> torch.device:
+    """cpu, cuda, cuda:N or auto (cuda when a GPU is visible); under torchrun, cuda is the
+    process's own GPU (LOCAL_RANK)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        raise ValueError(f"--device {name}: not a device here: use cpu, cuda, cuda:N or auto")
+    if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA GPU is visible to torch (use --device cpu)")
-        if name == "cuda" and "LOCAL_RANK" in os.environ:
-            name = f"cuda:{os.environ['LOCAL_RANK']}"
-    return torch.device(name)
+            raise ValueError(f"--device {name}: no CUDA GPU is visible to torch (use --device cpu)")
+        if device.index is None and "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} GPUs (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return device
 
 
 @torch.no_grad()
@@ -137,11 +151,8 @@ def _set_rng_state(state: dict) -> None:
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Write through a temporary file and rename it over the old one, so a crash at any moment
     leaves either the previous checkpoint or the new one, never a broken file."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False) as f:
+    with atomic_write(path) as f:
         torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -176,16 +187,39 @@ def check_backend(config: ModelConfig, device: torch.device, amp: str) -> None:
     ops.layer_norm(torch.zeros(1, config.d_model, device=device, dtype=dtype), weight, weight)
 
 
+TOKENIZERS = ("bpe", "gpt2")
+
+
 def build_tokenizer(kind: str, vocab_size: int, corpus: dict, out_dir: Path, progress: bool = True) -> BPETokenizer:
-    """GPT-2's vocabulary, or a BPE trained on the training split (saved as tokenizer.json)."""
-    if kind == "gpt2":
-        return BPETokenizer.from_gpt2()
+    """GPT-2's vocabulary, or a BPE trained on the training split; saved as tokenizer.json."""
     saved = out_dir / "tokenizer.json"
-    if saved.exists():
+    if kind == "gpt2":
+        tokenizer = BPETokenizer.from_gpt2()
+    elif saved.exists():
         return BPETokenizer.load(saved)
-    tokenizer = BPETokenizer.train(corpus["train"].documents, vocab_size, progress=progress)
+    else:
+        tokenizer = BPETokenizer.train(corpus["train"].documents, vocab_size, progress=progress)
     tokenizer.save(saved)
     return tokenizer
+
+
+def data_name(data: str) -> str:
+    """How a run records its corpus: a corpus name as it is, a path made absolute, so that a
+    resume from another folder finds the same files."""
+    return data if data in datamod.CORPORA else str(Path(data).resolve())
+
+
+def check_out_dir(out: Path) -> None:
+    """Fail before any work when the run folder cannot be created or written."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder: choose a folder for the run")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder: choose a folder for the run")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not writable: choose a folder you can write to")
 
 
 def plot_losses(csv_path: Path, png_path: Path, baseline: float | None = None) -> bool:
@@ -233,20 +267,27 @@ class RunResult:
 def train(
     model_config: ModelConfig,
     train_config: TrainConfig,
-    data: str,
+    data: str | None,
     out_dir: str | os.PathLike,
-    tokenizer: str = "bpe",
+    tokenizer: str | None = None,
     device: str = "auto",
     resume: bool = False,
     compile: bool = False,
     progress: bool = True,
 ) -> RunResult:
-    """Train a model on `data`; checkpoints, tokenizer, metrics.csv and loss.png go to out_dir."""
+    """Train a model on `data`; checkpoints, tokenizer, metrics.csv and loss.png go to out_dir.
+
+    data and tokenizer None mean: a resumed run's own, else wikitext2-mini and a trained "bpe".
+    A resumed run refuses a different corpus or tokenizer.
+    """
+    model_config.validate()
     train_config.validate()
     out = Path(out_dir)
+    check_out_dir(out)
+    if tokenizer is not None and tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, not {tokenizer!r}")
     dev = pick_device(device)
     check_backend(model_config, dev, train_config.amp)
-    world = init_distributed(dev)
     ckpt_path = out / CHECKPOINT
     payload = None
     if resume:
@@ -257,12 +298,32 @@ def train(
                 f"{ckpt_path} holds a model with {_config_diff(saved, model_config)}: resume with the "
                 "settings it was trained with, or train into another --out"
             )
+        saved_data = data_name(payload["data"])
+        if data is not None and data_name(data) != saved_data:
+            raise CheckpointError(
+                f"{out} was trained on {saved_data}, not {data}: resume without --data (it continues on "
+                "its own corpus), or train into another --out"
+            )
+        saved_kind = payload.get("tokenizer_kind")
+        if tokenizer is not None and saved_kind is not None and tokenizer != saved_kind:
+            raise CheckpointError(
+                f"{out} was trained with the {saved_kind} tokenizer, not {tokenizer}: resume without "
+                "--tokenizer, or train into another --out"
+            )
+        data, tokenizer = saved_data, saved_kind
+        if payload["step"] >= train_config.steps:
+            raise CheckpointError(
+                f"{out} is finished at step {payload['step']} of {train_config.steps}: to train further, "
+                f"resume with --steps M, M more than {payload['step']}"
+            )
     elif ckpt_path.exists():
         raise CheckpointError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
+    data = data_name(data or "wikitext2-mini")
+    tokenizer = tokenizer or "bpe"
+    world = init_distributed(dev)
+    corpus = datamod.load_corpus(data, progress=world.main and progress)
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
-
-    corpus = datamod.load_corpus(data, progress=world.main and progress)
 
     def prepare() -> tuple[BPETokenizer, dict]:
         if payload is not None:
@@ -323,9 +384,13 @@ def train(
             "format": FORMAT, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "sampler": sampler.get_state(),
             "rng": _rng_state(), "model_config": dataclasses.asdict(model_config),
-            "train_config": dataclasses.asdict(train_config), "tokenizer": tok.to_dict(), "data": data,
+            "train_config": dataclasses.asdict(train_config), "tokenizer": tok.to_dict(), "tokenizer_kind": tokenizer,
+            "data": data,
         })
         write_history()
+        saved_step[0] = step
+
+    saved_step = [start_step if payload is not None else None]  # the step of the newest checkpoint
 
     micro = train_config.batch_size // train_config.grad_accum  # sequences per micro-batch, all ranks
     if micro % world.world:
@@ -335,53 +400,60 @@ def train(
     bar = tqdm(range(start_step, train_config.steps), initial=start_step, total=train_config.steps, desc="training", disable=not (world.main and progress), unit="step")
     final_eval = None
     model.train()
-    for step in bar:
-        t0 = time.perf_counter()
-        total = torch.zeros((), device=dev)
-        for m in range(train_config.grad_accum):
-            # Every rank draws the same global micro-batch and keeps its own slice: ranks see
-            # different windows, and N processes train exactly like one with the whole batch.
-            x, y = datamod.sample_windows(streams["train"], micro, ctx, sampler)
-            x, y = x[world.rank * per_rank : (world.rank + 1) * per_rank].to(dev), y[world.rank * per_rank : (world.rank + 1) * per_rank].to(dev)
-            last = m == train_config.grad_accum - 1
-            sync = ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
-            with sync:
-                with autocast(dev, train_config.amp):
-                    logits = net(x)
-                loss = lm_loss(logits, y, train_config.label_smoothing) / train_config.grad_accum
-                scaler.scale(loss).backward()
-            total += loss.detach()
-        if world.world > 1:
-            dist.all_reduce(total)
-            total /= world.world
-        train_loss = total.item()
-        if not math.isfinite(train_loss):
-            raise TrainingDiverged(
-                f"the loss became {train_loss} at step {step + 1}; weights were not updated"
-                + (f" and the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "")
-                + ": lower --lr-scale, raise --warmup, or use --amp bf16 instead of fp16"
-            )
-        scaler.unscale_(optimizer)
-        if train_config.clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.clip)
-        lr = optimizer.param_groups[0]["lr"]
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        done = step + 1
-        tokens_per_s = train_config.batch_size * ctx / (time.perf_counter() - t0)
-        if not world.main:
-            continue
-        row = {"step": done, "train_loss": f"{train_loss:.5f}", "lr": f"{lr:.3e}", "tokens_per_s": f"{tokens_per_s:.0f}", "eval_loss": "", "eval_ppl": "", "eval_word_ppl": ""}
-        bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
-        if done % train_config.eval_every == 0 or done == train_config.steps:
-            final_eval = evaluate(model, streams["eval"], corpus["eval"].words, dev, train_config.amp)
-            row.update(eval_loss=f"{final_eval['loss']:.5f}", eval_ppl=f"{final_eval['ppl']:.2f}", eval_word_ppl=f"{final_eval['word_ppl']:.2f}")
-            bar.write(f"step {done}: eval loss {final_eval['loss']:.4f}, perplexity {final_eval['ppl']:.1f} per token, {final_eval['word_ppl']:.1f} per word")
-        history.append(row)
-        if done % train_config.checkpoint_every == 0 or done == train_config.steps:
-            checkpoint(done)
+    done = start_step
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            total = torch.zeros((), device=dev)
+            for m in range(train_config.grad_accum):
+                # Every rank draws the same global micro-batch and keeps its own slice: ranks see
+                # different windows, and N processes train exactly like one with the whole batch.
+                x, y = datamod.sample_windows(streams["train"], micro, ctx, sampler)
+                x, y = x[world.rank * per_rank : (world.rank + 1) * per_rank].to(dev), y[world.rank * per_rank : (world.rank + 1) * per_rank].to(dev)
+                last = m == train_config.grad_accum - 1
+                sync = ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
+                with sync:
+                    with autocast(dev, train_config.amp):
+                        logits = net(x)
+                    loss = lm_loss(logits, y, train_config.label_smoothing) / train_config.grad_accum
+                    scaler.scale(loss).backward()
+                total += loss.detach()
+            if world.world > 1:
+                dist.all_reduce(total)
+                total /= world.world
+            train_loss = total.item()
+            if not math.isfinite(train_loss):
+                raise TrainingDiverged(
+                    f"the loss became {train_loss} at step {step + 1}; weights were not updated"
+                    + (f" and the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "")
+                    + ": lower --lr-scale, raise --warmup, or use --amp bf16 instead of fp16"
+                )
+            scaler.unscale_(optimizer)
+            if train_config.clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.clip)
+            lr = optimizer.param_groups[0]["lr"]
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+            done = step + 1
+            tokens_per_s = train_config.batch_size * ctx / (time.perf_counter() - t0)
+            if not world.main:
+                continue
+            row = {"step": done, "train_loss": f"{train_loss:.5f}", "lr": f"{lr:.3e}", "tokens_per_s": f"{tokens_per_s:.0f}", "eval_loss": "", "eval_ppl": "", "eval_word_ppl": ""}
+            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+            if done % train_config.eval_every == 0 or done == train_config.steps:
+                final_eval = evaluate(model, streams["eval"], corpus["eval"].words, dev, train_config.amp)
+                row.update(eval_loss=f"{final_eval['loss']:.5f}", eval_ppl=f"{final_eval['ppl']:.2f}", eval_word_ppl=f"{final_eval['word_ppl']:.2f}")
+                bar.write(f"step {done}: eval loss {final_eval['loss']:.4f}, perplexity {final_eval['ppl']:.1f} per token, {final_eval['word_ppl']:.1f} per word")
+            history.append(row)
+            if done % train_config.checkpoint_every == 0 or done == train_config.steps:
+                checkpoint(done)
+    except KeyboardInterrupt:
+        bar.close()
+        where = (f"the last checkpoint is step {saved_step[0]}, continue it with `scratchformer train --out {out} --resume`"
+                 if saved_step[0] is not None else f"no checkpoint was written yet (every {train_config.checkpoint_every} steps)")
+        raise TrainingInterrupted(f"interrupted after step {done} of {train_config.steps}: {where}") from None
     bar.close()
     if world.main and history:
         write_history()

@@ -174,7 +174,7 @@ def test_download_verifies_and_extracts(server, tmp_path):
     dest = tmp_path / "cache" / "train.raw"
     assert data.fetch_archive_member(remote, dest, progress=False) == dest
     assert dest.read_bytes() == content
-    assert not list(dest.parent.glob("*.part"))  # no temporary file left behind
+    assert not list(dest.parent.glob("*.tmp"))  # no temporary file left behind
     data.fetch_archive_member(remote, dest, progress=False)
     assert len(hits) == 1  # a verified copy is not downloaded again
 
@@ -203,7 +203,7 @@ def test_every_source_corrupt_or_missing_is_a_clear_error(server, tmp_path):
     message = str(e.value)
     assert "corpus.zip" in message and "expected" in message and "404" in message
     assert f"into {tmp_path} by hand" in message
-    assert not dest.exists() and not list(tmp_path.glob("*.part")) and not (tmp_path / "corpus.zip").exists()
+    assert not dest.exists() and not list(tmp_path.glob("*.tmp")) and not (tmp_path / "corpus.zip").exists()
 
 
 def test_an_archive_put_there_by_hand_is_used_offline(tmp_path):

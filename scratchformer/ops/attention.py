@@ -22,6 +22,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"causal_attention: {name} must be 4-D [batch, heads, time, head_dim], got shape {tuple(t.shape)}")
+    if not q.is_floating_point():
+        raise ValueError(f"causal_attention: q, k and v must be floating-point tensors, got {q.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"causal_attention: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):

@@ -20,8 +20,12 @@ FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> None:
     if x.dim() == 0:
         raise ValueError("layer_norm: x must have at least one dimension")
+    if not x.is_floating_point():
+        raise ValueError(f"layer_norm: x must be a floating-point tensor, got {x.dtype} (convert it with x.float())")
     channels = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias)):
+        if not t.is_floating_point():
+            raise ValueError(f"layer_norm: {name} must be a floating-point tensor, got {t.dtype}")
         if t.shape != (channels,):
             raise ValueError(
                 f"layer_norm: {name} must have shape ({channels},) to match x's last dimension, got {tuple(t.shape)}"
@@ -30,6 +34,17 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps
             raise ValueError(f"layer_norm: {name} is on {t.device} but x is on {x.device}")
     if not eps > 0:
         raise ValueError(f"layer_norm: eps must be > 0, got {eps}")
+
+
+def _affine(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight and bias, with None meaning 1 and 0 as in F.layer_norm."""
+    like = weight if weight is not None else bias if bias is not None else x
+    dtype = like.dtype if like.is_floating_point() else x.dtype
+    if weight is None:
+        weight = torch.ones(x.shape[-1:], dtype=dtype, device=x.device)
+    if bias is None:
+        bias = torch.zeros(x.shape[-1:], dtype=weight.dtype, device=x.device)
+    return weight, bias
 
 
 def _fused_reason(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> str | None:
@@ -53,16 +68,18 @@ def _fused(x, weight, bias, residual, eps):
 
 def layer_norm(
     x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     eps: float = 1e-5,
     *,
     backend: str | None = None,
 ) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) * weight + bias over the last dimension, in x's dtype.
 
-    `backend` picks the implementation for this call (default: `get_backend()`).
+    weight and bias None stand for ones and zeros (as in F.layer_norm). `backend` picks the
+    implementation for this call (default: `get_backend()`).
     """
+    weight, bias = _affine(x, weight, bias)
     _check_inputs(x, weight, bias, eps)
     which = choose("layer_norm", backend, (x, weight, bias), lambda: _fused_reason(x, weight, bias))
     if which == "fused":
@@ -75,13 +92,14 @@ def layer_norm(
 def add_layer_norm(
     x: torch.Tensor,
     residual: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     eps: float = 1e-5,
     *,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """h = x + residual and layer_norm(h), in one pass with the fused kernel: returns (y, h)."""
+    weight, bias = _affine(x, weight, bias)
     _check_inputs(x, weight, bias, eps)
     if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
         raise ValueError(
