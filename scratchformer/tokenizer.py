@@ -166,9 +166,10 @@ class BPETokenizer:
 
     def token_to_id(self, token: bytes | str) -> int:
         """The id of one token: its bytes, or a special token's text (`"<|endoftext|>"`)."""
-        if isinstance(token, str) and token in self.special:
-            return self.special[token]
         key = token.encode("utf-8") if isinstance(token, str) else bytes(token)
+        special = key.decode("utf-8", errors="replace")
+        if special in self.special:
+            return self.special[special]
         if key not in self.ids:
             raise KeyError(f"{token!r} is not a single token of this vocabulary (encode() splits text into tokens)")
         return self.ids[key]

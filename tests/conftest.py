@@ -1,14 +1,28 @@
 import os
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
+# `python -m pytest` puts the checkout first on sys.path, where `scratchformer` is the source tree:
+# without its compiled extensions unless built in place. Then test the installed package instead.
+_checkout = Path(__file__).resolve().parent.parent
+if not list((_checkout / "scratchformer").glob("_bpe*.so")):
+    sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _checkout]
+try:
+    import scratchformer  # noqa: E402
+except ImportError:
+    raise pytest.UsageError(
+        "scratchformer is not installed: run `pip install --no-build-isolation .` first "
+        "(or `python setup.py build_ext --inplace` to test the checkout itself)"
+    ) from None
+
 # Token caches and downloads of the test run stay out of the user's cache.
 os.environ["SCRATCHFORMER_CACHE"] = tempfile.mkdtemp(prefix="scratchformer-test-cache-")
 
-import scratchformer
-from scratchformer import ops
+from scratchformer import ops  # noqa: E402
 
 
 def _cuda_skip_reason():

@@ -133,6 +133,7 @@ def test_layer_norm_gradients_on_every_backend(name):
         (lambda: (torch.randn(4, 4, 8), torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 8)), "q must be 4-D"),
         (lambda: (torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 8), torch.randn(1, 4, 5, 8)), "k and v must have the same shape"),
         (lambda: (torch.randn(1, 4, 4, 16), torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 8)), "agree on batch and head_dim"),
+        (lambda: (torch.ones(1, 4, 4, 8, dtype=torch.long),) * 3, "must be floating-point tensors, got torch.int64"),
     ],
 )
 @pytest.mark.parametrize("name", ["auto", "reference", "torch"])
@@ -148,6 +149,8 @@ def test_attention_rejects_bad_input_on_every_backend(make, message, name):
         ((torch.randn(2, 8), torch.randn(8), torch.randn(1, 8)), r"bias must have shape \(8,\)"),
         ((torch.randn(2, 8), torch.randn(8), torch.randn(8), 0.0), "eps must be > 0"),
         ((torch.tensor(1.0), torch.randn(1), torch.randn(1)), "at least one dimension"),
+        ((torch.randint(0, 9, (2, 8)), None, None), "x must be a floating-point tensor, got torch.int64"),
+        ((torch.randn(2, 8), torch.ones(8, dtype=torch.int32), None), "weight must be a floating-point tensor"),
     ],
 )
 @pytest.mark.parametrize("name", ["auto", "reference", "torch"])
@@ -163,3 +166,13 @@ def test_layer_norm_accepts_fp32_parameters_with_low_precision_input():
         y = ops.layer_norm(x, w, b, backend=name)
         assert y.dtype == torch.bfloat16
         torch.testing.assert_close(y.double(), reference.layer_norm(x.double(), w.double(), b.double())[0], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("name", ["auto", "reference", "torch"])
+def test_layer_norm_weight_and_bias_may_be_none_as_in_torch(name):
+    x, w, b = torch.randn(3, 5, 16), torch.randn(16), torch.randn(16)
+    for weight, bias in ((None, None), (w, None), (None, b)):
+        expected = torch.nn.functional.layer_norm(x, (16,), weight, bias)
+        torch.testing.assert_close(ops.layer_norm(x, weight, bias, backend=name), expected)
+        y, h = ops.add_layer_norm(x, x.flip(0), weight, bias, backend=name)
+        torch.testing.assert_close(y, torch.nn.functional.layer_norm(x + x.flip(0), (16,), weight, bias))

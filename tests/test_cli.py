@@ -1,12 +1,19 @@
 """The `scratchformer` command: a whole run, and one clear line for each kind of bad input."""
 
+import argparse
+import os
+import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from scratchformer import cli
+from scratchformer import cli, training
+from scratchformer.config import PRESETS, ModelConfig
+from scratchformer.tokenizer import BPETokenizer
+from scratchformer.training import load_checkpoint
 
 SMALL = ["--n-layers", "1", "--d-model", "32", "--n-heads", "4", "--d-ff", "64", "--context", "16",
          "--vocab-size", "300", "--batch-size", "8", "--warmup", "5", "--no-progress", "--device", "cpu"]
@@ -25,10 +32,72 @@ def test_train_writes_the_run_and_prints_a_sample(run, capsys):
         assert (run / name).exists(), name
 
 
-def test_resume_continues_the_run(run, small_text, capsys):
-    assert cli.main(["train", "--data", str(small_text), "--out", str(run), "--resume", "--steps", "14", "--sample-tokens", "0", "--no-progress"]) == 0
+def test_resume_continues_the_run_on_its_own_corpus(run, small_text, tmp_path, monkeypatch, capsys):
+    assert load_checkpoint(run)["data"] == str(small_text.resolve())
+    monkeypatch.chdir(tmp_path)  # from another folder, and without --data: the run knows its corpus
+    assert cli.main(["train", "--out", str(run), "--resume", "--steps", "14", "--sample-tokens", "0", "--no-progress"]) == 0
     lines = (run / "metrics.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in lines[1:]] == [str(s) for s in range(1, 15)]
+    assert load_checkpoint(run)["data"] == str(small_text.resolve())
+
+
+def test_run_files_get_the_mode_of_a_normal_write(run):
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("checkpoint.pt", "tokenizer.json", "metrics.csv"):
+        assert stat.S_IMODE((run / name).stat().st_mode) == 0o666 & ~mask, name
+
+
+def test_ctrl_c_names_the_last_checkpoint_and_the_resume_command(small_text, tmp_path, monkeypatch, capsys):
+    real, calls = training.lm_loss, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "lm_loss", interrupted)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", str(small_text), "--out", str(out), "--steps", "20", "--checkpoint-every", "4", *SMALL]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == (f"scratchformer train: interrupted after step 9 of 20: the last checkpoint is step 8, continue it with "
+                   f"`scratchformer train --out {out} --resume`")
+    assert load_checkpoint(out)["step"] == 8
+
+
+def test_gpt2_tokenizer_run_writes_tokenizer_json(small_text, tmp_path):
+    out = tmp_path / "run"
+    args = [a for a in SMALL if a not in ("--vocab-size", "300")]
+    assert cli.main(["train", "--data", str(small_text), "--out", str(out), "--tokenizer", "gpt2", "--steps", "1", "--sample-tokens", "0", *args]) == 0
+    saved, gpt2 = BPETokenizer.load(out / "tokenizer.json"), BPETokenizer.from_gpt2()
+    assert saved.tokens == gpt2.tokens and saved.merges == gpt2.merges and saved.special == gpt2.special
+    assert load_checkpoint(out)["model_config"]["vocab_size"] == 50257
+
+
+def test_every_option_is_explained_with_the_presets_values():
+    parser = cli._parser()
+    commands = dict(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices)
+    tokenizer = next(a for a in commands["tokenizer"]._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in list(commands.items()) + [(f"tokenizer {k}", v) for k, v in tokenizer.items()]:
+        for action in command._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help and len(action.help) > 10, f"{name} {action.option_strings[0]} has no help"
+    train_help = {a.dest: a.help for a in commands["train"]._actions}
+    for option, _, _ in cli.MODEL_OPTIONS + cli.TRAIN_OPTIONS:
+        field = option.replace("-", "_")
+        which = 0 if hasattr(ModelConfig, field) else 1
+        for preset in PRESETS:
+            value = getattr(PRESETS[preset][which], field)
+            assert f"{preset}: {'unset' if value is None else value}" in train_help[field], option
+
+
+def test_generate_notes_a_prompt_that_ends_in_whitespace(run, capsys):
+    assert cli.main(["generate", "--checkpoint", str(run), "--prompt", "The ", "--max-new-tokens", "3", "--seed", "1", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("The ")
+    assert captured.err.strip() == ("scratchformer generate: note: the prompt ends in whitespace, which often makes a worse "
+                                    "continuation: leave the trailing space out")
 
 
 def test_eval_generate_and_tokenizer_commands(run, capsys):
@@ -47,37 +116,77 @@ def test_eval_generate_and_tokenizer_commands(run, capsys):
     assert capsys.readouterr().out == "Hello world\n"
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["train", "--preset", "huge"], "unknown preset 'huge': choose one of seed, tiny"),
-        (["train", "--data", "/no/such/corpus"], "--data /no/such/corpus: no such file or folder"),
-        (["train", "--d-model", "30", "--n-heads", "4"], r"d_model \(30\) must be divisible by n_heads \(4\)"),
-        (["train", "--n-heads", "4", "--n-kv-heads", "3"], r"n_heads \(4\) must be divisible by n_kv_heads \(3\)"),
-        (["train", "--steps", "0"], "steps must be at least 1"),
-        (["train", "--kernels", "fused", "--device", "cpu", "--steps", "1"], "backend 'fused' cannot run"),
-        (["eval", "--checkpoint", "/no/such/run"], "no checkpoint there"),
-        (["tokenizer", "decode", "12", "x"], "decode takes integer token ids"),
-    ],
-)
-def test_bad_input_is_one_clear_line(args, message, capsys, tmp_path, small_text):
-    if args[0] == "train" and "--data" not in args:
-        args = args + ["--data", str(small_text), "--out", str(tmp_path / "out"), "--no-progress"]
+def _snapshot(*folders: Path) -> dict:
+    """Every file under the folders, with its bytes and mode: what a refused command must not change."""
+    return {p: (p.read_bytes(), p.stat().st_mode) for folder in folders for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# (command line, what the one line of error says). RUN stands for a finished run folder, TEXT for
+# a small text file, BIN for a binary file, FILE for a plain file, OUT for a new folder, TMP for
+# an existing one.
+BAD_INPUT = [
+    (["train", "--preset", "huge"], "unknown preset 'huge': choose one of seed, tiny"),
+    (["train", "--data", "/no/such/corpus", "--out", "OUT"], "--data /no/such/corpus: no such file or folder"),
+    (["train", "--data", "BIN", "--out", "OUT"], r"model.bin: \d+% of it is not text"),
+    (["train", "--d-model", "30", "--n-heads", "4"], r"d_model \(30\) must be divisible by n_heads \(4\)"),
+    (["train", "--n-heads", "4", "--n-kv-heads", "3"], r"n_heads \(4\) must be divisible by n_kv_heads \(3\)"),
+    (["train", "--n-kv-heads", "0"], "n_kv_heads must be at least 1, got 0"),
+    (["train", "--steps", "0"], "steps must be at least 1"),
+    (["train", "--eval-every", "0"], "eval_every must be at least 1, got 0"),
+    (["train", "--checkpoint-every", "0"], "checkpoint_every must be at least 1, got 0"),
+    (["train", "--device", "banana"], "--device banana: not a device here: use cpu, cuda, cuda:N or auto"),
+    (["train", "--device", "cuda"], "--device cuda: no CUDA GPU is visible"),
+    (["train", "--out", "FILE"], "--out .*plain.txt: exists and is not a folder"),
+    (["train", "--out", "FILE/run"], "--out .*plain.txt/run: .*plain.txt is a file, not a folder"),
+    (["train", "--tokenizer", "gpt2", "--vocab-size", "500"], "--vocab-size sets the size of a trained BPE; GPT-2's vocabulary has 50257"),
+    (["train", "--vocab-size", "100"], "--vocab-size must be at least 257"),
+    (["train", "--sample-tokens", "-1"], "--sample-tokens must be 0 or more"),
+    (["train", "--kernels", "fused", "--device", "cpu", "--steps", "1"], "backend 'fused' cannot run"),
+    (["train", "--out", "RUN", "--resume"], r"is finished at step (\d+) of \1: to train further, resume with --steps M, M more than \1"),
+    (["train", "--out", "RUN", "--resume", "--steps", "20", "--data", "wikitext2-mini"], "was trained on .*small.txt, not wikitext2-mini: resume without --data"),
+    (["train", "--out", "RUN", "--resume", "--steps", "20", "--tokenizer", "gpt2"], "was trained with the bpe tokenizer, not gpt2"),
+    (["train", "--out", "RUN", "--resume", "--steps", "20", "--vocab-size", "500"], "holds a model with a vocabulary of 300, not 500"),
+    (["train", "--out", "RUN", "--resume", "--steps", "20", "--d-model", "64"], r"holds a model with d_model=32 \(asked: 64\)"),
+    (["train", "--out", "RUN"], "already holds a checkpoint"),
+    (["train", "--out", "OUT", "--resume"], "no checkpoint there"),
+    (["eval", "--checkpoint", "/no/such/run"], "no checkpoint there"),
+    (["eval", "--checkpoint", "RUN", "--split", "test"], "--split test: .* has the splits train, eval"),
+    (["generate", "--checkpoint", "RUN", "--max-new-tokens", "-3"], "--max-new-tokens must be at least 1, got -3"),
+    (["generate", "--checkpoint", "RUN", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["generate", "--checkpoint", "RUN", "--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
+    (["generate", "--checkpoint", "RUN", "--top-k", "0"], "--top-k must be >= 1"),
+    (["generate", "--checkpoint", "RUN", "--prompt", "word " * 40], "more than the model's context of 16: shorten it"),
+    (["generate", "--checkpoint", "RUN", "--device", "banana"], "--device banana: not a device"),
+    (["generate", "--checkpoint", "RUN", "--prompt", "caf\udce9"], "the value of --prompt is not valid UTF-8"),
+    (["tokenizer", "train", "--out", "/nonexistent-dir/t.json"], "--out /nonexistent-dir/t.json: /nonexistent-dir is not an existing folder"),
+    (["tokenizer", "train", "--out", "OUT/t.json", "--vocab-size", "10"], "--vocab-size must be at least 257"),
+    (["tokenizer", "train", "--out", "TMP/t.json", "--data", "BIN"], r"model.bin: \d+% of it is not text"),
+    (["tokenizer", "decode", "12", "x"], "decode takes integer token ids"),
+    (["tokenizer", "encode", "--tokenizer", "/no/such.json", "hi"], "no such tokenizer file"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT, ids=[" ".join(a)[:60] for a, _ in BAD_INPUT])
+def test_bad_input_is_one_clear_line_and_changes_nothing(args, message, run, small_text, tmp_path, capsys):
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(range(256)) * 40)
+    plain = tmp_path / "plain.txt"
+    plain.write_text("not a folder\n")
+    names = {"RUN": str(run), "TEXT": str(small_text), "BIN": str(binary), "FILE": str(plain), "OUT": str(tmp_path / "out"), "TMP": str(tmp_path)}
+    args = [next((a.replace(k, v, 1) for k, v in names.items() if a.startswith(k)), a) for a in args]
+    if args[0] == "train":
+        args += [a for a in ("--data", str(small_text)) if "--data" not in args and "--resume" not in args][:2]
+        args += [] if "--out" in args else ["--out", str(tmp_path / "out")]
+        args += ["--no-progress"]
+    before = _snapshot(tmp_path, run)
+    capsys.readouterr()
     assert cli.main(args) == 1
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and err.startswith(f"scratchformer {args[0]}: error:")
-    assert pytest.importorskip("re").search(message, err), err
-
-
-def test_prompt_longer_than_the_context_and_other_shapes(run, small_text, capsys):
-    assert cli.main(["generate", "--checkpoint", str(run), "--prompt", "word " * 40, "--device", "cpu"]) == 1
-    assert "more than the model's context of 16: shorten it" in capsys.readouterr().err
-    good = (run / "checkpoint.pt").read_bytes()
-    assert cli.main(["train", "--data", str(small_text), "--out", str(run), "--resume", "--d-model", "64", "--no-progress"]) == 1
-    assert "holds a model with d_model=32 (asked: 64)" in capsys.readouterr().err
-    assert cli.main(["train", "--data", str(small_text), "--out", str(run), *SMALL]) == 1
-    assert "already holds a checkpoint" in capsys.readouterr().err
-    assert (run / "checkpoint.pt").read_bytes() == good
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing printed before the error (generate used to print the prompt)
+    assert len(captured.err.strip().splitlines()) == 1 and captured.err.startswith(f"scratchformer {args[0]}: error:"), captured.err
+    assert re.search(message, captured.err), captured.err
+    assert _snapshot(tmp_path, run) == before
+    assert not (tmp_path / "out").exists()
 
 
 def test_console_script_error_has_no_traceback(tmp_path):
@@ -85,3 +194,6 @@ def test_console_script_error_has_no_traceback(tmp_path):
     result = subprocess.run([str(script), "train", "--data", str(tmp_path / "missing")], capture_output=True, text=True)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    result = subprocess.run([str(script), "tokenizer", "encode", b"caf\xe9"], capture_output=True, text=True)  # Latin-1 bytes
+    assert result.returncode == 1
+    assert result.stderr == "scratchformer tokenizer: error: argument 'caf\ufffd' is not valid UTF-8: give text in UTF-8 (check the terminal's or the file's encoding)\n"

@@ -8,6 +8,8 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import random
+
 import pytest
 import torch
 
@@ -229,3 +231,18 @@ def test_wikitext2_train_split_checksums_are_the_published_ones():
     assert (r.size, r.sha256) == (4_721_645, "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11")
     assert r.member_sha256 == "6707892fa3788b5ab9ed78ab5ff37d9fe825f6011a2ad4fcd6a6d467f0e7da57"
     assert Path(r.member).name == "wiki.train.raw" and all(u.endswith("wikitext-2-raw-v1.zip") for u in r.urls)
+
+
+def test_binary_data_is_refused_and_a_few_bad_bytes_are_not(tmp_path):
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(20000)))
+    with pytest.raises(data.DataError, match=r"model.bin: \d+% of it is not text .*give UTF-8 text files"):
+        data.load_corpus(str(binary))
+    zeros = tmp_path / "zeros.txt"
+    zeros.write_bytes(b"\0" * 100 + b"words\n" * 50)
+    with pytest.raises(data.DataError, match="zeros.txt: 25% of it is not text"):
+        data.load_corpus(str(zeros))
+    latin1 = tmp_path / "latin1.txt"  # a few characters in another encoding: kept, as U+FFFD
+    latin1.write_bytes("café au lait\n".encode("latin-1") * 50)
+    corpus = data.load_corpus(str(latin1))
+    assert corpus["train"].documents[0].startswith("caf\ufffd au lait\n")

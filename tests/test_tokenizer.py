@@ -29,7 +29,9 @@ TRICKY = [
 ]
 
 
-def test_gpt2_ids_match_tiktoken(gpt2):
+@pytest.fixture(scope="module")
+def tiktoken_gpt2():
+    """tiktoken's encoder on the same GPT-2 files (offline: no download of tiktoken's copy)."""
     tiktoken = pytest.importorskip("tiktoken")
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
@@ -41,15 +43,18 @@ def test_gpt2_ids_match_tiktoken(gpt2):
             with lzma.open(assets / f"{name}.xz") as src, open(paths[name], "wb") as dst:
                 dst.write(src.read())
         ranks = data_gym_to_mergeable_bpe_ranks(paths["vocab.bpe"], paths["encoder.json"])
-    enc = tiktoken.Encoding(
+    return tiktoken.Encoding(
         "gpt2-local",
         pat_str=r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
         mergeable_ranks=ranks,
         special_tokens={EOT: 50256},
     )
+
+
+def test_gpt2_ids_match_tiktoken(gpt2, tiktoken_gpt2):
     text = data._shipped("wiki.valid.raw.xz")[:200_000]
     for sample in TRICKY + [text]:
-        assert gpt2.encode_ordinary(sample) == enc.encode_ordinary(sample), sample[:40]
+        assert gpt2.encode_ordinary(sample) == tiktoken_gpt2.encode_ordinary(sample), sample[:40]
 
 
 def test_gpt2_known_ids(gpt2):
@@ -141,3 +146,18 @@ def test_bad_files_name_the_problem(tmp_path):
     merges.write_text("#version: 0.2\nĠ t\nzzzq Ġt\n")
     with pytest.raises(TokenizerError, match="vocab.bpe:3: merge 'zzzq Ġt' refers to a token not in"):
         BPETokenizer.from_gpt2(encoder, merges)
+
+
+def test_tiktoken_names(gpt2, tiktoken_gpt2):
+    enc = tiktoken_gpt2
+    assert gpt2.n_vocab == len(gpt2) == enc.n_vocab == 50257
+    assert gpt2.eot_token == enc.eot_token == 50256
+    for token_id in (0, 198, 995, 15496, 50255, 50256):
+        token = gpt2.id_to_token(token_id)
+        assert token == enc.decode_single_token_bytes(token_id)
+        assert gpt2.token_to_id(token) == token_id
+    assert gpt2.token_to_id(" world") == 995 and gpt2.token_to_id("<|endoftext|>") == 50256
+    with pytest.raises(KeyError, match="not a single token"):
+        gpt2.token_to_id(b" worldwide peace")
+    with pytest.raises(KeyError, match="outside the vocabulary"):
+        gpt2.id_to_token(50257)
