@@ -3,7 +3,7 @@
     python benchmarks/bench_generate.py [--device cuda] [--out DIR]
 
 Greedy decoding of up to the full context from a short prompt, batch 1. With the cache each
-step runs the model on the newest token only (`scratchformer.sampling.generate`); without it,
+step runs the model on the newest token only (`GPT.generate`); without it,
 each step runs the whole sequence again. Both must produce the same tokens. Prints a markdown
 table (also written to DIR/bench_generate.md).
 """
@@ -20,7 +20,6 @@ import torch
 
 from scratchformer.config import preset
 from scratchformer.model import GPT
-from scratchformer.sampling import Sampling, generate
 
 
 @torch.no_grad()
@@ -57,9 +56,9 @@ def main() -> int:
     prompt = torch.randint(0, config.vocab_size, (args.prompt_tokens,)).tolist()
     new_tokens = config.context - args.prompt_tokens
 
-    list(generate(model, prompt, 8, Sampling(temperature=0)))  # warm-up
+    model.generate(prompt, 8, temperature=0)  # warm-up
     without_cache(model, prompt, 8)
-    cached, t_cached = timed(lambda: list(generate(model, prompt, new_tokens, Sampling(temperature=0))), device)
+    cached, t_cached = timed(lambda: model.generate(prompt, new_tokens, temperature=0)[len(prompt):].tolist(), device)
     full, t_full = timed(lambda: without_cache(model, prompt, new_tokens), device)
 
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"

@@ -153,7 +153,6 @@ MIN_VOCAB = 257  # the 256 bytes and <|endoftext|>
 def _cmd_train(args) -> int:
     from . import ops
     from .config import preset, replace
-    from .sampling import Sampling, generate
     from .training import check_out_dir, load_checkpoint, pick_device, train
 
     # Every option is checked here, before any work starts.
@@ -200,8 +199,8 @@ def _cmd_train(args) -> int:
               f"baseline (perplexity {result.final_eval['ppl']:.1f} against {math.exp(result.unigram_loss):.1f})")
     if args.sample_tokens > 0:
         tok = result.tokenizer
-        ids = list(generate(result.model, [tok.eot_id], args.sample_tokens, Sampling(temperature=0.8, top_k=40), seed=0, stop_token=None))
-        print("sample:", tok.decode(ids).strip())
+        ids = result.model.generate([tok.eot_id], args.sample_tokens, temperature=0.8, top_k=40, seed=0)[1:]
+        print("sample:", tok.decode(ids.tolist()).strip())
     return 0
 
 
@@ -240,11 +239,10 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from .sampling import Sampling, generate
+    from .sampling import Sampling
 
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     try:
-        sampling.validate()
+        Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty).validate()
     except ValueError as e:
         message = str(e)
         for name in ("temperature", "top_k", "top_p", "repetition_penalty"):
@@ -254,8 +252,11 @@ def _cmd_generate(args) -> int:
         raise CliError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     _, model, tok, _ = _model_from(args)
     prompt = tok.encode(args.prompt, special="allow") if args.prompt else [tok.eot_id]
-    if len(prompt) > model.config.context:
-        raise CliError(f"the prompt has {len(prompt)} tokens, more than the model's context of {model.config.context}: shorten it")
+    context = model.config.context
+    if len(prompt) > context:
+        print(f"scratchformer generate: note: the prompt has {len(prompt)} tokens, more than the model's context of "
+              f"{context}: generating from its last {context}", file=sys.stderr)
+        prompt = prompt[-context:]
     if args.prompt[-1:].isspace():
         # The tokenizer attaches a space to the word after it, so a prompt that ends in one asks
         # the model to continue mid-token (GPT-2's tools warn about this too).
@@ -264,10 +265,13 @@ def _cmd_generate(args) -> int:
     print(args.prompt, end="", flush=True)
     # A character may span tokens: the incremental decoder holds back an unfinished one.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for token in generate(model, prompt, args.max_new_tokens, sampling, seed=args.seed, stop_token=tok.eot_id):
-        if token == tok.eot_id:
-            break
-        print(decoder.decode(tok.decode_bytes([token])), end="", flush=True)
+
+    def show(token):
+        if int(token[0]) != tok.eot_id:
+            print(decoder.decode(tok.decode_bytes([int(token[0])])), end="", flush=True)
+
+    model.generate(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
+                   eos=tok.eot_id, seed=args.seed, streamer=show)
     print(decoder.decode(b"", final=True))
     return 0
 

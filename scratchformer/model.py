@@ -7,6 +7,7 @@ the from-scratch reference, or PyTorch's own) is a switch: `ops.set_backend(...)
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -167,6 +168,58 @@ class GPT(nn.Module):
             cache.length += time
         x = self.final_norm(x)
         return F.linear(x, self.embedding.weight) if self.head is None else self.head(x)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        eos: int | None = None,
+        seed: int | None = None,
+        streamer=None,
+    ) -> torch.Tensor:
+        """Continue prompts of token ids: idx is [T] or [B, T] (a tensor or lists of equal length).
+        Returns [B, T + new] (the prompts and what follows; [T + new] for a [T] prompt).
+
+        temperature 0 is greedy; top_k, top_p (nucleus) and repetition_penalty (> 1 discourages
+        tokens already in the text) filter the distribution first. With `eos`, a sequence ends at
+        it (later positions repeat it) and generation stops when all have ended. `seed` makes the
+        choices reproducible. `streamer(tokens)` is called with each step's new tokens [B], to
+        show text as it comes. A prompt longer than the context keeps its last `context` tokens
+        (with a warning), as nanoGPT and Hugging Face do.
+        """
+        from .sampling import Sampling, decode
+
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        device = next(self.parameters()).device
+        try:
+            tokens = torch.as_tensor(idx, dtype=torch.long, device=device)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"generate: idx must be token ids of shape [T] or [B, T] with prompts of equal length ({e})") from None
+        single = tokens.dim() == 1
+        prompts = tokens[None] if single else tokens
+        if prompts.dim() != 2 or prompts.shape[1] == 0:
+            raise ValueError(f"generate: idx must be [T] or [B, T] with T >= 1 (for example [[eos]]), got shape {tuple(tokens.shape)}")
+        if prompts.min() < 0 or prompts.max() >= self.config.vocab_size:
+            raise ValueError(f"generate: token ids must be in [0, {self.config.vocab_size}), got {prompts.min()}..{prompts.max()}")
+        context = self.config.context
+        if prompts.shape[1] > context:
+            warnings.warn(f"the prompt has {prompts.shape[1]} tokens, more than the model's context of {context}: "
+                          f"generating from its last {context}", stacklevel=2)
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
+        new = []
+        for token in decode(self, prompts[:, -context:], max_new_tokens, sampling, generator, eos):
+            new.append(token)
+            if streamer is not None:
+                streamer(token)
+        out = torch.cat([prompts] + [t[:, None] for t in new], dim=1)
+        return out[0] if single else out
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

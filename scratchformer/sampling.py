@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 
@@ -70,45 +70,43 @@ def next_token(logits: torch.Tensor, sampling: Sampling, previous: torch.Tensor,
 
 
 @torch.no_grad()
-def generate(
+def decode(
     model: GPT,
-    prompt: Sequence[int],
+    idx: torch.Tensor,
     max_new_tokens: int,
     sampling: Sampling = Sampling(),
-    seed: int | None = None,
-    stop_token: int | None = None,
-) -> Iterator[int]:
-    """Yield up to max_new_tokens token ids continuing `prompt`, one at a time (stream them).
+    generator: torch.Generator | None = None,
+    eos: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of each sequence, [B], up to max_new_tokens times, continuing idx [B, T].
 
-    Decodes with the KV cache: each step runs the model on the newest token only. When the
+    Decodes with the KV cache: each step runs the model on the newest tokens only. When the
     context is full, the cache is rebuilt from the last three quarters of the context (a
-    sliding window) and decoding goes on. Stops after yielding `stop_token`.
+    sliding window) and decoding goes on. A sequence that produced `eos` goes on producing it;
+    decoding stops when every sequence has. GPT.generate is the front door to this.
     """
     sampling.validate()
     context = model.config.context
-    if not prompt:
-        raise ValueError("the prompt is empty: give at least one token (for example <|endoftext|>)")
-    if len(prompt) > context:
-        raise ValueError(f"the prompt has {len(prompt)} tokens, more than the model's context of {context}: shorten it")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    tokens = torch.tensor([list(prompt)], device=device)
-    cache = KVCache(model.config, 1, device=device, dtype=next(model.parameters()).dtype)
+    tokens = idx.to(device)
+    cache = KVCache(model.config, tokens.shape[0], device=device, dtype=next(model.parameters()).dtype)
     logits = model(tokens, cache)[:, -1]
+    done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=device)
     try:
         for _ in range(max_new_tokens):
             token = next_token(logits, sampling, tokens, generator)
-            yield int(token)
-            if stop_token is not None and int(token) == stop_token:
+            if eos is not None:
+                token = token.masked_fill(done, eos)
+                done |= token == eos
+            yield token
+            if bool(done.all()):
                 return
             tokens = torch.cat([tokens, token[:, None]], dim=1)
             if cache.length == context:
                 keep = tokens[:, -(3 * context // 4) :]
-                cache = KVCache(model.config, 1, device=device, dtype=cache.keys[0].dtype)
+                cache = KVCache(model.config, tokens.shape[0], device=device, dtype=cache.keys[0].dtype)
                 logits = model(keep, cache)[:, -1]
             else:
                 logits = model(token[:, None], cache)[:, -1]

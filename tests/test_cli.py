@@ -155,7 +155,6 @@ BAD_INPUT = [
     (["generate", "--checkpoint", "RUN", "--temperature", "-1"], "--temperature must be >= 0"),
     (["generate", "--checkpoint", "RUN", "--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
     (["generate", "--checkpoint", "RUN", "--top-k", "0"], "--top-k must be >= 1"),
-    (["generate", "--checkpoint", "RUN", "--prompt", "word " * 40], "more than the model's context of 16: shorten it"),
     (["generate", "--checkpoint", "RUN", "--device", "banana"], "--device banana: not a device"),
     (["generate", "--checkpoint", "RUN", "--prompt", "caf\udce9"], "the value of --prompt is not valid UTF-8"),
     (["tokenizer", "train", "--out", "/nonexistent-dir/t.json"], "--out /nonexistent-dir/t.json: /nonexistent-dir is not an existing folder"),
@@ -197,3 +196,12 @@ def test_console_script_error_has_no_traceback(tmp_path):
     result = subprocess.run([str(script), "tokenizer", "encode", b"caf\xe9"], capture_output=True, text=True)  # Latin-1 bytes
     assert result.returncode == 1
     assert result.stderr == "scratchformer tokenizer: error: argument 'caf\ufffd' is not valid UTF-8: give text in UTF-8 (check the terminal's or the file's encoding)\n"
+
+
+def test_generate_keeps_the_end_of_a_prompt_longer_than_the_context(run, capsys):
+    assert cli.main(["generate", "--checkpoint", str(run), "--prompt", "word " * 39 + "word", "--max-new-tokens", "3",
+                     "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("word " * 39 + "word")
+    assert re.fullmatch(r"scratchformer generate: note: the prompt has \d\d+ tokens, more than the model's "
+                        r"context of 16: generating from its last 16", captured.err.strip())

@@ -1,4 +1,4 @@
-"""Sampling filters on hand-made distributions, and generate()."""
+"""Sampling filters on hand-made distributions, and GPT.generate()."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 
 from scratchformer.model import GPT
 from scratchformer.config import ModelConfig
-from scratchformer.sampling import Sampling, generate, next_token, penalize_repetition, top_k_filter, top_p_filter
+from scratchformer.sampling import Sampling, next_token, penalize_repetition, top_k_filter, top_p_filter
 
 
 def logits_of(probs):
@@ -66,31 +66,76 @@ def tiny_model():
     return GPT(ModelConfig(vocab_size=40, context=16, n_layers=1, d_model=16, n_heads=2, d_ff=32))
 
 
+def greedy_without_cache(model, tokens, steps):
+    """The independent expectation: the whole sequence through the model at every step."""
+    tokens = list(tokens)
+    with torch.no_grad():
+        for _ in range(steps):
+            tokens.append(int(model(torch.tensor([tokens[-model.config.context:]]))[0, -1].argmax()))
+    return tokens
+
+
 def test_generate_is_reproducible_with_a_seed_and_matches_greedy_recomputation():
     model = tiny_model()
-    a = list(generate(model, [1, 2, 3], 10, Sampling(top_k=5), seed=7))
-    b = list(generate(model, [1, 2, 3], 10, Sampling(top_k=5), seed=7))
-    assert a == b and len(a) == 10
-    greedy = list(generate(model, [1, 2, 3], 8, Sampling(temperature=0)))
-    tokens = [1, 2, 3]
-    with torch.no_grad():
-        for _ in range(8):  # without a cache: the whole sequence each step
-            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
-    assert greedy == tokens[3:]
+    a = model.generate([1, 2, 3], 10, top_k=5, seed=7)
+    b = model.generate(torch.tensor([1, 2, 3]), 10, top_k=5, seed=7)
+    assert torch.equal(a, b) and a.shape == (13,) and a[:3].tolist() == [1, 2, 3]
+    assert model.generate([1, 2, 3], 8, temperature=0).tolist() == greedy_without_cache(model, [1, 2, 3], 8)
 
 
-def test_generate_stops_at_the_stop_token_and_slides_past_the_context():
+def test_generate_a_batch_of_prompts_each_as_alone():
     model = tiny_model()
-    first = list(generate(model, [1], 30, Sampling(temperature=0)))
+    prompts = [[1, 2, 3], [7, 7, 9], [30, 2, 5]]
+    out = model.generate(prompts, 6, temperature=0)
+    assert out.shape == (3, 9)
+    for prompt, row in zip(prompts, out.tolist()):
+        assert row == greedy_without_cache(model, prompt, 6)
+    sampled = model.generate(prompts, 6, top_p=0.9, seed=3)
+    assert torch.equal(sampled, model.generate(prompts, 6, top_p=0.9, seed=3))
+
+
+def test_generate_stops_at_eos_and_slides_past_the_context():
+    model = tiny_model()
+    first = model.generate([1], 30, temperature=0)[1:].tolist()
     assert len(first) == 30  # 31 tokens through a context of 16: the window slid
     stop = first[4]
-    out = list(generate(model, [1], 30, Sampling(temperature=0), stop_token=stop))
+    out = model.generate([1], 30, temperature=0, eos=stop)[1:].tolist()
     assert out == first[: first.index(stop) + 1]
+    # In a batch, a sequence that ended repeats eos while the others go on.
+    both = model.generate([[1], [first[0]]], 8, temperature=0, eos=stop)
+    assert both[0, 1:].tolist() == first[: first.index(stop) + 1] + [stop] * (7 - first.index(stop))
+    alone = greedy_without_cache(model, [first[0]], 8)[1:]
+    if stop in alone:
+        alone = alone[: alone.index(stop) + 1] + [stop] * (7 - alone.index(stop))
+    assert both[1, 1:].tolist() == alone
+
+
+def test_streamer_sees_each_step():
+    model = tiny_model()
+    seen = []
+    out = model.generate([[1, 2], [3, 4]], 5, temperature=0, streamer=lambda t: seen.append(t.tolist()))
+    assert [list(step) for step in zip(*seen)] == out[:, 2:].tolist()
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_end():
+    model = tiny_model()
+    prompt = list(range(1, 21))  # 20 tokens, context 16
+    with pytest.warns(UserWarning, match="20 tokens, more than the model's context of 16: generating from its last 16"):
+        out = model.generate(prompt, 4, temperature=0)
+    assert out[:20].tolist() == prompt
+    # The first new token sees exactly the last 16 prompt tokens (then the window slides).
+    assert out[20] == greedy_without_cache(model, prompt[-16:], 1)[16]
 
 
 def test_prompt_errors():
     model = tiny_model()
-    with pytest.raises(ValueError, match="17 tokens, more than the model's context of 16"):
-        list(generate(model, list(range(17)), 1))
-    with pytest.raises(ValueError, match="prompt is empty"):
-        list(generate(model, [], 1))
+    with pytest.raises(ValueError, match="T >= 1"):
+        model.generate([], 1)
+    with pytest.raises(ValueError, match="prompts of equal length"):
+        model.generate([[1, 2], [3]], 1)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 40\)"):
+        model.generate([1, 40], 1)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        model.generate([1], -3)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        model.generate([1], 2, top_p=1.5)

@@ -4,10 +4,9 @@
     python tools/check_readme_results.py train.log
 
 The table sits under the `<!-- results: scratchformer train -->` marker in README.md. The run is
-bitwise reproducible on one machine with one thread count, but float rounding in torch's CPU
-kernels depends on the CPU's vector width and the number of threads, and 300 steps of training
-amplify it (thread count does not matter): the README states the spread seen across CPU kernels,
-and this check allows it.
+bitwise reproducible on one machine (whatever the thread count), but float rounding in torch's
+CPU kernels depends on the CPU's vector instructions, and 300 steps of training amplify it: the
+README states the spread seen across CPU kernels, and this check allows it.
 """
 
 from __future__ import annotations
