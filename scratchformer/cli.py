@@ -150,6 +150,11 @@ def _cmd_info(args) -> int:
 MIN_VOCAB = 257  # the 256 bytes and <|endoftext|>
 
 
+def _check_vocab_size(size: int) -> None:
+    if size < MIN_VOCAB:
+        raise CliError(f"--vocab-size must be at least {MIN_VOCAB} (the 256 bytes and <|endoftext|>), got {size}")
+
+
 def _cmd_train(args) -> int:
     from . import ops
     from .config import preset, replace
@@ -162,8 +167,7 @@ def _cmd_train(args) -> int:
     if args.vocab_size is not None:
         if args.tokenizer == "gpt2":
             raise CliError("--vocab-size sets the size of a trained BPE; GPT-2's vocabulary has 50257 tokens: leave it out")
-        if args.vocab_size < MIN_VOCAB:
-            raise CliError(f"--vocab-size must be at least {MIN_VOCAB} (the 256 bytes and <|endoftext|>), got {args.vocab_size}")
+        _check_vocab_size(args.vocab_size)
     if args.sample_tokens < 0:
         raise CliError(f"--sample-tokens must be 0 or more, got {args.sample_tokens}")
     if args.resume:  # the run's own settings, unless overridden here
@@ -281,8 +285,7 @@ def _cmd_tokenizer(args) -> int:
         from . import data as datamod
         from .tokenizer import BPETokenizer
 
-        if args.vocab_size < MIN_VOCAB:
-            raise CliError(f"--vocab-size must be at least {MIN_VOCAB} (the 256 bytes and <|endoftext|>), got {args.vocab_size}")
+        _check_vocab_size(args.vocab_size)
         out = Path(args.out)
         if out.is_dir():
             raise CliError(f"--out {out}: is a folder: give the path of the file to write, e.g. {out / 'tokenizer.json'}")

@@ -311,15 +311,16 @@ def train(
                 "--tokenizer, or train into another --out"
             )
         data, tokenizer = saved_data, saved_kind
-        if payload["step"] >= train_config.steps:
-            raise CheckpointError(
-                f"{out} is finished at step {payload['step']} of {train_config.steps}: to train further, "
-                f"resume with --steps M, M more than {payload['step']}"
-            )
+        step = payload["step"]
+        if step >= train_config.steps:
+            where = (f"is finished at step {step} of {step}" if step == train_config.steps
+                     else f"is at step {step}, past the {train_config.steps} steps asked for")
+            raise CheckpointError(f"{out} {where}: to train further, resume with --steps M, M more than {step}")
     elif ckpt_path.exists():
         raise CheckpointError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
     data = data_name(data or "wikitext2-mini")
-    tokenizer = tokenizer or "bpe"
+    if payload is None:
+        tokenizer = tokenizer or "bpe"
     world = init_distributed(dev)
     corpus = datamod.load_corpus(data, progress=world.main and progress)
     if world.main:

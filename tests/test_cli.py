@@ -143,6 +143,7 @@ BAD_INPUT = [
     (["train", "--sample-tokens", "-1"], "--sample-tokens must be 0 or more"),
     (["train", "--kernels", "fused", "--device", "cpu", "--steps", "1"], "backend 'fused' cannot run"),
     (["train", "--out", "RUN", "--resume"], r"is finished at step (\d+) of \1: to train further, resume with --steps M, M more than \1"),
+    (["train", "--out", "RUN", "--resume", "--steps", "3"], r"is at step (\d+), past the 3 steps asked for: to train further, resume with --steps M, M more than \1"),
     (["train", "--out", "RUN", "--resume", "--steps", "20", "--data", "wikitext2-mini"], "was trained on .*small.txt, not wikitext2-mini: resume without --data"),
     (["train", "--out", "RUN", "--resume", "--steps", "20", "--tokenizer", "gpt2"], "was trained with the bpe tokenizer, not gpt2"),
     (["train", "--out", "RUN", "--resume", "--steps", "20", "--vocab-size", "500"], "holds a model with a vocabulary of 300, not 500"),
