@@ -380,7 +380,10 @@ def train(
             writer.writeheader()
             writer.writerows(history)
 
+    saved_step = start_step if payload is not None else None  # the step of the newest checkpoint
+
     def checkpoint(step: int):
+        nonlocal saved_step
         save_checkpoint(ckpt_path, {
             "format": FORMAT, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "sampler": sampler.get_state(),
@@ -389,9 +392,7 @@ def train(
             "data": data,
         })
         write_history()
-        saved_step[0] = step
-
-    saved_step = [start_step if payload is not None else None]  # the step of the newest checkpoint
+        saved_step = step
 
     micro = train_config.batch_size // train_config.grad_accum  # sequences per micro-batch, all ranks
     if micro % world.world:
@@ -452,8 +453,8 @@ def train(
                 checkpoint(done)
     except KeyboardInterrupt:
         bar.close()
-        where = (f"the last checkpoint is step {saved_step[0]}, continue it with `scratchformer train --out {out} --resume`"
-                 if saved_step[0] is not None else f"no checkpoint was written yet (every {train_config.checkpoint_every} steps)")
+        where = (f"the last checkpoint is step {saved_step}, continue it with `scratchformer train --out {out} --resume`"
+                 if saved_step is not None else f"no checkpoint was written yet (every {train_config.checkpoint_every} steps)")
         raise TrainingInterrupted(f"interrupted after step {done} of {train_config.steps}: {where}") from None
     bar.close()
     if world.main and history:

@@ -38,12 +38,11 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps
 
 def _affine(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """weight and bias, with None meaning 1 and 0 as in F.layer_norm."""
-    like = weight if weight is not None else bias if bias is not None else x
-    dtype = like.dtype if like.is_floating_point() else x.dtype
     if weight is None:
-        weight = torch.ones(x.shape[-1:], dtype=dtype, device=x.device)
+        like = bias if bias is not None and bias.is_floating_point() else x
+        weight = torch.ones(x.shape[-1:], dtype=like.dtype, device=x.device)
     if bias is None:
-        bias = torch.zeros(x.shape[-1:], dtype=weight.dtype, device=x.device)
+        bias = torch.zeros_like(weight)
     return weight, bias
 
 
