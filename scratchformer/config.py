@@ -10,6 +10,10 @@ class ConfigError(ValueError):
     """Settings that do not fit together."""
 
 
+POSITIONS = ("sinusoidal", "rotary", "learned")
+ACTIVATIONS = ("relu", "gelu_tanh")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 8192
@@ -19,9 +23,14 @@ class ModelConfig:
     n_heads: int = 8
     n_kv_heads: int | None = None  # None: one per query head (MHA); 1: MQA; a divisor: GQA
     d_ff: int = 1024
-    positions: str = "sinusoidal"  # or "rotary"
+    positions: str = "sinusoidal"  # or "rotary", or "learned" (GPT-2's position embedding)
     dropout: float = 0.0
     tie_embeddings: bool = False  # True: the output layer reuses the token embedding matrix
+    # GPT-2's choices where the write-up's model differs:
+    activation: str = "relu"  # or "gelu_tanh" (GPT-2's GELU, tanh approximation)
+    bias: bool = False  # biases in the attention projections
+    norm_eps: float = 1e-5  # LayerNorm epsilon
+    scale_embeddings: bool = True  # token embeddings times sqrt(d_model) on the way in (Vaswani et al.)
 
     @property
     def kv_heads(self) -> int:
@@ -51,8 +60,12 @@ class ModelConfig:
                 f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads}): "
                 "use 1 (multi-query), n_heads (multi-head) or a divisor of n_heads (grouped-query)"
             )
-        if self.positions not in ("sinusoidal", "rotary"):
-            raise ConfigError(f"positions must be 'sinusoidal' or 'rotary', not {self.positions!r}")
+        if self.positions not in POSITIONS:
+            raise ConfigError(f"positions must be one of {', '.join(POSITIONS)}, not {self.positions!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}, not {self.activation!r}")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
         if self.positions == "rotary" and self.head_dim % 2:
             raise ConfigError(f"rotary positions need an even head size, got {self.head_dim}")
         if self.positions == "sinusoidal" and self.d_model % 2:
@@ -91,7 +104,12 @@ class TrainConfig:
         return self
 
 
-# The model of the original write-up, and a small one that trains in minutes on a laptop CPU.
+# GPT-2 small (124M): the shape and choices of OpenAI's model, whose weights `--init-from gpt2` loads.
+GPT2 = ModelConfig(vocab_size=50257, context=1024, n_layers=12, d_model=768, n_heads=12, d_ff=3072, positions="learned",
+                   tie_embeddings=True, activation="gelu_tanh", bias=True, norm_eps=1e-5, scale_embeddings=False)
+
+# The model of the original write-up, a small one that trains in minutes on a laptop CPU, and
+# GPT-2 small with settings for fine-tuning it (peak learning rate about 1e-4, no label smoothing).
 PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     "seed": (
         ModelConfig(context=256, n_layers=4, d_model=512, n_heads=8, d_ff=1024),
@@ -100,6 +118,11 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     "tiny": (
         ModelConfig(context=64, n_layers=2, d_model=128, n_heads=4, d_ff=512),
         TrainConfig(steps=300, batch_size=32, warmup=100, lr_scale=1.0, eval_every=100, checkpoint_every=100),
+    ),
+    "gpt2": (
+        GPT2,
+        TrainConfig(steps=1000, batch_size=16, warmup=100, lr_scale=0.03, label_smoothing=0.0, eval_every=100,
+                    checkpoint_every=100),
     ),
 }
 

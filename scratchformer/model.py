@@ -60,26 +60,29 @@ class KVCache:
 
 
 class LayerNorm(nn.Module):
-    def __init__(self, dim: int):
+    """nn.LayerNorm over the last dimension on `ops.layer_norm`; weight or bias may be None."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.layer_norm(x, self.weight, self.bias)
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): one pass with the fused kernel."""
-        return ops.add_layer_norm(x, residual, self.weight, self.bias)
+        return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
 
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
-        self.query = nn.Linear(config.d_model, config.n_heads * config.head_dim, bias=False)
-        self.key_value = nn.Linear(config.d_model, 2 * config.kv_heads * config.head_dim, bias=False)
-        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.query = nn.Linear(config.d_model, config.n_heads * config.head_dim, bias=config.bias)
+        self.key_value = nn.Linear(config.d_model, 2 * config.kv_heads * config.head_dim, bias=config.bias)
+        self.out = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rotary, cache: KVCache | None, layer: int) -> torch.Tensor:
@@ -99,12 +102,12 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.norm1 = LayerNorm(config.d_model)
+        self.norm1 = LayerNorm(config.d_model, config.norm_eps)
         self.attention = Attention(config)
-        self.norm2 = LayerNorm(config.d_model)
+        self.norm2 = LayerNorm(config.d_model, config.norm_eps)
         self.feed_forward = nn.Sequential(
             nn.Linear(config.d_model, config.d_ff),
-            nn.ReLU(),
+            nn.ReLU() if config.activation == "relu" else nn.GELU(approximate="tanh"),
             nn.Linear(config.d_ff, config.d_model),
             nn.Dropout(config.dropout),
         )
@@ -124,9 +127,11 @@ class GPT(nn.Module):
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.final_norm = LayerNorm(config.d_model)
+        self.final_norm = LayerNorm(config.d_model, config.norm_eps)
         self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
-        if config.positions == "sinusoidal":
+        if config.positions == "learned":
+            self.position_embedding = nn.Embedding(config.context, config.d_model)
+        elif config.positions == "sinusoidal":
             self.register_buffer("position_table", sinusoidal_table(config.context, config.d_model), persistent=False)
         else:
             cos, sin = rotary_tables(config.context, config.head_dim)
@@ -136,9 +141,13 @@ class GPT(nn.Module):
 
     def _init_weights(self) -> None:
         # Embeddings at std d^-0.5, scaled up by sqrt(d) on the way in (Vaswani et al.), so tokens
-        # enter at unit scale and tied output logits start near unit scale. Linear layers at 0.02,
-        # the projections back into the residual stream shrunk by depth (GPT-2).
-        nn.init.normal_(self.embedding.weight, std=self.config.d_model**-0.5)
+        # enter at unit scale and tied output logits start near unit scale; unscaled (GPT-2), at
+        # 0.02 and positions at 0.01. Linear layers at 0.02, the projections back into the residual
+        # stream shrunk by depth (GPT-2).
+        scaled = self.config.scale_embeddings
+        nn.init.normal_(self.embedding.weight, std=self.config.d_model**-0.5 if scaled else 0.02)
+        if self.config.positions == "learned":
+            nn.init.normal_(self.position_embedding.weight, std=0.01)
         for name, p in self.named_parameters():
             if name.endswith("weight") and p.dim() == 2 and "embedding" not in name:
                 residual = name.endswith("attention.out.weight") or name.endswith("feed_forward.2.weight")
@@ -155,9 +164,13 @@ class GPT(nn.Module):
             raise ValueError(
                 f"{start + time} positions exceed the model's context of {self.config.context}"
             )
-        x = self.embedding(idx) * math.sqrt(self.config.d_model)
+        x = self.embedding(idx)
+        if self.config.scale_embeddings:
+            x = x * math.sqrt(self.config.d_model)
         rotary = None
-        if self.config.positions == "sinusoidal":
+        if self.config.positions == "learned":
+            x = x + self.position_embedding.weight[start : start + time]
+        elif self.config.positions == "sinusoidal":
             x = x + self.position_table[start : start + time]
         else:
             rotary = (self.rotary_cos[start : start + time], self.rotary_sin[start : start + time])
@@ -220,6 +233,20 @@ class GPT(nn.Module):
                 streamer(token)
         out = torch.cat([prompts] + [t[:, None] for t in new], dim=1)
         return out[0] if single else out
+
+    @classmethod
+    def from_hf(cls, source, config=None) -> "GPT":
+        """Our model with a GPT-2's weights: a transformers GPT-2 model, or its state dict
+        (see `scratchformer.hf.from_hf`)."""
+        from .hf import from_hf
+
+        return from_hf(source, config)
+
+    def to_hf(self):
+        """This model as a transformers GPT2LMHeadModel (GPT-2's architecture: learned positions, biases)."""
+        from .hf import to_hf
+
+        return to_hf(self)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import json
 import math
 import os
 import random
@@ -31,6 +32,7 @@ from .model import GPT
 from .tokenizer import BPETokenizer
 
 CHECKPOINT = "checkpoint.pt"
+WEIGHTS = "model.safetensors"  # the model alone, beside the checkpoint, when safetensors is installed
 FORMAT = "scratchformer-checkpoint"
 
 
@@ -99,22 +101,27 @@ def pick_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: GPT, tokens: np.ndarray, words: int, device: torch.device, amp: str = "off", batch_size: int = 32) -> dict:
-    """Loss over every token of the split exactly once, with token- and word-level perplexity."""
+def evaluate(model: GPT, tokens: np.ndarray, words: int, device: torch.device, amp: str = "off", batch_size: int = 32,
+             stride: int | None = None) -> dict:
+    """Loss over every token of the split exactly once, with token- and word-level perplexity.
+    `stride` < context slides overlapping windows (see `data.evaluation_windows`)."""
     was_training = model.training
     model.eval()
     total_nll, count = 0.0, 0
-    windows = list(datamod.evaluation_windows(tokens, model.config.context))
+    windows = list(datamod.evaluation_windows(tokens, model.config.context, stride))
     full = [w for w in windows if w[0].shape[1] == model.config.context]
     rest = [w for w in windows if w[0].shape[1] != model.config.context]
     groups = [full[i : i + batch_size] for i in range(0, len(full), batch_size)] + [[w] for w in rest]
     for group in groups:
         x = torch.cat([w[0] for w in group]).to(device)
         y = torch.cat([w[1] for w in group]).to(device)
+        first = torch.tensor([w[2] for w in group], device=device)
         with autocast(device, amp):
             logits = model(x)
-        total_nll += lm_loss(logits, y, reduction="sum").item()
-        count += y.numel()
+        nll = lm_loss(logits, y, reduction="none").view(y.shape)
+        scored = torch.arange(y.shape[1], device=device)[None] >= first[:, None]
+        total_nll += nll[scored].sum().item()
+        count += int(scored.sum())
     model.train(was_training)
     loss = total_nll / count
     return {"loss": loss, "ppl": math.exp(loss), "word_ppl": math.exp(total_nll / max(words, 1)), "tokens": count}
@@ -155,12 +162,30 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         torch.save(payload, f)
 
 
+def save_weights(path: Path, model: GPT, step: int, data: str) -> bool:
+    """The model's weights as safetensors (config, step and corpus in its metadata), for tools
+    that load weights without unpickling; False when the safetensors package is not installed."""
+    try:
+        from safetensors.torch import save
+    except ImportError:
+        return False
+    metadata = {"format": FORMAT, "model_config": json.dumps(dataclasses.asdict(model.config)), "step": str(step), "data": data}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_write(path) as f:
+        f.write(save(tensors, metadata))
+    return True
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A run's checkpoint: a run folder, its checkpoint.pt, or its model.safetensors (weights,
+    config and the tokenizer.json beside it; no optimizer state, so not for --resume)."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT
     if not path.exists():
         raise CheckpointError(f"{path}: no checkpoint there")
+    if path.suffix == ".safetensors":
+        return _load_weights(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises many types for damaged files
@@ -168,6 +193,26 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a scratchformer checkpoint")
     return payload
+
+
+def _load_weights(path: Path) -> dict:
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise CheckpointError(f'{path}: reading safetensors needs the safetensors package: pip install "scratchformer[hf]"') from None
+    try:
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a scratchformer model (no scratchformer metadata)")
+    tokenizer = path.parent / "tokenizer.json"
+    if not tokenizer.exists():
+        raise CheckpointError(f"{path}: no tokenizer.json beside it")
+    return {"format": FORMAT, "model": tensors, "model_config": json.loads(metadata["model_config"]),
+            "step": int(metadata["step"]), "data": metadata["data"], "tokenizer": json.loads(tokenizer.read_text())}
 
 
 def model_from_checkpoint(payload: dict) -> tuple[GPT, BPETokenizer]:
@@ -391,6 +436,7 @@ def train(
             "train_config": dataclasses.asdict(train_config), "tokenizer": tok.to_dict(), "tokenizer_kind": tokenizer,
             "data": data,
         })
+        save_weights(out / WEIGHTS, model, step, data)
         write_history()
         saved_step = step
 

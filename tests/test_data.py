@@ -85,14 +85,19 @@ def test_training_windows():
         data.sample_windows(tokens[:10], 1, 16, g)
 
 
+@pytest.mark.parametrize("stride", [None, 16, 8, 5, 1])
 @pytest.mark.parametrize("length", [2, 17, 33, 100])
-def test_evaluation_counts_every_token_once(length):
+def test_evaluation_counts_every_token_once(length, stride):
     tokens = np.arange(length, dtype=np.uint16)
-    windows = list(data.evaluation_windows(tokens, 16))
-    targets = torch.cat([y[0] for _, y in windows])
+    windows = list(data.evaluation_windows(tokens, 16, stride))
+    targets = torch.cat([y[0, first:] for _, y, first in windows])
     assert targets.tolist() == list(range(1, length))
-    for x, y in windows:
-        assert torch.equal(x[0, 1:], y[0, :-1])
+    for i, (x, y, first) in enumerate(windows):
+        assert torch.equal(x[0, 1:], y[0, :-1]) and x.shape[1] <= 16
+        if i:  # every scored token has at least context - stride tokens before it in its window
+            assert first >= 16 - (stride or 16) - (16 - x.shape[1])
+    with pytest.raises(ValueError, match="stride must be between 1 and the context"):
+        list(data.evaluation_windows(tokens, 16, 17))
 
 
 def test_user_text_file_and_folder(tmp_path):

@@ -9,7 +9,7 @@ from scratchformer.model import GPT, KVCache
 from scratchformer.training import lm_loss
 
 VARIANTS = [
-    (positions, kv_heads) for positions in ("sinusoidal", "rotary") for kv_heads in (4, 2, 1)
+    (positions, kv_heads) for positions in ("sinusoidal", "rotary", "learned") for kv_heads in (4, 2, 1)
 ]
 
 
@@ -86,7 +86,9 @@ def test_context_overflow_is_an_error():
     [
         (dict(d_model=30, n_heads=4), r"d_model \(30\) must be divisible by n_heads \(4\)"),
         (dict(n_heads=4, n_kv_heads=3), r"n_heads \(4\) must be divisible by n_kv_heads \(3\)"),
-        (dict(positions="learned"), "positions must be 'sinusoidal' or 'rotary'"),
+        (dict(positions="alibi"), "positions must be one of sinusoidal, rotary, learned"),
+        (dict(activation="swiglu"), "activation must be one of relu, gelu_tanh"),
+        (dict(norm_eps=0.0), "norm_eps must be > 0"),
         (dict(d_model=36, n_heads=4, positions="rotary"), "rotary positions need an even head size"),
         (dict(dropout=1.0), "dropout must be in"),
         (dict(n_layers=0), "n_layers must be at least 1"),

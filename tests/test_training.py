@@ -155,10 +155,26 @@ def test_evaluation_counts_every_token_once_and_word_perplexity(small_text):
     result = training.evaluate(model, tokens, words=250, device=torch.device("cpu"), batch_size=7)
     assert result["tokens"] == 1000
     with torch.no_grad():
-        logits = torch.cat([model(x) for x, _ in training.datamod.evaluation_windows(tokens, 16)], dim=1)
+        logits = torch.cat([model(x) for x, _, _ in training.datamod.evaluation_windows(tokens, 16)], dim=1)
     expected = torch.nn.functional.cross_entropy(logits[0], torch.from_numpy(tokens[1:].astype(np.int64)))
     assert result["loss"] == pytest.approx(expected.item(), rel=1e-5)
     assert result["word_ppl"] == pytest.approx(math.exp(result["loss"] * 1000 / 250), rel=1e-6)
+
+
+def test_evaluation_with_stride_one_predicts_each_token_from_the_full_context_before_it():
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = training.GPT(dataclasses.replace(MODEL, vocab_size=50)).eval()
+    tokens = np.random.default_rng(1).integers(0, 50, 60).astype(np.uint16)
+    ids = torch.from_numpy(tokens.astype(np.int64))
+    with torch.no_grad():  # target i from the (up to) 16 tokens before it, one forward each
+        nll = [torch.nn.functional.cross_entropy(model(ids[max(0, i - 16) : i][None])[0, -1], ids[i]) for i in range(1, 60)]
+    result = training.evaluate(model, tokens, words=59, device=torch.device("cpu"), batch_size=5, stride=1)
+    assert result["tokens"] == 59
+    assert result["loss"] == pytest.approx(torch.stack(nll).mean().item(), rel=1e-5)
+    strided = training.evaluate(model, tokens, words=59, device=torch.device("cpu"), stride=8)
+    assert strided["tokens"] == 59 and strided["loss"] != pytest.approx(result["loss"], rel=1e-6)
 
 
 def test_unigram_baseline():

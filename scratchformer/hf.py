@@ -1,0 +1,280 @@
+"""scratchformer's kernels inside Hugging Face transformers models, one line each.
+
+    import scratchformer.hf
+    scratchformer.hf.register()       # once: adds the "scratchformer" attention implementation
+    model = AutoModelForCausalLM.from_pretrained("gpt2", attn_implementation="scratchformer")
+    scratchformer.hf.patch_layer_norm(model)   # optional: every nn.LayerNorm on our kernel too
+
+Every layer's attention then runs `ops.causal_attention` (the fused kernel on a GPU, its
+reference elsewhere; `ops.set_backend` chooses as usual). Grouped-query models pass their K/V
+heads through without repeating them, and rotary positions are applied by the model before the
+call. A call our op cannot compute exactly (a padding or custom mask, a non-causal layer,
+attention dropout while training, logit softcapping, a sliding window shorter than the keys,
+attention sinks or a position bias, keys and values of different head sizes) runs PyTorch's
+scaled_dot_product_attention instead, as transformers' "sdpa" implementation would, is counted
+by reason in `fallbacks()` and warned about once per reason: never silently wrong.
+
+Registration is explicit rather than an import side effect, so importing scratchformer never
+imports transformers. Needs the `hf` extra: `pip install "scratchformer[hf]"`.
+"""
+
+from __future__ import annotations
+
+import collections
+import warnings
+
+import torch
+import torch.nn as nn
+
+from . import ops
+
+NAME = "scratchformer"
+
+_calls: collections.Counter = collections.Counter()  # reason -> calls sent to SDPA; "" -> ours
+
+
+def _transformers():
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            'scratchformer.hf needs Hugging Face transformers: pip install "scratchformer[hf]"'
+        ) from None
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    return AttentionInterface, AttentionMaskInterface, sdpa_mask, sdpa_attention_forward
+
+
+def register(name: str = NAME) -> str:
+    """Register our attention with transformers under `name` (default "scratchformer"); returns it.
+
+    The mask side is transformers' SDPA mask builder: it gives no mask at all when attention is
+    plainly causal (what our kernel computes) and a boolean mask otherwise (padding, chunked
+    prefill, sliding windows), which sends that call to the fallback.
+    """
+    attention_interface, mask_interface, sdpa_mask, _ = _transformers()
+    attention_interface.register(name, attention_forward)
+    mask_interface.register(name, sdpa_mask)
+    return name
+
+
+def fallbacks() -> dict[str, int]:
+    """Calls sent to PyTorch's SDPA since the last `reset_stats()`, by reason."""
+    return {reason: n for reason, n in _calls.items() if reason}
+
+
+def stats() -> dict[str, int]:
+    """{"scratchformer": calls on our op, "sdpa": calls that fell back} since `reset_stats()`."""
+    return {"scratchformer": _calls[""], "sdpa": sum(fallbacks().values())}
+
+
+def reset_stats() -> None:
+    _calls.clear()
+
+
+def _fallback_reason(module, query, key, value, attention_mask, dropout, kwargs) -> str | None:
+    if attention_mask is not None:
+        return "an attention mask (padding, or a pattern other than plain causal)"
+    is_causal = kwargs.get("is_causal")
+    if not (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
+        return "non-causal attention"
+    if dropout and module.training:
+        return "attention dropout while training (set the config's attention dropout to 0 to use the kernel)"
+    if kwargs.get("softcap") is not None:
+        return "attention logit softcapping"
+    window = kwargs.get("sliding_window")
+    if window is not None and key.shape[2] > window:
+        return "a sliding window shorter than the keys"
+    if kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
+        return "attention sinks or a position bias"
+    if not query.shape[-1] == key.shape[-1] == value.shape[-1]:
+        return "keys and values of different head sizes"
+    if query.shape[2] > key.shape[2]:
+        return "more queries than keys"
+    return None
+
+
+def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention signature: q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] -> ([B, Tq, Hq, D], None)."""
+    reason = _fallback_reason(module, query, key, value, attention_mask, dropout, kwargs)
+    _calls[reason or ""] += 1
+    if reason is not None:
+        if _calls[reason] == 1:
+            warnings.warn(f"scratchformer attention: {reason} runs on PyTorch's SDPA (scratchformer.hf.fallbacks() counts these)",
+                          stacklevel=2)
+        if kwargs.get("softcap") is not None:
+            return _softcapped_attention(module, query, key, value, attention_mask, scaling, dropout, kwargs["softcap"])
+        sdpa_attention_forward = _transformers()[3]
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    out = ops.causal_attention(query, key, value, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _softcapped_attention(module, query, key, value, attention_mask, scaling, dropout, softcap):
+    """Gemma-2-style attention with tanh-capped logits: SDPA has no softcap, so the math is spelled out."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.tanh(query @ key.transpose(-1, -2) * (scaling / softcap)) * softcap
+    if attention_mask is None:
+        t_q, t_k = query.shape[2], key.shape[2]
+        attention_mask = torch.ones(t_q, t_k, dtype=torch.bool, device=query.device).tril(t_k - t_q)
+    if attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    else:
+        scores = scores + attention_mask
+    weights = torch.softmax(scores.float(), dim=-1).to(value.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return (weights @ value).transpose(1, 2).contiguous(), None
+
+
+def patch_layer_norm(model: nn.Module) -> int:
+    """Replace every `nn.LayerNorm` over the last dimension in `model` by scratchformer's, keeping
+    its parameters (the same tensors) and eps. Returns how many were replaced."""
+    from .model import LayerNorm
+
+    replaced = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, nn.LayerNorm) and len(child.normalized_shape) == 1:
+                ours = LayerNorm(child.normalized_shape[0], eps=child.eps)
+                ours.weight, ours.bias = child.weight, child.bias
+                setattr(parent, child_name, ours)
+                replaced += 1
+    return replaced
+
+
+# ---- GPT-2's weights <-> ours ------------------------------------------------------------------
+# GPT-2 keeps its linear layers as `Conv1D` with weights [in, out], the transpose of nn.Linear's;
+# its attention projection c_attn holds q, k and v side by side, ours q and (k, v) apart.
+
+_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+_HEAD_DIM = 64  # every published GPT-2 size; used when only a state dict is given
+
+
+class ConversionError(ValueError):
+    """Weights or a configuration that do not describe a GPT-2 our model can hold."""
+
+
+def _check_gpt2_config(hf_config) -> None:
+    if getattr(hf_config, "model_type", None) != "gpt2":
+        raise ConversionError(f"from_hf converts GPT-2 models, not {getattr(hf_config, 'model_type', type(hf_config).__name__)!r}")
+    unsupported = {
+        "scale_attn_by_inverse_layer_idx": True, "scale_attn_weights": False, "add_cross_attention": True,
+    }
+    for name, bad in unsupported.items():
+        if getattr(hf_config, name, not bad) == bad:
+            raise ConversionError(f"this GPT-2 sets {name}={bad}, which scratchformer's model does not implement")
+    if hf_config.activation_function not in _ACTIVATIONS:
+        raise ConversionError(f"activation {hf_config.activation_function!r} is not one of {', '.join(_ACTIVATIONS)}")
+
+
+def config_from_hf(hf_config):
+    """Our ModelConfig for a transformers GPT2Config."""
+    from .config import ModelConfig
+
+    _check_gpt2_config(hf_config)
+    return ModelConfig(
+        vocab_size=hf_config.vocab_size, context=hf_config.n_positions, n_layers=hf_config.n_layer, d_model=hf_config.n_embd,
+        n_heads=hf_config.n_head, d_ff=hf_config.n_inner or 4 * hf_config.n_embd, positions="learned",
+        tie_embeddings=getattr(hf_config, "tie_word_embeddings", True), activation=_ACTIVATIONS[hf_config.activation_function],
+        bias=True, norm_eps=hf_config.layer_norm_epsilon, scale_embeddings=False,
+    ).validate()
+
+
+def _config_from_state_dict(sd: dict):
+    from .config import ModelConfig
+
+    vocab, d_model = sd["wte.weight"].shape
+    n_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("h."))
+    tied = "lm_head.weight" not in sd or torch.equal(sd["lm_head.weight"], sd["wte.weight"])
+    return ModelConfig(vocab_size=vocab, context=sd["wpe.weight"].shape[0], n_layers=n_layers, d_model=d_model,
+                       n_heads=max(d_model // _HEAD_DIM, 1), d_ff=sd["h.0.mlp.c_fc.weight"].shape[1], positions="learned",
+                       tie_embeddings=tied, activation="gelu_tanh", bias=True, scale_embeddings=False).validate()
+
+
+def from_hf(source, config=None):
+    """Our GPT with the weights of a GPT-2: a transformers GPT2LMHeadModel / GPT2Model, or a state
+    dict in GPT-2's names (with or without the "transformer." prefix; `config`, a GPT2Config, gives
+    the head count, else heads of 64 channels as in every published GPT-2)."""
+    from .model import GPT
+
+    if isinstance(source, nn.Module):
+        config, state = source.config, source.state_dict()
+    else:
+        state = dict(source)
+    sd = {k.removeprefix("transformer."): v for k, v in state.items()}
+    # Old checkpoints carry the causal mask as buffers named attn.bias / attn.masked_bias.
+    sd = {k: v for k, v in sd.items() if not (k.endswith(".attn.bias") or k.endswith(".attn.masked_bias"))}
+    if "wte.weight" not in sd or "wpe.weight" not in sd:
+        raise ConversionError("not a GPT-2 state dict: no wte.weight / wpe.weight (token and position embeddings)")
+    ours = config_from_hf(config) if config is not None else _config_from_state_dict(sd)
+    d = ours.d_model
+    out = {"embedding.weight": sd.pop("wte.weight"), "position_embedding.weight": sd.pop("wpe.weight"),
+           "final_norm.weight": sd.pop("ln_f.weight"), "final_norm.bias": sd.pop("ln_f.bias")}
+    head = sd.pop("lm_head.weight", None)
+    if not ours.tie_embeddings:
+        if head is None:
+            raise ConversionError("this GPT-2 does not tie its output layer to the embeddings, but has no lm_head.weight")
+        out["head.weight"] = head
+    for i in range(ours.n_layers):
+        h, b = f"h.{i}.", f"blocks.{i}."
+        qkv_w, qkv_b = sd.pop(h + "attn.c_attn.weight").t(), sd.pop(h + "attn.c_attn.bias")
+        out |= {
+            b + "norm1.weight": sd.pop(h + "ln_1.weight"), b + "norm1.bias": sd.pop(h + "ln_1.bias"),
+            b + "attention.query.weight": qkv_w[:d], b + "attention.query.bias": qkv_b[:d],
+            b + "attention.key_value.weight": qkv_w[d:], b + "attention.key_value.bias": qkv_b[d:],
+            b + "attention.out.weight": sd.pop(h + "attn.c_proj.weight").t(), b + "attention.out.bias": sd.pop(h + "attn.c_proj.bias"),
+            b + "norm2.weight": sd.pop(h + "ln_2.weight"), b + "norm2.bias": sd.pop(h + "ln_2.bias"),
+            b + "feed_forward.0.weight": sd.pop(h + "mlp.c_fc.weight").t(), b + "feed_forward.0.bias": sd.pop(h + "mlp.c_fc.bias"),
+            b + "feed_forward.2.weight": sd.pop(h + "mlp.c_proj.weight").t(), b + "feed_forward.2.bias": sd.pop(h + "mlp.c_proj.bias"),
+        }
+    if sd:
+        raise ConversionError(f"weights left over that our GPT-2 has no place for: {', '.join(sorted(sd)[:5])}")
+    model = GPT(ours)
+    model.load_state_dict({k: v.contiguous() for k, v in out.items()})
+    return model.to(next(iter(out.values())).dtype)
+
+
+def _check_convertible(config) -> None:
+    wanted = {"positions": "learned", "bias": True, "scale_embeddings": False}
+    for name, value in wanted.items():
+        if getattr(config, name) != value:
+            raise ConversionError(f"to_hf: a GPT-2 needs {name}={value}, this model has {getattr(config, name)}")
+    if config.kv_heads != config.n_heads:
+        raise ConversionError(f"to_hf: GPT-2 has one key/value head per query head, this model has {config.kv_heads} for {config.n_heads}")
+
+
+def to_hf(model):
+    """A transformers GPT2LMHeadModel with the weights of our GPT (GPT-2's architecture only)."""
+    _transformers()
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model.config
+    _check_convertible(c)
+    hf_config = GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.context, n_embd=c.d_model, n_layer=c.n_layers, n_head=c.n_heads, n_inner=c.d_ff,
+        activation_function="gelu_new" if c.activation == "gelu_tanh" else "relu", layer_norm_epsilon=c.norm_eps,
+        resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout, tie_word_embeddings=c.tie_embeddings,
+        bos_token_id=c.vocab_size - 1, eos_token_id=c.vocab_size - 1,
+    )
+    sd = model.state_dict()
+    out = {"transformer.wte.weight": sd["embedding.weight"], "transformer.wpe.weight": sd["position_embedding.weight"],
+           "transformer.ln_f.weight": sd["final_norm.weight"], "transformer.ln_f.bias": sd["final_norm.bias"],
+           "lm_head.weight": sd["embedding.weight"] if c.tie_embeddings else sd["head.weight"]}
+    for i in range(c.n_layers):
+        h, b = f"transformer.h.{i}.", f"blocks.{i}."
+        out |= {
+            h + "ln_1.weight": sd[b + "norm1.weight"], h + "ln_1.bias": sd[b + "norm1.bias"],
+            h + "attn.c_attn.weight": torch.cat([sd[b + "attention.query.weight"], sd[b + "attention.key_value.weight"]]).t(),
+            h + "attn.c_attn.bias": torch.cat([sd[b + "attention.query.bias"], sd[b + "attention.key_value.bias"]]),
+            h + "attn.c_proj.weight": sd[b + "attention.out.weight"].t(), h + "attn.c_proj.bias": sd[b + "attention.out.bias"],
+            h + "ln_2.weight": sd[b + "norm2.weight"], h + "ln_2.bias": sd[b + "norm2.bias"],
+            h + "mlp.c_fc.weight": sd[b + "feed_forward.0.weight"].t(), h + "mlp.c_fc.bias": sd[b + "feed_forward.0.bias"],
+            h + "mlp.c_proj.weight": sd[b + "feed_forward.2.weight"].t(), h + "mlp.c_proj.bias": sd[b + "feed_forward.2.bias"],
+        }
+    hf = GPT2LMHeadModel(hf_config).to(sd["embedding.weight"].dtype)
+    hf.load_state_dict({k: v.contiguous() for k, v in out.items()})
+    return hf.eval()

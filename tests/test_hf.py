@@ -1,0 +1,184 @@
+"""The Hugging Face attention backend: transformers models on our ops give eager's logits and
+gradients, fall back (counted) where our op cannot compute exactly, and train and generate.
+
+Offline: the models are built from small configs with random weights."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+import scratchformer.hf as sfhf  # noqa: E402
+from scratchformer import ops  # noqa: E402
+from scratchformer.model import LayerNorm  # noqa: E402
+
+VOCAB = 101
+
+
+def gpt2_config(**kw):
+    kw = {"attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0, **kw}
+    return transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                   bos_token_id=0, eos_token_id=0, **kw)
+
+
+def llama_config(kv_heads):
+    return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                                    bos_token_id=0, eos_token_id=0)
+
+
+CONFIGS = {"gpt2": gpt2_config, "llama-gqa": lambda: llama_config(2), "llama-mqa": lambda: llama_config(1)}
+
+
+def build(config, implementation, state=None, dtype=torch.float32, device="cpu"):
+    # Each model gets its own config: transformers records the implementation on the config object.
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=implementation)
+    if state is not None:
+        model.load_state_dict(state)
+    return model.to(device=device, dtype=dtype)
+
+
+@pytest.fixture(autouse=True)
+def registered():
+    sfhf.register()
+    sfhf.reset_stats()
+
+
+def logits_and_grads(model, idx, weights, **kw):
+    logits = model(idx, **kw).logits
+    (logits.float() * weights).sum().backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return logits.detach(), grads
+
+
+def assert_within_twice_the_reference(ours, low, truth, name):
+    assert torch.isfinite(ours).all(), f"{name}: not finite"
+    truth = truth.double()
+    err_ours = (ours.double() - truth).abs().max().item()
+    err_low = (low.double() - truth).abs().max().item()
+    floor = 1e-4 * (1 + truth.abs().max().item())
+    assert err_ours <= 2 * err_low + floor, f"{name}: error {err_ours:.3g} > 2 x eager's {err_low:.3g} + {floor:.2g}"
+
+
+def check_against_eager(arch, dtype, device, patch_norms=False):
+    config = CONFIGS[arch]()
+    eager64 = build(config, "eager", dtype=torch.float64, device=device)
+    state = eager64.state_dict()
+    eager = build(config, "eager", state, dtype, device)
+    ours = build(config, "scratchformer", state, dtype, device)
+    if patch_norms:
+        assert sfhf.patch_layer_norm(ours) == 2 * config.n_layer + 1
+    idx = torch.randint(0, VOCAB, (2, 37), generator=torch.Generator().manual_seed(1)).to(device)
+    weights = torch.randn(2, 37, VOCAB, generator=torch.Generator().manual_seed(2)).to(device)
+    truth = logits_and_grads(eager64, idx, weights)
+    low = logits_and_grads(eager, idx, weights)
+    got = logits_and_grads(ours, idx, weights)
+    assert_within_twice_the_reference(got[0], low[0], truth[0], "logits")
+    for name in truth[1]:
+        assert_within_twice_the_reference(got[1][name], low[1][name], truth[1][name], f"d {name}")
+    n_layers = config.num_hidden_layers
+    assert sfhf.stats() == {"scratchformer": n_layers, "sdpa": 0}  # every layer, once, on our op
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("arch", CONFIGS)
+def test_logits_and_gradients_equal_eager(arch, backend):
+    ops.set_backend(backend)
+    check_against_eager(arch, torch.float32, "cpu")
+
+
+def test_patched_layer_norms_keep_the_parameters_and_match_eager():
+    ops.set_backend("reference")
+    check_against_eager("gpt2", torch.float32, "cpu", patch_norms=True)
+    model = build(gpt2_config(), "eager")
+    before = {name: p for name, p in model.named_parameters()}
+    assert sfhf.patch_layer_norm(model) == 5
+    assert isinstance(model.transformer.ln_f, LayerNorm) and model.transformer.ln_f.eps == model.config.layer_norm_epsilon
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)  # the same tensors
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", CONFIGS)
+def test_fused_kernels_in_hf_models_equal_eager(arch, dtype):
+    ops.set_backend("fused")  # an error rather than a silent reference run
+    check_against_eager(arch, dtype, "cuda", patch_norms=arch == "gpt2")
+
+
+@pytest.mark.parametrize("arch", CONFIGS)
+def test_a_padding_mask_falls_back_to_sdpa_counted_and_still_matches(arch):
+    config = CONFIGS[arch]()
+    eager = build(config, "eager")
+    ours = build(config, "scratchformer", eager.state_dict())
+    idx = torch.randint(0, VOCAB, (2, 20))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[0, :6] = 0  # left padding in the first row
+    with pytest.warns(UserWarning, match="attention mask .* runs on PyTorch's SDPA"):
+        got = ours(idx, attention_mask=mask).logits
+    want = eager(idx, attention_mask=mask).logits
+    torch.testing.assert_close(got[0, 6:], want[0, 6:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    layers = config.num_hidden_layers
+    assert sfhf.fallbacks() == {"an attention mask (padding, or a pattern other than plain causal)": layers}
+    assert sfhf.stats() == {"scratchformer": 0, "sdpa": layers}
+    ours(idx, attention_mask=torch.ones_like(mask))  # no padding: back on our op
+    assert sfhf.stats() == {"scratchformer": layers, "sdpa": layers}
+
+
+def test_attention_dropout_while_training_falls_back_and_evaluation_does_not():
+    model = build(gpt2_config(attn_pdrop=0.1), "scratchformer").train()
+    idx = torch.randint(0, VOCAB, (2, 16))
+    with pytest.warns(UserWarning, match="attention dropout while training"):
+        model(idx)
+    assert sfhf.stats() == {"scratchformer": 0, "sdpa": 2}
+    model.eval()(idx)
+    assert sfhf.stats() == {"scratchformer": 2, "sdpa": 2}
+
+
+@pytest.mark.parametrize("arch", CONFIGS)
+def test_a_training_step_on_our_attention(arch):
+    model = build(CONFIGS[arch](), "scratchformer").train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    idx = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(3))
+    losses = []
+    for _ in range(5):
+        loss = model(idx, labels=idx).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.1, losses
+    assert sfhf.fallbacks() == {}
+
+
+@pytest.mark.parametrize("arch", CONFIGS)
+def test_generate_with_the_kv_cache_equals_eager(arch):
+    config = CONFIGS[arch]()
+    eager = build(config, "eager")
+    ours = build(config, "scratchformer", eager.state_dict())
+    prompt = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(4))
+    kw = {"max_new_tokens": 12, "do_sample": False, "attention_mask": torch.ones_like(prompt)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback on the way: prefill and decode on our op
+        got = ours.generate(prompt, **kw)
+    assert torch.equal(got, eager.generate(prompt, **kw))
+    assert sfhf.stats() == {"scratchformer": 12 * config.num_hidden_layers, "sdpa": 0}
+
+
+def test_softcapped_logits_are_computed_as_eager_does():
+    # Gemma-2 caps its attention logits; SDPA has no softcap, so the fallback spells the math out.
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 9, 16, dtype=torch.float64), torch.randn(2, 2, 9, 16, dtype=torch.float64), torch.randn(2, 2, 9, 16, dtype=torch.float64)
+    module = torch.nn.Module().eval()
+    with pytest.warns(UserWarning, match="softcapping"):
+        got, _ = sfhf.attention_forward(module, q, k, v, None, scaling=0.3, softcap=2.0)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    scores = torch.tanh(q @ kk.transpose(-1, -2) * 0.3 / 2.0) * 2.0
+    scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(got, (scores.softmax(-1) @ vv).transpose(1, 2))
+    assert sfhf.fallbacks() == {"attention logit softcapping": 1}
