@@ -79,7 +79,10 @@ def _parser() -> argparse.ArgumentParser:
 
     t = commands.add_parser("train", help=HELP["train"], description=HELP["train"] + ". Presets: " + ", ".join(PRESETS)
                             + ". Any option below overrides the preset; with --resume, the run's own settings are the defaults.")
-    t.add_argument("--preset", default="tiny", help="tiny (CPU demo) or seed (the write-up's model); default tiny")
+    t.add_argument("--preset", help="tiny (CPU demo), seed (the write-up's model) or gpt2 (GPT-2 small, fine-tuning "
+                                     "settings); default tiny, or gpt2 with --init-from")
+    t.add_argument("--init-from", metavar="GPT2", help="start from a pretrained GPT-2: a Hugging Face name (gpt2, gpt2-medium, ...; "
+                                                      "downloaded once) or a local folder; its shape, GPT-2's tokenizer (needs the hf extra)")
     t.add_argument("--data", help="wikitext2-mini (bundled, no network), wikitext2 (downloads the train split once), "
                                    "or a UTF-8 text file / folder of .txt files; default wikitext2-mini, or the run's own with --resume")
     t.add_argument("--out", help="run folder for checkpoint, tokenizer, metrics.csv and loss.png (default runs/PRESET)")
@@ -90,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("model (overrides the preset)")
     for name, kind, what in MODEL_OPTIONS:
         g.add_argument(f"--{name}", type=kind, help=f"{what} ({_preset_values(name.replace('-', '_'))})")
-    g.add_argument("--positions", choices=["sinusoidal", "rotary"], help=f"position encoding ({_preset_values('positions')})")
+    g.add_argument("--positions", choices=["sinusoidal", "rotary", "learned"], help=f"position encoding ({_preset_values('positions')})")
     g.add_argument("--tied", action="store_true", help="reuse the embedding matrix as the output layer (presets: untied)")
     g = t.add_argument_group("training (overrides the preset)")
     for name, kind, what in TRAIN_OPTIONS:
@@ -102,9 +105,16 @@ def _parser() -> argparse.ArgumentParser:
     _add_runtime(t)
 
     e = commands.add_parser("eval", help=HELP["eval"], description=HELP["eval"])
-    e.add_argument("--checkpoint", required=True, help="a checkpoint file or a run folder")
-    e.add_argument("--data", help="corpus (default: the one it was trained on)")
+    which = e.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a run folder, its checkpoint.pt or its model.safetensors")
+    which.add_argument("--hf", metavar="GPT2", help="a pretrained GPT-2 instead: a Hugging Face name (gpt2, ...; downloaded "
+                                                 "once) or a local folder, with GPT-2's tokenizer (needs the hf extra)")
+    e.add_argument("--data", help="corpus (default: the one it was trained on; wikitext2-mini with --hf)")
     e.add_argument("--split", default="eval", help="eval (default), test (wikitext2 only) or train")
+    e.add_argument("--stride", type=int, help="score each window's last STRIDE tokens only, so every token has at least "
+                                              "context - STRIDE tokens before it (default: the context, windows side by side)")
+    e.add_argument("--detokenize", action="store_true", help="undo WikiText's tokenization (1 @,@ 000 -> 1,000) first, as "
+                                                             "the GPT-2 paper did; word counts stay the original's")
     e.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision (default off)")
     _add_runtime(e)
 
@@ -161,11 +171,23 @@ def _cmd_train(args) -> int:
     from .training import check_out_dir, load_checkpoint, pick_device, train
 
     # Every option is checked here, before any work starts.
-    model_cfg, train_cfg = preset(args.preset)
-    out = args.out or os.path.join("runs", args.preset)
+    name = args.preset or ("gpt2" if args.init_from else "tiny")
+    model_cfg, train_cfg = preset(name)
+    out = args.out or os.path.join("runs", name)
     check_out_dir(Path(out))
+    tokenizer = args.tokenizer or ("gpt2" if name == "gpt2" or args.init_from else None)
+    if args.init_from:
+        if args.resume:
+            raise CliError("--init-from starts a new run from pretrained weights, --resume continues a run: give one of them")
+        if tokenizer != "gpt2":
+            raise CliError("--init-from trains GPT-2's weights with GPT-2's tokenizer: leave --tokenizer out")
+        shape = [f"--{n}" for n, _, _ in MODEL_OPTIONS if n not in ("context", "dropout") and getattr(args, n.replace("-", "_")) is not None]
+        shape += ["--positions"] * (args.positions is not None) + ["--tied"] * args.tied
+        if shape:
+            raise CliError(f"{', '.join(shape)}: the model's shape comes from the pretrained weights (--init-from); "
+                           "only --context (shorter) and --dropout can change")
     if args.vocab_size is not None:
-        if args.tokenizer == "gpt2":
+        if tokenizer == "gpt2":
             raise CliError("--vocab-size sets the size of a trained BPE; GPT-2's vocabulary has 50257 tokens: leave it out")
         _check_vocab_size(args.vocab_size)
     if args.sample_tokens < 0:
@@ -182,6 +204,16 @@ def _cmd_train(args) -> int:
         n_kv_heads=args.n_kv_heads, d_ff=args.d_ff, context=args.context, dropout=args.dropout, positions=args.positions,
         tie_embeddings=True if args.tied else None,
     )
+    init_weights = None
+    if args.init_from:
+        pretrained = _hf_gpt2(args.init_from, "--init-from")
+        if args.context is not None and args.context > pretrained.config.context:
+            raise CliError(f"--context {args.context}: {args.init_from} was trained with a context of {pretrained.config.context}: "
+                           "give at most that")
+        model_cfg = replace(pretrained.config, context=min(args.context or pretrained.config.context, pretrained.config.context),
+                            dropout=args.dropout)
+        init_weights = pretrained.state_dict()
+        init_weights["position_embedding.weight"] = init_weights["position_embedding.weight"][: model_cfg.context]
     device = pick_device(args.device)
     amp = args.amp
     if amp == "auto":
@@ -192,11 +224,11 @@ def _cmd_train(args) -> int:
         checkpoint_every=args.checkpoint_every, seed=args.seed, amp=amp,
     )
     ops.set_backend(args.kernels)
-    result = train(model_cfg, train_cfg, args.data, out, tokenizer=args.tokenizer, device=str(device),
-                   resume=args.resume, compile=args.compile, progress=not args.no_progress)
+    result = train(model_cfg, train_cfg, args.data, out, tokenizer=tokenizer, device=str(device), resume=args.resume,
+                   compile=args.compile, progress=not args.no_progress, init_weights=init_weights)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    written = [name for name in ("checkpoint.pt", "tokenizer.json", "metrics.csv", "loss.png") if (result.out_dir / name).exists()]
+    written = [f for f in ("checkpoint.pt", "model.safetensors", "tokenizer.json", "metrics.csv", "loss.png") if (result.out_dir / f).exists()]
     print(f"run saved in {result.out_dir}: {', '.join(written)}")
     if result.final_eval is not None:
         print(f"eval loss {result.final_eval['loss']:.3f} nats/token against {result.unigram_loss:.3f} for the unigram "
@@ -214,13 +246,47 @@ def torch_bf16(device) -> bool:
     return torch.cuda.is_bf16_supported() if device.type == "cuda" else False
 
 
+def _hf_gpt2(name: str, option: str):
+    """Our GPT with the weights of a Hugging Face GPT-2 (a hub name or a local folder)."""
+    try:
+        import transformers
+    except ImportError:
+        raise CliError(f'{option} needs Hugging Face transformers: pip install "scratchformer[hf]"') from None
+    from .hf import ConversionError, from_hf
+    from .tokenizer import BPETokenizer
+
+    import huggingface_hub
+
+    # Their progress and retry messages would bury our one line when the hub cannot be reached.
+    transformers.logging.set_verbosity_error()
+    huggingface_hub.utils.logging.set_verbosity_error()
+    try:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CliError(f"{option} {name}: cannot load it ({cause.rstrip('.')}): give a model name on the Hugging Face Hub "
+                       "(downloaded once, so the first time needs network) or a folder with config.json and the weights") from None
+    try:
+        model = from_hf(hf)
+    except ConversionError as e:
+        raise CliError(f"{option} {name}: {e}") from None
+    if model.config.vocab_size < BPETokenizer.from_gpt2().vocab_size:
+        raise CliError(f"{option} {name}: its vocabulary has {model.config.vocab_size} tokens, fewer than GPT-2's 50257")
+    return model.float()
+
+
 def _model_from(args):
     from . import ops
+    from .tokenizer import BPETokenizer
     from .training import load_checkpoint, model_from_checkpoint, pick_device
 
-    payload = load_checkpoint(args.checkpoint)
-    model, tok = model_from_checkpoint(payload)
     device = pick_device(args.device)
+    if getattr(args, "hf", None):
+        payload = {"data": "wikitext2-mini", "step": None}
+        model, tok = _hf_gpt2(args.hf, "--hf"), BPETokenizer.from_gpt2()
+    else:
+        payload = load_checkpoint(args.checkpoint)
+        model, tok = model_from_checkpoint(payload)
     ops.set_backend(args.kernels)
     return payload, model.to(device), tok, device
 
@@ -229,16 +295,23 @@ def _cmd_eval(args) -> int:
     from . import data as datamod
     from .training import evaluate
 
+    if args.stride is not None and args.stride < 1:
+        raise CliError(f"--stride must be at least 1, got {args.stride}")
     payload, model, tok, device = _model_from(args)
+    if args.stride is not None and args.stride > model.config.context:
+        raise CliError(f"--stride {args.stride}: at most the model's context, {model.config.context}")
     data = args.data or payload["data"]
     corpus = datamod.load_corpus(data)
     if args.split not in corpus:
         raise CliError(f"--split {args.split}: {data} has the splits {', '.join(corpus)}")
     split = corpus[args.split]
-    tokens = datamod.tokenize(split, tok, datamod.token_cache_path(data, args.split, tok))
-    result = evaluate(model, tokens, split.words, device, args.amp)
+    if args.detokenize:
+        split = datamod.wikitext_detokenize(split)
+    tokens = datamod.tokenize(split, tok, datamod.token_cache_path(data, args.split + "-detok" * args.detokenize, tok))
+    result = evaluate(model, tokens, split.words, device, args.amp, stride=args.stride)
+    which = args.hf if args.hf else f"step {payload['step']}"
     print(f"{split.name}: {result['tokens']} tokens, loss {result['loss']:.4f}, "
-          f"perplexity {result['ppl']:.2f} per token, {result['word_ppl']:.2f} per word (step {payload['step']})")
+          f"perplexity {result['ppl']:.2f} per token, {result['word_ppl']:.2f} per word ({which})")
     return 0
 
 

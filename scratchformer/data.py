@@ -154,6 +154,27 @@ def wikitext_articles(text: str) -> list[str]:
     return [text[s:e] for s, e in zip(starts, starts[1:] + [len(text)])]
 
 
+_DETOKENIZE = [
+    (re.compile(r" @(.)@ "), r"\1"),  # 1 @,@ 000 -> 1,000; 3 @.@ 5 -> 3.5; well @-@ known -> well-known
+    (re.compile(r" (?=[.,;:!?)\]}]|'s\b|'re\b|'ve\b|'m\b|'ll\b|'d\b|n't\b)"), ""),  # no space before these
+    (re.compile(r"([(\[{]) "), r"\1"),  # nor after an opening bracket
+    (re.compile(r"(?<==) (?==)"), ""),  # heading marks: = = Title = = -> == Title ==
+]
+
+
+def wikitext_detokenize(split: Split) -> Split:
+    """WikiText's text with its tokenization undone ("1 @,@ 000" -> "1,000", "word ." -> "word."),
+    as the GPT-2 paper evaluated it, keeping the word count of the original for word-level
+    perplexity."""
+    documents = []
+    for doc in split.documents:
+        for pattern, replacement in _DETOKENIZE:
+            doc = pattern.sub(replacement, doc)
+        documents.append(doc)
+    detokenized = _split(split.name + " detokenized", "".join(documents), documents)
+    return Split(detokenized.name, documents, detokenized.sha256, split.words)
+
+
 def _split(name: str, text: str, documents: list[str]) -> Split:
     return Split(name, documents, hashlib.sha256(text.encode("utf-8")).hexdigest(), len(text.split()))
 

@@ -205,6 +205,8 @@ def from_hf(source, config=None):
         config, state = source.config, source.state_dict()
     else:
         state = dict(source)
+    if config is not None:
+        _check_gpt2_config(config)
     sd = {k.removeprefix("transformer."): v for k, v in state.items()}
     # Old checkpoints carry the causal mask as buffers named attn.bias / attn.masked_bias.
     sd = {k: v for k, v in sd.items() if not (k.endswith(".attn.bias") or k.endswith(".attn.masked_bias"))}

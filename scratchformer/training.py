@@ -319,11 +319,13 @@ def train(
     resume: bool = False,
     compile: bool = False,
     progress: bool = True,
+    init_weights: dict | None = None,
 ) -> RunResult:
     """Train a model on `data`; checkpoints, tokenizer, metrics.csv and loss.png go to out_dir.
 
     data and tokenizer None mean: a resumed run's own, else wikitext2-mini and a trained "bpe".
-    A resumed run refuses a different corpus or tokenizer.
+    A resumed run refuses a different corpus or tokenizer. `init_weights`, a state dict of a
+    model of `model_config` (for example GPT-2's, see `GPT.from_hf`), starts a new run from them.
     """
     model_config.validate()
     train_config.validate()
@@ -389,7 +391,10 @@ def train(
         dist.barrier()
         if not world.main:
             tok, streams = prepare()
-    model_config = dataclasses.replace(model_config, vocab_size=tok.vocab_size).validate()
+    if init_weights is None:
+        model_config = dataclasses.replace(model_config, vocab_size=tok.vocab_size).validate()
+    elif tok.vocab_size > model_config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens, the pretrained model only {model_config.vocab_size}")
     baseline = unigram_loss(streams["train"], streams["eval"], tok.vocab_size)
 
     torch.manual_seed(train_config.seed)
@@ -409,6 +414,8 @@ def train(
         sampler.set_state(payload["sampler"])
         _set_rng_state(payload["rng"])
         start_step = payload["step"]
+    elif init_weights is not None:
+        model.load_state_dict(init_weights)
 
     net, ddp = model, None
     if world.world > 1:

@@ -125,7 +125,12 @@ def _snapshot(*folders: Path) -> dict:
 # a small text file, BIN for a binary file, FILE for a plain file, OUT for a new folder, TMP for
 # an existing one.
 BAD_INPUT = [
-    (["train", "--preset", "huge"], "unknown preset 'huge': choose one of seed, tiny"),
+    (["train", "--preset", "huge"], "unknown preset 'huge': choose one of seed, tiny, gpt2"),
+    (["train", "--init-from", "gpt2", "--n-layers", "2", "--tied"], "--n-layers, --tied: the model's shape comes from the pretrained weights"),
+    (["train", "--init-from", "gpt2", "--out", "RUN", "--resume"], "--init-from starts a new run from pretrained weights, --resume continues"),
+    (["train", "--init-from", "gpt2", "--tokenizer", "bpe"], "--init-from trains GPT-2's weights with GPT-2's tokenizer"),
+    (["eval", "--hf", "gpt2", "--stride", "0"], "--stride must be at least 1, got 0"),
+    (["eval", "--checkpoint", "RUN", "--stride", "1000"], "--stride 1000: at most the model's context, 16"),
     (["train", "--data", "/no/such/corpus", "--out", "OUT"], "--data /no/such/corpus: no such file or folder"),
     (["train", "--data", "BIN", "--out", "OUT"], r"model.bin: \d+% of it is not text"),
     (["train", "--d-model", "30", "--n-heads", "4"], r"d_model \(30\) must be divisible by n_heads \(4\)"),
