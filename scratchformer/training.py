@@ -235,8 +235,10 @@ def check_backend(config: ModelConfig, device: torch.device, amp: str) -> None:
 TOKENIZERS = ("bpe", "gpt2")
 
 
-def build_tokenizer(kind: str, vocab_size: int, corpus: dict, out_dir: Path, progress: bool = True) -> BPETokenizer:
-    """GPT-2's vocabulary, or a BPE trained on the training split; saved as tokenizer.json."""
+def build_tokenizer(kind: str, vocab_size: int, corpus: dict, out_dir: Path, progress: bool = True, save: bool = True) -> BPETokenizer:
+    """GPT-2's vocabulary, or a BPE trained on the training split; saved as tokenizer.json (with
+    `save`: on another node, where the run folder may not exist, training is deterministic, so
+    every node arrives at the same tokenizer)."""
     saved = out_dir / "tokenizer.json"
     if kind == "gpt2":
         tokenizer = BPETokenizer.from_gpt2()
@@ -244,7 +246,8 @@ def build_tokenizer(kind: str, vocab_size: int, corpus: dict, out_dir: Path, pro
         return BPETokenizer.load(saved)
     else:
         tokenizer = BPETokenizer.train(corpus["train"].documents, vocab_size, progress=progress)
-    tokenizer.save(saved)
+    if save:
+        tokenizer.save(saved)
     return tokenizer
 
 
@@ -377,7 +380,7 @@ def train(
         if payload is not None:
             tok = BPETokenizer.from_dict(payload["tokenizer"])
         else:
-            tok = build_tokenizer(tokenizer, model_config.vocab_size, corpus, out, progress and world.main)
+            tok = build_tokenizer(tokenizer, model_config.vocab_size, corpus, out, progress and world.main, save=world.main)
         streams = {
             name: datamod.tokenize(corpus[name], tok, datamod.token_cache_path(data, name, tok), progress and world.main)
             for name in ("train", "eval")
