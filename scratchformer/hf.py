@@ -78,7 +78,8 @@ def _fallback_reason(module, query, key, value, attention_mask, dropout, kwargs)
     if attention_mask is not None:
         return "an attention mask (padding, or a pattern other than plain causal)"
     is_causal = kwargs.get("is_causal")
-    if not (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
+    # One query sees every key either way, so a decoding step marked non-causal is still ours.
+    if not (is_causal if is_causal is not None else getattr(module, "is_causal", True)) and query.shape[2] > 1:
         return "non-causal attention"
     if dropout and module.training:
         return "attention dropout while training (set the config's attention dropout to 0 to use the kernel)"

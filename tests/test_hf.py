@@ -182,3 +182,17 @@ def test_softcapped_logits_are_computed_as_eager_does():
     scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
     torch.testing.assert_close(got, (scores.softmax(-1) @ vv).transpose(1, 2))
     assert sfhf.fallbacks() == {"attention logit softcapping": 1}
+
+
+def test_non_causal_calls_fall_back_except_a_single_query_which_sees_every_key_either_way():
+    q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    module = torch.nn.Module().eval()
+    module.num_key_value_groups = 2
+    with pytest.warns(UserWarning, match="non-causal attention"):
+        got, _ = sfhf.attention_forward(module, q, k, v, None, is_causal=False)
+    full = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+    torch.testing.assert_close(got, full.transpose(1, 2))
+    assert sfhf.stats() == {"scratchformer": 0, "sdpa": 1}
+    got, _ = sfhf.attention_forward(module, q[:, :, -1:], k, v, None, is_causal=False)
+    torch.testing.assert_close(got, full[:, :, -1:].transpose(1, 2), rtol=1e-5, atol=1e-6)
+    assert sfhf.stats() == {"scratchformer": 1, "sdpa": 1}
