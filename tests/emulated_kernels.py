@@ -1,9 +1,10 @@
 """Build the CUDA kernels' source (attention, LayerNorm) for the CPU emulator (tests/emulator)
 and call their launchers.
 
-The `.cu` files are compiled by g++ as they are, with two mechanical rewrites: the `<<<grid,
-block, shared, stream>>>` launches become `emu::launch(...)` calls and the dynamic shared memory
-declaration becomes a pointer to the emulator's buffer; `tensor_core.cuh` (mma.sync, ldmatrix,
+The `.cu` files are compiled by g++ as they are, with three mechanical rewrites: the `<<<grid,
+block, shared, stream>>>` launches become `emu::launch(...)` calls, the dynamic shared memory
+declaration becomes a pointer to the emulator's buffer, and each static `__shared__` array is
+followed by a call that fills it with garbage at the start of every block; `tensor_core.cuh` (mma.sync, ldmatrix,
 cp.async) is replaced by tests/emulator/tensor_core.cuh. Everything else, the index arithmetic,
 masking, softmax and statistics, barriers and the launchers' dispatch, is the code that runs on
 a GPU.
@@ -28,26 +29,48 @@ DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # kernel<...><<<launch configuration>>>(  ->  emu::launch(kernel<...>, launch configuration,
 LAUNCH = re.compile(r"(\w+(?:<[^<>;]*>)?)<<<(.*?)>>>\(")
 DYNAMIC_SHARED = "extern __shared__ __align__(16) unsigned char smem[];"
+# __shared__ float a[N][M], b[N];  ->  the same, then emu::fresh_shared(a, sizeof(a)); ... for each array
+STATIC_SHARED = re.compile(r"__shared__[^;]*;")
 
 
-def build(work: Path) -> Path:
-    """Compile the emulated kernels into work/libattention_emulated.so."""
+def _fresh_shared(match: re.Match) -> str:
+    names = re.findall(r"(\w+)\s*\[", match.group(0))
+    assert names, f"no array in the shared memory declaration {match.group(0)!r}"
+    return match.group(0) + "".join(f" emu::fresh_shared({n}, sizeof({n}));" for n in names)
+
+
+def build(work: Path, patches: dict[str, tuple[str, str]] | None = None) -> Path:
+    """Compile the emulated kernels into work/libattention_emulated.so. `patches` maps a file
+    name to (text, replacement): a deliberate mutation, for tests that the emulator catches it."""
+    patches = patches or {}
+
+    def read(name: str) -> str:
+        text = (KERNELS / name).read_text()
+        if name in patches:
+            old, new = patches[name]
+            assert text.count(old) == 1, f"the patch for {name} does not match exactly once"
+            text = text.replace(old, new)
+        return text
+
     src = work / "src"
     src.mkdir(parents=True, exist_ok=True)
     for name in HEADERS:
-        shutil.copy(KERNELS / name, src / name)
+        (src / name).write_text(read(name))
     shutil.copy(EMULATOR / "tensor_core.cuh", src / "tensor_core.cuh")
     sources = []
     for name in SOURCES:
-        text = (KERNELS / name).read_text()
+        text = read(name)
         text, launches = LAUNCH.subn(r"emu::launch(\1, \2, ", text)
         assert launches, f"no kernel launch found in {name}"
         text = text.replace(DYNAMIC_SHARED, "unsigned char* smem = emu::dynamic_smem();")
+        text = STATIC_SHARED.sub(_fresh_shared, text)
         path = src / (Path(name).stem + ".cpp")
         path.write_text(text)
         sources.append(str(path))
     library = work / "libattention_emulated.so"
-    cmd = ["g++", "-std=c++17", "-O1", "-fPIC", "-shared", "-fno-strict-aliasing", "-I", str(src), "-I", str(EMULATOR),
+    # Locals start as a byte pattern, not whatever the stack held (often zeros), like registers.
+    cmd = ["g++", "-std=c++17", "-O1", "-fPIC", "-shared", "-fno-strict-aliasing", "-ftrivial-auto-var-init=pattern",
+           "-I", str(src), "-I", str(EMULATOR),
            *sources, str(EMULATOR / "harness.cpp"), "-o", str(library)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:

@@ -73,3 +73,16 @@ def test_emulated_residual_variant_with_float32_parameters_and_strided_rows(emul
     low = reference_run(x, r, w, b, dy, dh, lambda t: t)
     truth = reference_run(x, r, w, b, dy, dh, lambda t: t.double())
     assert_within_twice_the_reference(got, low, truth)
+
+
+def test_the_emulator_gives_each_block_garbage_shared_memory(tmp_path):
+    """A block reduction that read all 32 slots of its shared scratch, not only those its warps
+    wrote, reads zeros from a zero-initialised array and passes; on a GPU, and here, it reads
+    whatever is there (NaN), and fails."""
+    from emulated_kernels import EmulatedKernels, build
+
+    read = "v = lane < warps ? scratch[lane] : 0.f;"
+    mutated = EmulatedKernels(build(tmp_path, {"common.cuh": (read, "v = scratch[lane];")}))
+    x, _, w, b, dy, _ = make_inputs(37, 64, torch.float32)
+    got = emulated_run(mutated, x, None, w, b, dy, None)
+    assert not torch.isfinite(got[0]).all()

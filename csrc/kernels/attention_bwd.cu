@@ -28,12 +28,12 @@ constexpr int kThreads = 128;
 constexpr int kBlock = 64;  // queries per dq block, keys per dkv block: 16 per warp
 
 template <int D>
-constexpr int inner_tile() {  // the other side's tile: smaller for large D to stay in registers
+__host__ __device__ constexpr int inner_tile() {  // the other side's tile: smaller for large D to stay in registers
   return D <= 64 ? 64 : 32;
 }
 
 template <typename T, int D>
-constexpr int dkv_shared_bytes() {  // K, V, and two buffers of (Q, dO, lse, delta)
+__host__ __device__ constexpr int dkv_shared_bytes() {  // K, V, and two buffers of (Q, dO, lse, delta)
   return (2 * kBlock + 4 * inner_tile<D>()) * (D + 8) * int(sizeof(T)) + 4 * inner_tile<D>() * int(sizeof(float));
 }
 

@@ -27,7 +27,7 @@ constexpr int kColumnsPerBlock = 32;  // stage 1 of dweight/dbias
 constexpr int kRowLanes = 8;
 
 template <typename T>
-constexpr int vec_of() {
+__host__ __device__ constexpr int vec_of() {
   return 16 / sizeof(T);
 }
 

@@ -4,7 +4,10 @@
 // __syncthreads is a block barrier, and warp-wide operations (shuffles, ldmatrix, mma) exchange
 // values through a per-warp buffer between two warp barriers. Blocks run one after another.
 // cp.async copies are deferred until the issuing thread's cp.async.wait_group, so a kernel that
-// reads shared memory before waiting sees stale data, as it could on a GPU.
+// reads shared memory before waiting sees stale data, as it could on a GPU. Shared memory, static
+// and dynamic, is filled with 0xff bytes (NaN in every float format) for each block, as
+// a GPU gives a block whatever the previous one left: a read of memory the block never wrote
+// turns into NaN. Locals start as a byte pattern too (-ftrivial-auto-var-init=pattern).
 #pragma once
 
 #include <math.h>
@@ -17,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <vector>
 
 // ---- language ------------------------------------------------------------------------------
@@ -26,7 +30,10 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static  // one copy shared by the block's fibers; blocks run one at a time
+// One copy shared by the block's fibers; blocks run one at a time. The build follows every
+// declaration with emu::fresh_shared (tests/emulated_kernels.py), which fills it with garbage
+// once per block.
+#define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 #define CUDART_VERSION 13000
 #define __CUDA_ARCH_LIST__ 800, 900
@@ -52,7 +59,8 @@ inline int linear_thread = 0;  // x fastest, as warps are formed on a GPU
 inline int warp_of() { return linear_thread / 32; }
 inline int lane_of() { return linear_thread % 32; }
 inline int sm_count = 8;
-inline long dynamic_smem_limit = 48 * 1024;  // raised by cudaFuncSetAttribute, as on a GPU
+// Dynamic shared memory above 48 KB needs the kernel's own opt-in (cudaFuncSetAttribute), as on a GPU.
+inline std::map<const void*, long> dynamic_smem_limits;
 
 struct Fiber {
   ucontext_t context;
@@ -79,6 +87,18 @@ inline int warp_arrived[32], warp_alive[32];
 inline long warp_generation[32];
 alignas(16) inline unsigned char warp_exchange[32][32][64];
 inline std::vector<unsigned char> dynamic_smem_buffer;
+inline long block_serial = 0;  // counts the blocks run, over all launches
+
+// Called by every thread at a static __shared__ declaration: the first call of each block fills
+// the array with 0xff bytes, before any thread of the block can have written it.
+inline void fresh_shared(void* array, std::size_t bytes) {
+  static std::map<void*, long> filled;  // array -> block_serial of its last fill
+  long& last = filled[array];
+  if (last != block_serial) {
+    std::memset(array, 0xff, bytes);
+    last = block_serial;
+  }
+}
 
 [[noreturn]] inline void fail(const char* what) {
   std::fprintf(stderr, "emulator: %s (block %u,%u,%u thread %d)\n", what, block_idx.x, block_idx.y, block_idx.z,
@@ -149,15 +169,18 @@ template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem, cudaStream_t, Args&&... args) {
   const int threads = int(block.x * block.y * block.z);
   if (threads % 32 || threads > 1024) fail("unsupported block shape");
-  if (long(smem) > dynamic_smem_limit) fail("dynamic shared memory above the limit set for the kernel");
+  const auto opt_in = dynamic_smem_limits.find(reinterpret_cast<const void*>(kernel));
+  const long limit = opt_in == dynamic_smem_limits.end() ? 48 * 1024 : opt_in->second;
+  if (long(smem) > limit) fail("dynamic shared memory above the limit set for this kernel");
   grid_dim = grid;
   block_dim = block;
-  dynamic_smem_buffer.assign(smem + 16, 0xff);  // NaN-like garbage, as uninitialised memory is
   body = [&] { kernel(args...); };
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         block_idx = dim3(x, y, z);
+        dynamic_smem_buffer.assign(smem + 16, 0xff);
+        ++block_serial;
         fibers.resize(threads);
         block_arrived = 0;
         block_alive = threads;
@@ -226,8 +249,8 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
   return cudaSuccess;
 }
 template <typename F>
-inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int bytes) {
-  emu::dynamic_smem_limit = bytes;
+inline cudaError_t cudaFuncSetAttribute(F kernel, cudaFuncAttribute, int bytes) {
+  emu::dynamic_smem_limits[reinterpret_cast<const void*>(kernel)] = bytes;
   return cudaSuccess;
 }
 
