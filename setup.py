@@ -91,7 +91,8 @@ kernel_args = dict(
 if skip:
     kernels = cpp_extension.CppExtension(sources=["csrc/kernels/ops.cpp"], **kernel_args)
 else:
-    kernel_args["define_macros"] += [("SCRATCHFORMER_CUDA", None), ("USE_CUDA", None)]
+    kernel_args["define_macros"] += [("SCRATCHFORMER_CUDA", None), ("USE_CUDA", None),
+                                     ("SCRATCHFORMER_PTX_ARCH", str(cuda_toolkit.ptx_arch(os.environ["TORCH_CUDA_ARCH_LIST"])))]
     kernels = cpp_extension.CUDAExtension(
         sources=["csrc/kernels/ops.cpp", *sorted(glob.glob("csrc/kernels/*.cu"))], **kernel_args
     )

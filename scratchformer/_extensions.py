@@ -27,6 +27,7 @@ kernels, kernels_error = _load("_kernels")  # importing it registers the torch.o
 bpe, bpe_error = _load("_bpe")
 
 cuda_archs: tuple[int, ...] = tuple(kernels.cuda_archs()) if kernels is not None else ()
+ptx_arch: int = kernels.ptx_arch() if kernels is not None else 0
 
 
 def cuda_mismatch(kernels_cuda: str | None, torch_cuda: str | None) -> str | None:

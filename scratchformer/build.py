@@ -19,6 +19,7 @@ class BuildInfo:
     kernels: bool  # the torch ops library loaded
     cuda_kernels: bool  # ...with CUDA kernels compiled in
     cuda_archs: tuple[int, ...]  # compute capabilities compiled for, e.g. (80, 90)
+    ptx_arch: int  # the one whose PTX is embedded, or 0
     kernels_cuda: str | None  # CUDA version the kernels were compiled with
     kernels_torch: str | None  # torch version whose headers built the kernels
     gpu: str | None  # the visible GPU, if any
@@ -28,7 +29,7 @@ class BuildInfo:
         def yes(flag: bool, detail: str = "") -> str:
             return ("yes" + (f" ({detail})" if detail else "")) if flag else "no"
 
-        archs = ", ".join(f"sm_{a}" for a in self.cuda_archs)
+        archs = ", ".join(f"sm_{a}" + (" + PTX" if a == self.ptx_arch else "") for a in self.cuda_archs)
         lines = [
             f"scratchformer {self.version}",
             f"  torch            {self.torch} (CUDA {self.torch_cuda or 'none: CPU build'})",
@@ -62,6 +63,7 @@ def build_info() -> BuildInfo:
         kernels=kernels is not None,
         cuda_kernels=bool(_extensions.cuda_archs),
         cuda_archs=_extensions.cuda_archs,
+        ptx_arch=_extensions.ptx_arch,
         kernels_cuda=kernels.cuda_version() if kernels is not None else None,
         kernels_torch=kernels.torch_version() if kernels is not None else None,
         gpu=gpu,

@@ -176,3 +176,19 @@ def test_layer_norm_weight_and_bias_may_be_none_as_in_torch(name):
         torch.testing.assert_close(ops.layer_norm(x, weight, bias, backend=name), expected)
         y, h = ops.add_layer_norm(x, x.flip(0), weight, bias, backend=name)
         torch.testing.assert_close(y, torch.nn.functional.layer_norm(x + x.flip(0), (16,), weight, bias))
+
+
+@pytest.mark.parametrize(
+    "capability, runs",
+    [(80, True), (86, True), (89, True), (90, True), (100, True), (103, True), (120, True), (121, True),
+     (130, True), (75, False), (70, False)],
+)
+def test_which_gpus_the_default_build_runs_on(capability, runs):
+    # The default arch list: machine code for sm_80, sm_90, sm_100, sm_120, and PTX of sm_120.
+    from scratchformer.ops.backend import arch_reason
+
+    reason = arch_reason(capability, (80, 90, 100, 120), 120)
+    assert (reason is None) == runs
+    if not runs:
+        assert f"this GPU is sm_{capability}: reinstall with TORCH_CUDA_ARCH_LIST={capability // 10}.{capability % 10}" in reason
+    assert arch_reason(130, (80, 90), 0) is not None  # without PTX, a newer major needs a rebuild

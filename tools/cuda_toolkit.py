@@ -14,7 +14,9 @@ import re
 import shutil
 import subprocess
 
-DEFAULT_ARCH_LIST = "8.0;9.0"
+# A100 (and sm_86/89 through it), H100, Blackwell datacenter and desktop, and PTX of the newest
+# so that a later GPU can compile the kernels when it first loads them.
+DEFAULT_ARCH_LIST = "8.0;9.0;10.0;12.0+PTX"
 
 
 def is_toolkit(path: str | None) -> bool:
@@ -57,5 +59,11 @@ def nvcc_version(cuda_home: str) -> str | None:
 
 
 def arch_list() -> str:
-    """TORCH_CUDA_ARCH_LIST if set, else sm_80 and sm_90 (also when no GPU is present)."""
+    """TORCH_CUDA_ARCH_LIST if set, else DEFAULT_ARCH_LIST (also when no GPU is present)."""
     return os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
+
+
+def ptx_arch(arch_list: str) -> int:
+    """The compute capability whose PTX an arch list embeds ("12.0+PTX" -> 120), or 0."""
+    with_ptx = [a for a in re.split(r"[;\s]+", arch_list) if a.endswith("+PTX")]
+    return max((int(a.removesuffix("+PTX").replace(".", "")) for a in with_ptx), default=0)

@@ -103,6 +103,10 @@ const char* launch_attention_backward(const AttentionBackward& args, void* strea
 // writing at most `capacity` of them.
 int compiled_cuda_archs(int* out, int capacity);
 
+// The compute capability whose PTX is embedded (e.g. 120: a GPU of that capability or newer can
+// compile the kernels at load time), or 0.
+int compiled_ptx_arch();
+
 // CUDA runtime version the kernels were compiled against (e.g. 13000).
 int compiled_cuda_version();
 

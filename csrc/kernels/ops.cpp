@@ -326,6 +326,14 @@ PyObject* cuda_archs(PyObject*, PyObject*) {
 #endif
 }
 
+PyObject* ptx_arch(PyObject*, PyObject*) {
+#ifdef SCRATCHFORMER_CUDA
+  return PyLong_FromLong(scratchformer::compiled_ptx_arch());
+#else
+  return PyLong_FromLong(0);
+#endif
+}
+
 PyObject* cuda_version(PyObject*, PyObject*) {
 #ifdef SCRATCHFORMER_CUDA
   const int v = scratchformer::compiled_cuda_version();
@@ -343,6 +351,8 @@ PyObject* torch_version(PyObject*, PyObject*) {
 PyMethodDef methods[] = {
     {"cuda_archs", cuda_archs, METH_NOARGS,
      "Compute capabilities the CUDA kernels were compiled for (e.g. (80, 90)); () without CUDA."},
+    {"ptx_arch", ptx_arch, METH_NOARGS,
+     "Compute capability whose PTX is embedded (newer GPUs compile it at load time), or 0."},
     {"cuda_version", cuda_version, METH_NOARGS,
      "CUDA version the kernels were compiled with, or None without CUDA."},
     {"torch_version", torch_version, METH_NOARGS, "torch version whose headers built this."},

@@ -67,15 +67,20 @@ def _gpu_reason(tensors: Iterable[torch.Tensor]) -> str | None:
     if any(d.type != "cuda" for d in devices):
         return f"the fused kernels run on CUDA tensors, got {', '.join(sorted(map(str, devices)))}"
     major, minor = _capability(next(iter(devices)).index)
-    capability = 10 * major + minor
-    # Machine code for sm_XY runs on sm_XZ with Z >= Y (same major version).
-    if not any(a // 10 == major and a <= capability for a in _extensions.cuda_archs):
-        built = ", ".join(f"sm_{a}" for a in _extensions.cuda_archs)
-        return (
-            f"the kernels were compiled for {built}, this GPU is sm_{capability}: reinstall with "
-            f"TORCH_CUDA_ARCH_LIST={major}.{minor}"
-        )
-    return None
+    return arch_reason(10 * major + minor, _extensions.cuda_archs, _extensions.ptx_arch)
+
+
+def arch_reason(capability: int, archs: tuple[int, ...], ptx_arch: int) -> str | None:
+    """Why kernels compiled for `archs` (with PTX of `ptx_arch`, or 0) cannot run on a GPU of
+    `capability` (e.g. 86), or None. Machine code for sm_XY runs on sm_XZ with Z >= Y (same
+    major version); PTX is compiled by the driver for any GPU at least as new."""
+    if any(a // 10 == capability // 10 and a <= capability for a in archs) or (ptx_arch and capability >= ptx_arch):
+        return None
+    built = ", ".join(f"sm_{a}" for a in archs) + (f" (+ PTX of sm_{ptx_arch})" if ptx_arch else "")
+    return (
+        f"the kernels were compiled for {built}, this GPU is sm_{capability}: reinstall with "
+        f"TORCH_CUDA_ARCH_LIST={capability // 10}.{capability % 10}"
+    )
 
 
 def choose(
