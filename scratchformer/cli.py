@@ -20,6 +20,7 @@ HELP = {
     "generate": "continue a prompt with a trained model",
     "tokenizer": "train a BPE tokenizer, or encode / decode with one",
     "info": "what this installation was built with (tokenizer, kernels, GPU)",
+    "selftest": "check every fused kernel configuration against the reference on this GPU",
 }
 
 
@@ -141,6 +142,9 @@ def _parser() -> argparse.ArgumentParser:
         a.add_argument("input", nargs="+", help="the text" if action == "encode" else "the ids")
 
     commands.add_parser("info", help=HELP["info"], description=HELP["info"])
+    st = commands.add_parser("selftest", help=HELP["selftest"], description=HELP["selftest"] + ": forward and backward on "
+                             "small problems against the float64 reference, as `auto` does once per configuration before trusting it.")
+    st.add_argument("--device", default="cuda", help="the GPU to check (default cuda, the current one)")
     return parser
 
 
@@ -148,6 +152,33 @@ def _load_tokenizer(name: str):
     from .tokenizer import BPETokenizer
 
     return BPETokenizer.from_gpt2() if name == "gpt2" else BPETokenizer.load(name)
+
+
+def _cmd_selftest(args) -> int:
+    import torch
+
+    from . import build_info
+    from .ops import selfcheck
+    from .training import pick_device
+
+    if not torch.cuda.is_available():
+        print("scratchformer selftest: no CUDA GPU visible: the fused kernels run only on GPUs, so there is nothing "
+              "to check here (every op runs its reference)")
+        return 0
+    info = build_info()
+    if not info.cuda_kernels:
+        raise CliError("this installation has no CUDA kernels (`scratchformer info` says why): reinstall with nvcc present")
+    device = pick_device(args.device)
+    results = selfcheck.all_checks(device)
+    print(f"{selfcheck._device_name(device)}, {info.kernels_cuda and 'CUDA ' + info.kernels_cuda}, torch {info.torch}\n")
+    print("| op | configuration | worst output: kernel error vs reference error (float64 truth) | verdict |")
+    print("| --- | --- | --- | --- |")
+    for r in results:
+        print(f"| {r.op} | {r.config} | {r.worst()} | {'ok' if r.passed else 'FAIL'} |")
+    failed = [r for r in results if not r.passed]
+    print(f"\n{len(results) - len(failed)} of {len(results)} configurations match the reference"
+          + (f"; `auto` runs the reference instead of the {len(failed)} that do not" if failed else ""))
+    return 1 if failed else 0
 
 
 def _cmd_info(args) -> int:
@@ -404,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scratchformer{' ' + command if command in HELP else ''}: error: {e}", file=sys.stderr)
         return 1
     args = _parser().parse_args(argv)
-    run = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "tokenizer": _cmd_tokenizer, "info": _cmd_info}[args.command]
+    run = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "tokenizer": _cmd_tokenizer, "info": _cmd_info,
+           "selftest": _cmd_selftest}[args.command]
     from .ops import FusedUnavailableError
     from .training import TrainingDiverged, TrainingInterrupted
 

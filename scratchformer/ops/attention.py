@@ -82,7 +82,7 @@ def causal_attention(
     `backend` picks the implementation for this call (default: `get_backend()`).
     """
     _check_inputs(q, k, v)
-    which = choose("causal_attention", backend, (q, k, v), lambda: _fused_reason(q))
+    which = choose("causal_attention", backend, (q, k, v), lambda: _fused_reason(q), (q.dtype, q.shape[-1]))
     if which == "fused":
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         return torch.ops.scratchformer.attention_fwd(q, k, v, scale)[0]

@@ -5,7 +5,7 @@
 | `fused`     | scratchformer's CUDA kernel                             | CUDA tensors, kernels built |
 | `reference` | the from-scratch math in `reference.py`                 | everywhere             |
 | `torch`     | PyTorch's own op (scaled_dot_product_attention, layer_norm) | everywhere         |
-| `auto`      | `fused` where it can run, `reference` otherwise         |                        |
+| `auto`      | `fused` where it can run and has passed its first-use check (selfcheck.py), `reference` otherwise | |
 
 Each op takes `backend=` per call; `set_backend` sets the default for the process.
 Asking for `fused` where it cannot run raises `FusedUnavailableError` saying why.
@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 import torch
 
 from .. import _extensions
+from . import selfcheck
 
 BACKENDS = ("auto", "fused", "reference", "torch")
 
@@ -88,11 +89,14 @@ def choose(
     backend: str | None,
     tensors: Iterable[torch.Tensor],
     fused_reason: Callable[[], str | None] | None = None,
+    config: tuple = (),
 ) -> str:
     """The backend that runs `op`: "fused", "reference" or "torch".
 
     `fused_reason` says why the op's kernel cannot take these particular inputs (dtype, head
-    size...), or None if it can; leave it out while the op has no fused kernel.
+    size...), or None if it can; leave it out while the op has no fused kernel. `config` names
+    the kernel configuration these inputs run (for `selfcheck`: `auto` runs a configuration only
+    once it has matched the reference on the device).
     """
     name = _validate(backend if backend is not None else _default)
     if name in ("reference", "torch"):
@@ -102,6 +106,11 @@ def choose(
     else:
         reason = _gpu_reason(tensors) or fused_reason()
     if reason is None:
+        if name == "auto" and selfcheck.enabled():
+            device = next(iter(tensors)).device
+            index = -1 if device.type != "cuda" else device.index if device.index is not None else torch.cuda.current_device()
+            if not selfcheck.trusted(op, index, config):
+                return "reference"
         return "fused"
     if name == "fused":
         raise FusedUnavailableError(

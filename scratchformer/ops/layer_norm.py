@@ -80,7 +80,7 @@ def layer_norm(
     """
     weight, bias = _affine(x, weight, bias)
     _check_inputs(x, weight, bias, eps)
-    which = choose("layer_norm", backend, (x, weight, bias), lambda: _fused_reason(x, weight, bias))
+    which = choose("layer_norm", backend, (x, weight, bias), lambda: _fused_reason(x, weight, bias), (x.dtype, weight.dtype))
     if which == "fused":
         return _fused(x, weight, bias, None, eps)[0]
     if which == "torch":
@@ -105,7 +105,8 @@ def add_layer_norm(
             f"add_layer_norm: residual must match x in shape, dtype and device, got {tuple(residual.shape)} "
             f"{residual.dtype} on {residual.device} for x {tuple(x.shape)} {x.dtype} on {x.device}"
         )
-    which = choose("layer_norm", backend, (x, residual, weight, bias), lambda: _fused_reason(x, weight, bias))
+    which = choose("layer_norm", backend, (x, residual, weight, bias), lambda: _fused_reason(x, weight, bias),
+                   (x.dtype, weight.dtype))
     if which == "fused":
         return _fused(x, weight, bias, residual, eps)
     h = x + residual

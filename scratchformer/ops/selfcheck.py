@@ -1,0 +1,166 @@
+"""First use of a fused kernel on a GPU: checked against the reference before it is trusted.
+
+The kernels have been checked on a CPU emulator and in their compiled form, but a GPU, a driver
+or a compiler can still disagree. So the `auto` backend runs each fused configuration (an op, a
+dtype, a head size; per device) once per process on a small problem, forward and backward,
+against the float64 reference, with the rule of the tests: the kernel's error at most twice that
+of the reference in the same precision, plus a small floor. A configuration that fails is
+reported once (a warning naming it and the errors) and runs on the reference from then on;
+`backend="fused"` is never second-guessed. `SCRATCHFORMER_SELFCHECK=0` turns the check off.
+`scratchformer selftest` runs every configuration and prints the table.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+
+
+@dataclass
+class Result:
+    op: str
+    config: str  # e.g. "bfloat16 D=64"
+    device: str
+    errors: dict[str, tuple[float, float]]  # output -> (kernel error, reference error), against float64
+    passed: bool
+
+    def worst(self) -> str:
+        name, (err, ref) = max(self.errors.items(), key=lambda item: item[1][0] / (2 * item[1][1] + 1e-30))
+        return f"{name}: {err:.2e} against the reference's {ref:.2e}"
+
+
+def _within(got: torch.Tensor, low: torch.Tensor, truth: torch.Tensor) -> tuple[float, float, bool]:
+    truth = truth.double()
+    err = (got.double() - truth).abs().max().item() if torch.isfinite(got).all() else float("inf")
+    err_ref = (low.double() - truth).abs().max().item()
+    floor = 1e-4 * (1 + truth.abs().max().item())
+    return err, err_ref, err <= 2 * err_ref + floor
+
+
+def _fused_attention(q, k, v):
+    from .attention import causal_attention
+
+    return causal_attention(q, k, v, backend="fused")
+
+
+def _fused_layer_norm(x, w, b, r):
+    from .layer_norm import add_layer_norm, layer_norm
+
+    if r is None:
+        return layer_norm(x, w, b, backend="fused"), None
+    return add_layer_norm(x, r, w, b, backend="fused")
+
+
+# What runs as "the kernel" in a check; tests put a faulty one here to see it caught.
+FUSED = {"causal_attention": _fused_attention, "layer_norm": _fused_layer_norm}
+
+
+def _grads(outputs, weights, leaves):
+    loss = sum((o.double() * w).sum() for o, w in zip(outputs, weights) if o is not None)
+    return list(torch.autograd.grad(loss, leaves))
+
+
+def check_attention(device: torch.device, dtype: torch.dtype, head_dim: int) -> Result:
+    """Prefill (tensor-core or CUDA-core path) and decoding (split keys) shapes, GQA 2:1, lengths
+    off the tile multiples; output and dq, dk, dv."""
+    g = torch.Generator().manual_seed(head_dim)
+    errors, passed = {}, True
+    for t_q, t_k in ((70, 70), (3, 133)):
+        q, k, v = (torch.randn(2, h, t, head_dim, generator=g) for h, t in ((4, t_q), (2, t_k), (2, t_k)))
+        dout = torch.randn(2, 4, t_q, head_dim, generator=g)
+        runs = []
+        for fn, cast in ((FUSED["causal_attention"], dtype), (lambda *a: reference.causal_attention(*a)[0], dtype),
+                         (lambda *a: reference.causal_attention(*a)[0], torch.float64)):
+            leaves = [t.to(device, cast).requires_grad_() for t in (q, k, v)]
+            out = fn(*leaves)
+            runs.append([out.detach()] + _grads([out], [dout.to(device, torch.float64)], leaves))
+        for name, got, low, truth in zip(("out", "dq", "dk", "dv"), *runs):
+            err, err_ref, ok = _within(got, low, truth)
+            key = f"{name} (Tq={t_q}, Tk={t_k})"
+            errors[key] = (err, err_ref)
+            passed &= ok
+    return Result("causal_attention", f"{str(dtype).removeprefix('torch.')} D={head_dim}", str(device), errors, passed)
+
+
+def check_layer_norm(device: torch.device, dtype: torch.dtype, weight_dtype: torch.dtype) -> Result:
+    """Vectorised and element-wise rows, with and without the fused residual add; y, h and every gradient."""
+    g = torch.Generator().manual_seed(7)
+    errors, passed = {}, True
+    for channels, residual in ((512, False), (67, True)):
+        x, r = torch.randn(37, channels, generator=g), torch.randn(37, channels, generator=g)
+        w, b = torch.randn(channels, generator=g) * 0.5 + 1, torch.randn(channels, generator=g)
+        dy, dh = torch.randn(37, channels, generator=g), torch.randn(37, channels, generator=g)
+        runs = []
+        for cast, wcast, fused in ((dtype, weight_dtype, True), (dtype, weight_dtype, False), (torch.float64, torch.float64, False)):
+            leaves = [x.to(device, cast), w.to(device, wcast), b.to(device, wcast)] + ([r.to(device, cast)] if residual else [])
+            leaves = [t.requires_grad_() for t in leaves]
+            rr = leaves[3] if residual else None
+            if fused:
+                y, h = FUSED["layer_norm"](leaves[0], leaves[1], leaves[2], rr)
+            else:
+                h = leaves[0] + rr if residual else None
+                y = reference.layer_norm(h if residual else leaves[0], leaves[1], leaves[2])[0]
+            outputs = [y, h]
+            runs.append([y.detach()] + _grads(outputs, [dy.to(device, torch.float64), dh.to(device, torch.float64)], leaves))
+        names = ["y", "dx", "dweight", "dbias"] + (["dresidual"] if residual else [])
+        for name, got, low, truth in zip(names, *runs):
+            err, err_ref, ok = _within(got, low, truth)
+            errors[f"{name} (C={channels})"] = (err, err_ref)
+            passed &= ok
+    config = str(dtype).removeprefix("torch.") + (f", {str(weight_dtype).removeprefix('torch.')} weights" if weight_dtype != dtype else "")
+    return Result("layer_norm", config, str(device), errors, passed)
+
+
+_verdicts: dict[tuple, bool] = {}
+
+
+def enabled() -> bool:
+    return os.environ.get("SCRATCHFORMER_SELFCHECK", "1") != "0"
+
+
+@torch.compiler.assume_constant_result
+def trusted(op: str, device_index: int, config: tuple) -> bool:
+    """Whether `auto` may run the fused `op` in this configuration on cuda:device_index: the
+    first call runs the check (once per process), later calls return its verdict."""
+    key = (op, device_index, config)
+    if key not in _verdicts:
+        device = torch.device("cuda", device_index) if device_index >= 0 else torch.device("cpu")
+        with torch.inference_mode(False), torch.enable_grad():  # also when called while generating
+            result = run_check(op, device, config)
+        _verdicts[key] = result.passed
+        if not result.passed:
+            warnings.warn(
+                f"scratchformer: the fused {op} kernel ({result.config}) disagrees with the reference on "
+                f"{_device_name(device)}: {result.worst()}; the reference runs instead of it in this process. "
+                "`scratchformer selftest` shows every configuration; please report it with that table.",
+                RuntimeWarning, stacklevel=4)
+    return _verdicts[key]
+
+
+def run_check(op: str, device: torch.device, config: tuple) -> Result:
+    if op == "causal_attention":
+        return check_attention(device, *config)
+    return check_layer_norm(device, *config)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return str(device)
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
+
+
+def all_checks(device: torch.device) -> list[Result]:
+    """Every fused configuration `auto` can pick on a GPU, checked now (for `scratchformer selftest`)."""
+    from .attention import FUSED_DTYPES as ATTENTION_DTYPES, FUSED_HEAD_DIMS
+
+    results = [check_attention(device, dtype, d) for dtype in ATTENTION_DTYPES for d in FUSED_HEAD_DIMS]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for weight_dtype in {dtype, torch.float32}:
+            results.append(check_layer_norm(device, dtype, weight_dtype))
+    return results
