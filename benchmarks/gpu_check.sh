@@ -2,11 +2,15 @@
 # One check on a machine with an NVIDIA GPU: build, every CUDA test, every benchmark, one table.
 #
 #   bash benchmarks/gpu_check.sh            # logs and benchmark tables go to $OUT or /tmp/gpu_check
+#   bash benchmarks/gpu_check.sh --quick    # under 5 minutes: build for this GPU only, the
+#                                           # first-use selftest, the CUDA tests, the kernels' benchmarks
 #
 # Uses the installed torch (the GPU machines have no registry access), so it installs scratchformer
 # with --no-deps. Must finish inside 8 minutes on one H100.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+quick=0
+[ "${1:-}" = "--quick" ] && quick=1
 out=${OUT:-/tmp/gpu_check}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -24,16 +28,21 @@ step() {  # step NAME COMMAND...: run it, log to $out/NAME.log, add a row to the
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+if [ $quick = 1 ]; then  # machine code for this GPU only: a third of the default build's time
+  export TORCH_CUDA_ARCH_LIST=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+fi
 step build env SCRATCHFORMER_CUDA=1 python -m pip install -v --no-build-isolation --no-deps --no-cache-dir .
 step info python -c "import scratchformer; print(scratchformer.build_info())"
-step ptxas python tools/check_ptxas.py
+step selftest scratchformer selftest
+[ $quick = 1 ] || step ptxas python tools/check_ptxas.py
 step cuda_tests python -m pytest -m cuda -v -p no:cacheprovider tests
 # The kernels' own benchmarks and the loss curves first: if the time runs out, the logs in $out
 # already hold what matters most.
-step bench_attention python benchmarks/bench_attention.py --out "$out"
-step bench_layernorm python benchmarks/bench_layernorm.py --out "$out"
-step train_curves python benchmarks/train_curves.py --steps 200 --backends fused,reference --out "$out"
+step bench_attention python benchmarks/bench_attention.py --out "$out" $([ $quick = 1 ] && echo "--reps 5")
+step bench_layernorm python benchmarks/bench_layernorm.py --out "$out" $([ $quick = 1 ] && echo "--reps 10")
+[ $quick = 1 ] || step train_curves python benchmarks/train_curves.py --steps 200 --backends fused,reference --out "$out"
 for bench in benchmarks/bench_*.py; do
+  [ $quick = 1 ] && break
   name=$(basename "$bench" .py)
   case $name in bench_attention | bench_layernorm) continue ;; esac
   step "$name" python "$bench" --out "$out"
