@@ -1,0 +1,71 @@
+"""tools/sass_stats.py: its SASS reading on a hand-written listing, and on the built kernels where
+cuobjdump and nvdisasm are installed (the `sass` extra; CI installs it)."""
+
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+import scratchformer
+
+spec = importlib.util.spec_from_file_location("sass_stats", Path(__file__).resolve().parent.parent / "tools" / "sass_stats.py")
+sass_stats = sys.modules["sass_stats"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sass_stats)
+
+LISTING = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_3:
+        /*0010*/                   LDSM.16.M88.4 R4, [R2] ;
+        /*0020*/                   HMMA.16816.F32.BF16 R8, R4, R6, R8 ;
+        /*0030*/                   HMMA.16816.F32.BF16 R12, R4, R7, R12 ;
+.L_x_1:
+        /*0040*/                   LDS.U16 R3, [R2+0x10] ;
+        /*0050*/                   MUFU.EX2 R3, R3 ;
+        /*0060*/               @P1 BRA `(.L_x_1) ;
+        /*0070*/                   I2F.U32.RP R5, R9 ;
+        /*0080*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0090*/                   NOP ;
+        /*00a0*/              @!P0 BRA `(.L_x_3) ;
+        /*00b0*/                   BRA `(.L_x_4) ;
+.L_x_4:
+        /*00c0*/                   EXIT ;
+"""
+
+
+def test_the_hot_loop_is_the_backward_branch_with_the_most_tensor_core_work():
+    loop = sass_stats.hot_loop(LISTING)
+    # .L_x_3 to its branch: 9 instructions without the NOP; the inner loop (.L_x_1) counts once,
+    # the forward branch to .L_x_4 is no loop.
+    assert (loop.instructions, loop.hmma, loop.ldsm, loop.lds, loop.mufu, loop.bar, loop.idiv) == (9, 2, 1, 1, 1, 1, 1)
+
+
+def test_occupancy_from_registers_shared_memory_and_threads():
+    # 224 registers x 256 threads: 57344 of 65536 registers, one block; 128 threads at 168 registers
+    # and 35 KB: registers allow 3 blocks, sm_80's 163 KB of shared memory 4.
+    assert sass_stats.occupancy(90, 224, 35 * 1024, 256) == (1, 8)
+    assert sass_stats.occupancy(80, 168, 35 * 1024, 128) == (3, 12)
+    assert sass_stats.occupancy(80, 64, 100 * 1024, 128) == (1, 4)
+    assert sass_stats.occupancy(90, 64, 0, None) is None
+
+
+def _tools_and_kernels():
+    if not scratchformer.build_info().cuda_kernels:
+        return "built without CUDA kernels"
+    for tool in ("cuobjdump", "nvdisasm"):
+        if not any((Path(p) / "nvidia" / "cu13" / "bin" / tool).exists() for p in sys.path) and not shutil.which(tool):
+            return f"no {tool} (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)"
+    return None
+
+
+@pytest.mark.skipif(_tools_and_kernels() is not None, reason=str(_tools_and_kernels()))
+def test_the_forward_kernels_loop_holds_the_tiles_tensor_core_work():
+    rows = sass_stats.profile(sass_stats.default_library(), ["sm_90"], r"^attention_fwd:forward_kernel<__nv_bfloat16")
+    loops = {r["kernel"]: r["loop"] for r in rows}
+    assert len(loops) == 4
+    for d in (32, 64, 96, 128):
+        # Per warp and 64-key tile: S = Q K^T is (64 / 8) n-tiles x (D / 16) k-slabs of m16n8k16,
+        # O += P V is (D / 8) n-tiles x (64 / 16) k-slabs: D / 2 + D / 2 HMMA.
+        assert loops[f"forward_kernel<__nv_bfloat16, {d}>"].hmma == d
+    assert all(r["local"] == 0 and r["warps"] >= 8 for r in rows)

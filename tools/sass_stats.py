@@ -1,0 +1,276 @@
+"""A static profile of the compiled kernels: resources, occupancy and each kernel's hot loop.
+
+    python tools/sass_stats.py                       # the installed scratchformer's kernels, sm_80 and sm_90
+    python tools/sass_stats.py --arch sm_90 --lib build/.../_kernels.abi3.so --filter "attention_fwd:.*bfloat16"
+    python tools/sass_stats.py --check               # exit 1 when a kernel passes the ceilings below
+
+Needs cuobjdump and nvdisasm: `pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm` (the
+`sass` extra), or the copies triton ships with torch, or a CUDA toolkit on PATH.
+
+For every kernel instantiation compiled for an architecture: registers, static shared memory
+(plus the dynamic shared memory its launcher asks for), threads per block, and the blocks and
+warps one SM holds. Then the hot loop: the loop (a backward branch and the code it jumps back
+over) holding the most tensor-core instructions, or, for kernels without them, the most
+instructions. In it: instructions, HMMA, LDSM (ldmatrix), other shared loads, MUFU (exp2, rcp),
+block barriers, and integer divisions (their SASS expansion starts with I2F.U32.RP). Counts are
+static, per iteration: an inner loop inside the hot one counts once. These are facts of the
+compiled code, not timings; they predict where a kernel spends issue slots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+# Per-SM limits: registers, shared memory a block may use (bytes), threads, resident blocks.
+SM_LIMITS = {
+    80: (65536, 163 * 1024, 2048, 32),
+    86: (65536, 99 * 1024, 1536, 16),
+    89: (65536, 99 * 1024, 1536, 24),
+    90: (65536, 227 * 1024, 2048, 32),
+    100: (65536, 227 * 1024, 2048, 32),
+    120: (65536, 99 * 1024, 1536, 32),
+}
+
+# Ceilings the kernel-efficiency work aims at (see the README); --check holds them.
+CEILINGS = {
+    "forward": {"instr_per_hmma": {32: 5.0, 64: 5.0, 96: 5.0, 128: 4.0}, "ldsm_per_hmma": 0.35},
+    "backward": {"instr_per_hmma": 5.5, "ldsm_per_hmma": 0.45},
+    "min_warps_per_sm": 8,
+}
+
+
+def find_tool(name: str) -> str:
+    """cuobjdump / nvdisasm: the registry package's, triton's, then PATH's."""
+    for root in map(Path, sys.path):
+        for candidate in (root / "nvidia" / "cu13" / "bin" / name, root / "nvidia" / "cuda_nvdisasm" / "bin" / name,
+                          root / "nvidia" / "cuda_cuobjdump" / "bin" / name, root / "triton" / "backends" / "nvidia" / "bin" / name):
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    found = shutil.which(name)
+    if found:
+        return found
+    sys.exit(f"sass_stats: {name} not found: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
+
+
+def run(cmd: list[str]) -> str:
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"sass_stats: {' '.join(cmd[:2])} failed: {result.stderr.strip()[:500]}")
+    return result.stdout
+
+
+def demangle(names: list[str]) -> dict[str, str]:
+    try:
+        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        out = names
+    short = {}
+    for name, pretty in zip(names, out):
+        pretty = pretty.replace("(anonymous namespace)::", "").replace("scratchformer::", "").removeprefix("void ")
+        pretty = re.sub(r"\([^()]*\)$", "", pretty)  # drop the parameter list
+        short[name] = pretty
+    return short
+
+
+def dynamic_shared_bytes(file: str, kernel: str) -> int:
+    """The dynamic shared memory a launcher requests; mirrors dkv_shared_bytes() in attention_bwd.cu."""
+    m = re.match(r"dkv_kernel<(\w+), (\d+)>", kernel)
+    if file != "attention_bwd" or not m:
+        return 0
+    size, d = (2 if m.group(1) in ("__half", "__nv_bfloat16") else 4), int(m.group(2))
+    inner = 64 if d <= 64 else 32
+    return (2 * 64 + 4 * inner) * (d + 8) * size + 4 * inner * 4
+
+
+@dataclass
+class Loop:
+    instructions: int = 0
+    hmma: int = 0
+    ldsm: int = 0
+    lds: int = 0
+    mufu: int = 0
+    bar: int = 0
+    idiv: int = 0
+
+
+INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*?);")
+LABEL = re.compile(r"^(\.L_x_\d+):")
+BRANCH = re.compile(r"`\((\.L_x_\d+)\)")
+
+
+def hot_loop(sass: str) -> Loop | None:
+    """The loop with the most HMMA (else the most instructions) in one function's SASS."""
+    instructions, labels = [], {}
+    for line in sass.splitlines():
+        if m := LABEL.match(line.strip()):
+            labels[m.group(1)] = len(instructions)
+        elif m := INSTRUCTION.search(line):
+            instructions.append((m.group(2), m.group(3)))
+    best, best_key = None, None
+    for end, (op, rest) in enumerate(instructions):
+        target = BRANCH.search(rest)
+        if op != "BRA" or not target or labels.get(target.group(1), end + 1) > end:
+            continue
+        body = instructions[labels[target.group(1)] : end + 1]
+        loop = Loop(instructions=sum(1 for o, _ in body if o != "NOP"))
+        for o, _ in body:
+            loop.hmma += o.startswith("HMMA")
+            loop.ldsm += o.startswith("LDSM")
+            loop.lds += o.startswith("LDS") and not o.startswith("LDSM")
+            loop.mufu += o.startswith("MUFU")
+            loop.bar += o.startswith("BAR.SYNC") or o == "BAR"
+            loop.idiv += o.startswith("I2F.U32.RP") or o.startswith("I2F.RP")
+        key = (loop.hmma, loop.instructions)
+        if best_key is None or key > best_key:
+            best, best_key = loop, key
+    return best
+
+
+def functions_of(cubin: str, nvdisasm: str) -> dict[str, str]:
+    """Mangled name -> its SASS."""
+    text = run([nvdisasm, "-c", cubin])
+    parts = re.split(r"^//-+ \.text\.(\S+) -+$", text, flags=re.MULTILINE)
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
+
+
+def resources(cubin: str, cuobjdump: str) -> dict[str, dict]:
+    usage = {}
+    current = None
+    for line in run([cuobjdump, "-res-usage", cubin]).splitlines():
+        if m := re.search(r"Function (\S+):", line):
+            current = m.group(1)
+        elif current and (m := re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)):
+            usage[current] = {"regs": int(m.group(1)), "stack": int(m.group(2)), "shared": int(m.group(3)), "local": int(m.group(4))}
+    elf = run([cuobjdump, "-elf", cubin])
+    for name in usage:
+        section = elf.split(f".nv.info.{name}\n", 1)
+        m = re.search(r"EIATTR_MAX_THREADS\s+Format:\s+\S+\s+Value:\s+(0x[0-9a-f]+) (0x[0-9a-f]+) (0x[0-9a-f]+)", section[1]) if len(section) > 1 else None
+        usage[name]["threads"] = int(m.group(1), 16) * int(m.group(2), 16) * int(m.group(3), 16) if m else None
+    return usage
+
+
+def occupancy(arch: int, regs: int, shared: int, threads: int | None) -> tuple[int, int] | None:
+    """(blocks, warps) resident per SM, from registers (allocated per warp in units of 256),
+    shared memory and threads; None when the block size is not recorded in the binary."""
+    if not threads:
+        return None
+    reg_limit, smem_limit, thread_limit, block_limit = SM_LIMITS.get(arch, SM_LIMITS[90])
+    warps = (threads + 31) // 32
+    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    blocks = min(block_limit, thread_limit // threads, reg_limit // (regs_per_warp * warps))
+    if shared:
+        blocks = min(blocks, smem_limit // (shared + 1024))  # the driver reserves 1 KB per block
+    return blocks, blocks * warps
+
+
+def profile(library: str, archs: list[str], pattern: str | None) -> list[dict]:
+    cuobjdump, nvdisasm = find_tool("cuobjdump"), find_tool("nvdisasm")
+    listing = run([cuobjdump, "-lelf", library])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in archs:
+            cubins = re.findall(rf"ELF file\s+\d+: (\S+\.{arch}\.cubin)", listing)
+            if not cubins:
+                sys.exit(f"sass_stats: {library} has no code for {arch}")
+            for cubin in cubins:
+                subprocess.run([cuobjdump, "-xelf", cubin, library], cwd=tmp, capture_output=True, check=True)
+                path = os.path.join(tmp, cubin)
+                usage, sass = resources(path, cuobjdump), functions_of(path, nvdisasm)
+                names = demangle(list(usage))
+                for mangled, res in usage.items():
+                    kernel, file = names[mangled], cubin.split(".")[0]
+                    if pattern and not re.search(pattern, f"{file}:{kernel}"):
+                        continue
+                    shared = res["shared"] + dynamic_shared_bytes(file, kernel)
+                    number = int(arch.removeprefix("sm_"))
+                    occ = occupancy(number, res["regs"], shared, res["threads"])
+                    rows.append({"file": file, "kernel": kernel, "arch": arch, **res, "shared": shared,
+                                 "blocks": occ[0] if occ else None, "warps": occ[1] if occ else None,
+                                 "loop": hot_loop(sass.get(mangled, ""))})
+    return rows
+
+
+def ratio(a: int, b: int) -> str:
+    return f"{a / b:.2f}" if b else "-"
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| file | kernel | arch | regs | smem KB | threads | blocks/SM | warps/SM | loop instr | HMMA | instr/HMMA "
+            "| LDSM | LDSM/HMMA | LDS | MUFU | BAR | int div |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in rows:
+        loop = r["loop"] or Loop()
+        lines.append(
+            f"| {r['file']} | `{r['kernel']}` | {r['arch']} | {r['regs']} | {r['shared'] / 1024:.1f} | {r['threads'] or '?'} "
+            f"| {r['blocks'] if r['blocks'] is not None else '?'} | {r['warps'] if r['warps'] is not None else '?'} "
+            f"| {loop.instructions} | {loop.hmma} | {ratio(loop.instructions, loop.hmma)} | {loop.ldsm} "
+            f"| {ratio(loop.ldsm, loop.hmma)} | {loop.lds} | {loop.mufu} | {loop.bar} | {loop.idiv} |"
+        )
+    return "\n".join(lines)
+
+
+def violations(rows: list[dict]) -> list[str]:
+    found = []
+    for r in rows:
+        loop, kernel = r["loop"], r["kernel"]
+        where = f"{kernel} on {r['arch']}"
+        if r["local"]:
+            found.append(f"{where}: {r['local']} bytes of local memory (spills)")
+        if r["warps"] is not None and r["warps"] < CEILINGS["min_warps_per_sm"]:
+            found.append(f"{where}: {r['warps']} warps per SM, fewer than {CEILINGS['min_warps_per_sm']}")
+        if not loop or not loop.hmma:
+            continue
+        kind = {"attention_fwd": "forward", "attention_bwd": "backward"}.get(r["file"])
+        if kind is None:
+            continue
+        limit = CEILINGS[kind]["instr_per_hmma"]
+        if isinstance(limit, dict):
+            limit = limit.get(int(re.search(r"(\d+)>$", kernel).group(1)), 5.0)
+        if loop.instructions / loop.hmma > limit:
+            found.append(f"{where}: {loop.instructions / loop.hmma:.2f} instructions per HMMA in its loop, ceiling {limit}")
+        if loop.ldsm / loop.hmma > CEILINGS[kind]["ldsm_per_hmma"]:
+            found.append(f"{where}: {loop.ldsm / loop.hmma:.2f} ldmatrix per HMMA, ceiling {CEILINGS[kind]['ldsm_per_hmma']}")
+        if kind == "forward" and loop.bar > 1 and (r["blocks"] or 0) < 2:
+            found.append(f"{where}: {loop.bar} barriers per tile with {r['blocks']} block per SM (ceiling: 1, or 2 blocks)")
+        if kind == "backward" and loop.idiv:
+            found.append(f"{where}: an integer division in its loop")
+    return found
+
+
+def default_library() -> str:
+    try:
+        import scratchformer
+    except ImportError:
+        sys.exit("sass_stats: scratchformer is not installed: give --lib")
+    libs = glob.glob(os.path.join(os.path.dirname(scratchformer.__file__), "_kernels*.so"))
+    if not libs:
+        sys.exit("sass_stats: the installed scratchformer has no kernels library")
+    return libs[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lib", help="the kernels library (default: the installed scratchformer's)")
+    parser.add_argument("--arch", default="sm_80,sm_90", help="architectures, comma-separated (default sm_80,sm_90)")
+    parser.add_argument("--filter", help="only kernels whose FILE:NAME matches this regular expression, e.g. attention_fwd:")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a kernel passes a ceiling")
+    args = parser.parse_args()
+    rows = profile(args.lib or default_library(), args.arch.split(","), args.filter)
+    print(table(rows))
+    if args.check:
+        found = violations(rows)
+        print(f"\n{len(found)} ceilings passed" + "".join(f"\n  {v}" for v in found))
+        sys.exit(1 if found else 0)
+
+
+if __name__ == "__main__":
+    main()
