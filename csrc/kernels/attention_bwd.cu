@@ -51,8 +51,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
 
   const AttentionShape& s = a.shape;
   const int group = s.heads / s.kv_heads;
-  const int n0 = blockIdx.x * kBlock;
-  const int b = blockIdx.y / s.kv_heads, kv_head = blockIdx.y % s.kv_heads;
+  const int n0 = blockIdx.y * kBlock;  // longest first over the whole grid: key tile 0 sees every query
+  const int b = blockIdx.x / s.kv_heads, kv_head = blockIdx.x % s.kv_heads;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4, mi = lane / 8;
   const int offset = s.t_k - s.t_q;
@@ -172,8 +172,8 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
   __shared__ __align__(16) T kv_s[4 * BN * STRIDE];
 
   const AttentionShape& s = a.shape;
-  const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlock;  // longest rows first
-  const int b = blockIdx.y / s.heads, h = blockIdx.y % s.heads;
+  const int m0 = (gridDim.y - 1 - blockIdx.y) * kBlock;  // longest rows first, over the whole grid
+  const int b = blockIdx.x / s.heads, h = blockIdx.x % s.heads;
   const int kv_head = h / (s.heads / s.kv_heads);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4, mi = lane / 8;
@@ -287,8 +287,8 @@ cudaError_t backward_tensor_cores(const AttentionBackward& a, cudaStream_t strea
   // Above 48 KB of dynamic shared memory a kernel must opt in.
   const cudaError_t err = cudaFuncSetAttribute(dkv_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err != cudaSuccess) return err;
-  dkv_kernel<T, D><<<dim3((s.t_k + kBlock - 1) / kBlock, s.batch * s.kv_heads), kThreads, bytes, stream>>>(a);
-  dq_kernel<T, D><<<dim3((s.t_q + kBlock - 1) / kBlock, s.batch * s.heads), kThreads, 0, stream>>>(a);
+  dkv_kernel<T, D><<<dim3(s.batch * s.kv_heads, (s.t_k + kBlock - 1) / kBlock), kThreads, bytes, stream>>>(a);
+  dq_kernel<T, D><<<dim3(s.batch * s.heads, (s.t_q + kBlock - 1) / kBlock), kThreads, 0, stream>>>(a);
   return cudaSuccess;
 }
 

@@ -11,7 +11,8 @@
 //   O = O * alpha + P V  P goes from C to A fragments in registers (see attention.cuh)
 // Masks are applied only to tiles that cross the causal diagonal or the end of the keys. The
 // output is normalised by l and written once; the log-sum-exp m + log(l) is kept for the
-// backward. Blocks run longest-first (last queries first) so the tail of the grid is short.
+// backward. Blocks run longest-first (the last queries of every head first) so the tail of the
+// grid is short.
 #include <cuda_runtime.h>
 
 #include <type_traits>
@@ -37,8 +38,10 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a
   T* v_s = kv_s + kBlockN * STRIDE;
 
   const AttentionShape& s = a.shape;
-  const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;
-  const int b = blockIdx.y / s.heads, h = blockIdx.y % s.heads;
+  // Blocks start in blockIdx order, x fastest: every head's longest (last) query tile first, so
+  // the short diagonal tiles fill the tail of the last wave.
+  const int m0 = (gridDim.y - 1 - blockIdx.y) * kBlockM;
+  const int b = blockIdx.x / s.heads, h = blockIdx.x % s.heads;
   const int kv_head = h / (s.heads / s.kv_heads);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4, mi = lane / 8;  // mi: the ldmatrix matrix this lane addresses
@@ -161,7 +164,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a
 
 template <typename T, int D>
 void forward_tensor_cores(const AttentionForward& a, cudaStream_t stream) {
-  const dim3 grid((a.shape.t_q + kBlockM - 1) / kBlockM, a.shape.batch * a.shape.heads);
+  const dim3 grid(a.shape.batch * a.shape.heads, (a.shape.t_q + kBlockM - 1) / kBlockM);
   forward_kernel<T, D><<<grid, kThreads, 0, stream>>>(a);
 }
 
