@@ -110,19 +110,23 @@ class EmulatedKernels:
         assert err is None, err.decode()
         return out, lse, splits.value
 
-    def backward(self, dout, q, k, v, out, lse, scale, dlse=None):
-        """(dq, dk, dv); dlse: the gradient reaching the log-sum-exp, if any."""
+    def backward(self, dout, q, k, v, out, lse, scale, dlse=None, sm_count=8):
+        """(dq, dk, dv); dlse: the gradient reaching the log-sum-exp, if any. `self.dkv_splits` is
+        how many sets the launcher cut each kv group's query heads into for this GPU size."""
         out, lse = out.contiguous(), lse.contiguous()
         dlse = dlse.float().contiguous() if dlse is not None else None
         dq = torch.full(q.shape, float("nan"), dtype=q.dtype)
         dk = torch.full(k.shape, float("nan"), dtype=k.dtype)
         dv = torch.full(k.shape, float("nan"), dtype=k.dtype)
+        splits = ctypes.c_int()
         err = self.lib.emulated_attention_backward(
             DTYPES[q.dtype], self._shape(q, k), *self._args(q), *self._args(k), *self._args(v), *self._args(dout),
             ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(lse.data_ptr()),
             ctypes.c_void_p(dlse.data_ptr() if dlse is not None else None), ctypes.c_float(scale),
-            ctypes.c_void_p(dq.data_ptr()), ctypes.c_void_p(dk.data_ptr()), ctypes.c_void_p(dv.data_ptr()))
+            ctypes.c_void_p(dq.data_ptr()), ctypes.c_void_p(dk.data_ptr()), ctypes.c_void_p(dv.data_ptr()),
+            sm_count, ctypes.byref(splits))
         assert err is None, err.decode()
+        self.dkv_splits = splits.value
         return dq, dk, dv
 
     def layer_norm_forward(self, x, weight, bias, residual=None, eps=1e-5):

@@ -141,3 +141,26 @@ def test_the_emulator_catches_a_tail_tile_left_unfilled(tmp_path):
     q, k, v, dout = make_inputs(2, 4, 4, 5, 300, 64, torch.bfloat16)
     got, _ = emulated_run(mutated, q, k, v, dout)
     assert not all(torch.isfinite(t).all() for t in got)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_emulated_gqa_backward_split_over_query_heads_is_exact_and_reproducible(kernels, kv_heads):
+    """Few (batch, kv head, key tile) blocks for the GPU: the kv group's query heads are shared out
+    among several blocks per key tile and their sums added in a fixed order."""
+    q, k, v, dout = make_inputs(1, 8, kv_heads, 100, 100, 64, torch.bfloat16)
+    scale = 64**-0.5
+    out, lse, _ = kernels.forward(q, k, v, scale)
+    truth = reference_run(q, k, v, dout, torch.float64)
+    low = reference_run(q, k, v, dout, torch.bfloat16)
+    group, blocks = 8 // kv_heads, kv_heads * 2  # 2 key tiles of 64
+    results = {}
+    for sm_count in (0, 2, 132):
+        got = kernels.backward(dout, q, k, v, out, lse, scale, sm_count=sm_count)
+        # The smallest divisor of the group giving two waves of two blocks per SM, at most the group.
+        wanted = next((d for d in range(1, group + 1) if group % d == 0 and blocks * d >= 4 * sm_count), group)
+        assert kernels.dkv_splits == wanted
+        assert_within_twice_the_reference([out, lse, *got], low, truth)
+        again = kernels.backward(dout, q, k, v, out, lse, scale, sm_count=sm_count)
+        assert all(torch.equal(a, b) for a, b in zip(got, again))  # bitwise reproducible
+        results[wanted] = got
+    assert len(results) == 3 and min(results) == 1 and max(results) == group

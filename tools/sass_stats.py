@@ -152,15 +152,17 @@ def resources(cubin: str, cuobjdump: str) -> dict[str, dict]:
             usage[current] = {"regs": int(m.group(1)), "stack": int(m.group(2)), "shared": int(m.group(3)), "local": int(m.group(4))}
     elf = run([cuobjdump, "-elf", cubin])
     for name in usage:
-        section = elf.split(f".nv.info.{name}\n", 1)
-        m = re.search(r"EIATTR_MAX_THREADS\s+Format:\s+\S+\s+Value:\s+(0x[0-9a-f]+) (0x[0-9a-f]+) (0x[0-9a-f]+)", section[1]) if len(section) > 1 else None
+        section = elf.rsplit(f".nv.info.{name}\n", 1)  # its attributes, after the section table
+        own = section[1].split(".nv.info.", 1)[0] if len(section) > 1 else ""  # this function's attributes only
+        m = re.search(r"EIATTR_MAX_THREADS\s+Format:\s+\S+\s+Value:\s+(0x[0-9a-f]+) (0x[0-9a-f]+) (0x[0-9a-f]+)", own)
         usage[name]["threads"] = int(m.group(1), 16) * int(m.group(2), 16) * int(m.group(3), 16) if m else None
     return usage
 
 
 def occupancy(arch: int, regs: int, shared: int, threads: int | None) -> tuple[int, int] | None:
     """(blocks, warps) resident per SM, from registers (allocated per warp in units of 256),
-    shared memory and threads; None when the block size is not recorded in the binary."""
+    shared memory and threads; None when the block size is not recorded in the binary (a kernel
+    without __launch_bounds__)."""
     if not threads:
         return None
     reg_limit, smem_limit, thread_limit, block_limit = SM_LIMITS.get(arch, SM_LIMITS[90])
@@ -168,7 +170,8 @@ def occupancy(arch: int, regs: int, shared: int, threads: int | None) -> tuple[i
     regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
     blocks = min(block_limit, thread_limit // threads, reg_limit // (regs_per_warp * warps))
     if shared:
-        blocks = min(blocks, smem_limit // (shared + 1024))  # the driver reserves 1 KB per block
+        # 1 KB per block is reserved for the system; sm_90 binaries already count it in SHARED.
+        blocks = min(blocks, smem_limit // (shared + (1024 if arch < 90 else 0)))
     return blocks, blocks * warps
 
 

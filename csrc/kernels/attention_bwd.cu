@@ -9,7 +9,9 @@
 //   rows of every product). It walks 64- (D <= 64) or 32-query tiles of each query head of the
 //   kv group, from the first query that sees its first key (double-buffered: the next tile
 //   loads during this one), computing S^T = K Q^T and dP^T = V dO^T, then dV += P^T dO and
-//   dK += dS^T Q; the group's sum is in its accumulators.
+//   dK += dS^T Q; the group's sum is in its accumulators. When batch * kv heads * key tiles
+//   would not fill the GPU (MQA at batch 1), blockIdx.z shares the group's heads out among
+//   dkv_splits blocks, and dkv_reduce_kernel adds their fp32 sums in a fixed order.
 // - dq_kernel: a block owns 64 queries of one head (Q and dO tiles in registers as A
 //   fragments) and walks 64- or 32-key tiles up to its last visible key (double-buffered):
 //   S = Q K^T, dP = dO V^T, dQ += dS K.
@@ -50,7 +52,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
   float* delta_buf = lse_buf + 2 * BM;                                  // [2][BM]
 
   const AttentionShape& s = a.shape;
-  const int group = s.heads / s.kv_heads;
+  const int group = s.heads / s.kv_heads, heads = group / a.dkv_splits, first_head = blockIdx.z * heads;
   const int n0 = blockIdx.y * kBlock;  // longest first over the whole grid: key tile 0 sees every query
   const int b = blockIdx.x / s.kv_heads, kv_head = blockIdx.x % s.kv_heads;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -62,9 +64,9 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
   // The query tiles: those from the first query that sees key n0 on, for each query head of
   // the kv group. Tile `it + 1` loads into the other buffer while tile `it` is computed.
   const int first_query = max(0, n0 - offset);
-  const int tiles_per_head = (s.t_q - first_query + BM - 1) / BM, tiles = group * tiles_per_head;
+  const int tiles_per_head = (s.t_q - first_query + BM - 1) / BM, tiles = heads * tiles_per_head;
   auto load_query_tile = [&](int it) {
-    const int h = kv_head * group + it / tiles_per_head, i0 = first_query + it % tiles_per_head * BM;
+    const int h = kv_head * group + first_head + it / tiles_per_head, i0 = first_query + it % tiles_per_head * BM;
     const int buf = it % 2;
     load_tile_async<T, BM, D, STRIDE, kThreads>(q_buf + buf * BM * STRIDE, a.q, a.q_stride, b, h, i0, s.t_q);
     load_tile_async<T, BM, D, STRIDE, kThreads>(do_buf + buf * BM * STRIDE, a.dout, a.dout_stride, b, h, i0, s.t_q);
@@ -152,6 +154,17 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
     const int key = key0 + r * 8;
     if (key >= s.t_k) continue;
     const int64_t row = (int64_t(b) * s.kv_heads + kv_head) * s.t_k + key;
+    if (a.dkv_splits > 1) {  // this block's share of the group, unscaled, in fp32
+      const int64_t rows = int64_t(s.batch) * s.kv_heads * s.t_k;
+      float* dk_part = a.dkv_partial + ((2 * int64_t(blockIdx.z)) * rows + row) * D;
+      float* dv_part = dk_part + rows * D;
+#pragma unroll
+      for (int dt = 0; dt < DTILES; ++dt) {
+        *reinterpret_cast<float2*>(dk_part + dt * 8 + 2 * c) = make_float2(dk[dt][2 * r], dk[dt][2 * r + 1]);
+        *reinterpret_cast<float2*>(dv_part + dt * 8 + 2 * c) = make_float2(dv[dt][2 * r], dv[dt][2 * r + 1]);
+      }
+      continue;
+    }
     T* dk_out = static_cast<T*>(a.dk) + row * D;
     T* dv_out = static_cast<T*>(a.dv) + row * D;
 #pragma unroll
@@ -278,7 +291,36 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
   }
 }
 
+// dk = scale * (the splits' dk sums), dv = the splits' dv sums, added in split order.
+template <typename T>
+__global__ void __launch_bounds__(256) dkv_reduce_kernel(const float* __restrict__ partial, int splits, int64_t n,
+                                                         float scale, T* __restrict__ dk, T* __restrict__ dv) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    float k = 0.f, v = 0.f;
+    for (int z = 0; z < splits; ++z) {
+      k += partial[2 * z * n + i];
+      v += partial[(2 * z + 1) * n + i];
+    }
+    dk[i] = from_float<T>(k * scale);
+    dv[i] = from_float<T>(v);
+  }
+}
+
 }  // namespace
+
+int attention_backward_dkv_splits(const AttentionShape& s, DType dtype) {
+  const int group = s.heads / s.kv_heads;
+  if (dtype == DType::kFloat32 || group == 1) return 1;  // the CUDA-core backward is not split
+  int device = 0, sm_count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    return 1;
+  // Two waves of the two dkv blocks an SM holds; the smallest divisor of the group that gets there.
+  const int64_t blocks = int64_t(s.batch) * s.kv_heads * ((s.t_k + kBlock - 1) / kBlock), wanted = 4LL * sm_count;
+  for (int splits = 1; splits < group; ++splits)
+    if (group % splits == 0 && blocks * splits >= wanted) return splits;
+  return group;
+}
 
 template <typename T, int D>
 cudaError_t backward_tensor_cores(const AttentionBackward& a, cudaStream_t stream) {
@@ -287,7 +329,14 @@ cudaError_t backward_tensor_cores(const AttentionBackward& a, cudaStream_t strea
   // Above 48 KB of dynamic shared memory a kernel must opt in.
   const cudaError_t err = cudaFuncSetAttribute(dkv_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err != cudaSuccess) return err;
-  dkv_kernel<T, D><<<dim3(s.batch * s.kv_heads, (s.t_k + kBlock - 1) / kBlock), kThreads, bytes, stream>>>(a);
+  const dim3 dkv_grid(s.batch * s.kv_heads, (s.t_k + kBlock - 1) / kBlock, a.dkv_splits);
+  dkv_kernel<T, D><<<dkv_grid, kThreads, bytes, stream>>>(a);
+  if (a.dkv_splits > 1) {
+    const int64_t n = int64_t(s.batch) * s.kv_heads * s.t_k * D;
+    const int blocks = int((n + 255) / 256 < 4096 ? (n + 255) / 256 : 4096);
+    dkv_reduce_kernel<T><<<blocks, 256, 0, stream>>>(a.dkv_partial, a.dkv_splits, n, a.scale, static_cast<T*>(a.dk),
+                                                      static_cast<T*>(a.dv));
+  }
   dq_kernel<T, D><<<dim3(s.batch * s.heads, (s.t_q + kBlock - 1) / kBlock), kThreads, 0, stream>>>(a);
   return cudaSuccess;
 }

@@ -91,12 +91,21 @@ struct AttentionBackward {
   float scale;
   float* delta;      // scratch [B, Hq, Tq]: rowsum(dout * out) - dlse
   void *dq, *dk, *dv;  // [B, Hq, Tq, D], [B, Hkv, Tk, D], [B, Hkv, Tk, D]
+  // Grouped/multi-query attention with few (batch, kv head, key tile) blocks: with
+  // dkv_splits > 1 the query heads of each kv group are shared out among dkv_splits blocks per
+  // key tile, whose sums wait in dkv_partial ([dkv_splits, 2, B*Hkv*Tk, D]: dk, dv) until a
+  // second kernel adds them in split order, so gradients stay bitwise reproducible.
+  int dkv_splits;
+  float* dkv_partial;
 };
 
 bool attention_head_dim_supported(int head_dim);
 // How many key ranges the forward should split into (1: none) on the current device.
 int attention_forward_splits(const AttentionShape& shape, DType dtype);
 const char* launch_attention_forward(const AttentionForward& args, void* stream);
+// How many sets the backward should cut each kv group's query heads into (1: none) on the
+// current device: enough for two waves of blocks where batch * kv heads * key tiles is fewer.
+int attention_backward_dkv_splits(const AttentionShape& shape, DType dtype);
 const char* launch_attention_backward(const AttentionBackward& args, void* stream);
 
 // Compute capabilities (e.g. 80, 90) that the kernels were compiled for; returns how many,

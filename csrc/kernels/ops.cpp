@@ -284,6 +284,10 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(Tensor dout, Tensor q, Tensor k
   args.dq = dq.data_ptr();
   args.dk = dk.data_ptr();
   args.dv = dv.data_ptr();
+  args.dkv_splits = scratchformer::attention_backward_dkv_splits(shape, args.dtype);
+  Tensor dkv_partial = torch::stable::new_empty(
+      q, {args.dkv_splits > 1 ? 2 * int64_t(args.dkv_splits) * dk.numel() : 0}, ScalarType::Float);
+  args.dkv_partial = static_cast<float*>(dkv_partial.data_ptr());
   const char* err = scratchformer::launch_attention_backward(args, current_stream(q));
   STD_TORCH_CHECK(err == nullptr, op, ": CUDA launch failed: ", err);
   return {dq, dk, dv};

@@ -41,7 +41,8 @@ const char* emulated_attention_backward(int dtype, const int* shape, const void*
                                         const void* k, const long long* k_stride, const void* v,
                                         const long long* v_stride, const void* dout, const long long* dout_stride,
                                         const void* out, const float* lse, const float* dlse, float scale, void* dq,
-                                        void* dk, void* dv) {
+                                        void* dk, void* dv, int sm_count, int* dkv_splits) {
+  emu::sm_count = sm_count;
   AttentionBackward a{};
   a.dtype = DType(dtype);
   a.shape = shape_of(shape);
@@ -55,6 +56,10 @@ const char* emulated_attention_backward(int dtype, const int* shape, const void*
   std::vector<float> delta((size_t)a.shape.batch * a.shape.heads * a.shape.t_q);
   a.delta = delta.data();
   a.dq = dq, a.dk = dk, a.dv = dv;
+  a.dkv_splits = *dkv_splits = attention_backward_dkv_splits(a.shape, a.dtype);
+  const size_t dk_size = size_t(a.shape.batch) * a.shape.kv_heads * a.shape.t_k * a.shape.head_dim;
+  std::vector<float> partial(a.dkv_splits > 1 ? 2 * a.dkv_splits * dk_size : 0);
+  a.dkv_partial = partial.data();
   return launch_attention_backward(a, nullptr);
 }
 }
