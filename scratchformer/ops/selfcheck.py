@@ -66,12 +66,13 @@ def _grads(outputs, weights, leaves):
 
 
 def check_attention(device: torch.device, dtype: torch.dtype, head_dim: int) -> Result:
-    """Prefill (tensor-core or CUDA-core path) and decoding (split keys) shapes, GQA 2:1, lengths
-    off the tile multiples; output and dq, dk, dv."""
+    """Prefill (tensor-core or CUDA-core path) and decoding (split keys) shapes, GQA 2:1 (whose
+    backward a large GPU splits over query heads) and MHA, lengths off the tile multiples; output
+    and dq, dk, dv."""
     g = torch.Generator().manual_seed(head_dim)
     errors, passed = {}, True
-    for t_q, t_k in ((70, 70), (3, 133)):
-        q, k, v = (torch.randn(2, h, t, head_dim, generator=g) for h, t in ((4, t_q), (2, t_k), (2, t_k)))
+    for t_q, t_k, kv_heads in ((70, 70, 2), (3, 133, 2), (70, 70, 4)):
+        q, k, v = (torch.randn(2, h, t, head_dim, generator=g) for h, t in ((4, t_q), (kv_heads, t_k), (kv_heads, t_k)))
         dout = torch.randn(2, 4, t_q, head_dim, generator=g)
         runs = []
         for fn, cast in ((FUSED["causal_attention"], dtype), (lambda *a: reference.causal_attention(*a)[0], dtype),
@@ -81,7 +82,7 @@ def check_attention(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
             runs.append([out.detach()] + _grads([out], [dout.to(device, torch.float64)], leaves))
         for name, got, low, truth in zip(("out", "dq", "dk", "dv"), *runs):
             err, err_ref, ok = _within(got, low, truth)
-            key = f"{name} (Tq={t_q}, Tk={t_k})"
+            key = f"{name} (Tq={t_q}, Tk={t_k}, {4 // kv_heads} queries per kv head)"
             errors[key] = (err, err_ref)
             passed &= ok
     return Result("causal_attention", f"{str(dtype).removeprefix('torch.')} D={head_dim}", str(device), errors, passed)
