@@ -251,3 +251,11 @@ def test_binary_data_is_refused_and_a_few_bad_bytes_are_not(tmp_path):
     latin1.write_bytes("café au lait\n".encode("latin-1") * 50)
     corpus = data.load_corpus(str(latin1))
     assert corpus["train"].documents[0].startswith("caf\ufffd au lait\n")
+
+
+def test_wikitext_detokenize_undoes_wikitext_spacing_and_keeps_the_word_count():
+    raw = " = = Early life = = \n He was born in 1 @,@ 000 @-@ year @-@ old town ( now Mill 's ) , on 3 @.@ 5 acres ; it was n't .\n"
+    split = data._split("x", raw, [raw])
+    out = data.wikitext_detokenize(split)
+    assert out.documents == [" == Early life == \n He was born in 1,000-year-old town (now Mill's), on 3.5 acres; it wasn't.\n"]
+    assert out.words == split.words == len(raw.split()) and out.sha256 != split.sha256
