@@ -41,12 +41,14 @@ else:
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                       bos_token_id=50256, eos_token_id=50256)  # grouped-query attention: 2 K/V heads
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="scratchformer", dtype=dtype)
+tok = BPETokenizer.from_gpt2()
+if model.config.vocab_size < tok.n_vocab:
+    parser.error(f"{args.model} has a vocabulary of {model.config.vocab_size} tokens; this example feeds it GPT-2's {tok.n_vocab}")
 print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
       f"{scratchformer.hf.patch_layer_norm(model)} LayerNorms on scratchformer's kernel")
 model.to(args.device)
 
 # Fine-tune a few steps on bundled WikiText, tokenized with GPT-2's vocabulary.
-tok = BPETokenizer.from_gpt2()
 text = "".join(data.load_corpus("wikitext2-mini", progress=False)["train"].documents[:10])
 ids = torch.tensor(tok.encode_ordinary(text))
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4 if args.model else 1e-3)

@@ -83,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", help="tiny (CPU demo), seed (the write-up's model) or gpt2 (GPT-2 small, fine-tuning "
                                      "settings); default tiny, or gpt2 with --init-from")
     t.add_argument("--init-from", metavar="GPT2", help="start from a pretrained GPT-2: a Hugging Face name (gpt2, gpt2-medium, ...; "
-                                                      "downloaded once) or a local folder; its shape, GPT-2's tokenizer (needs the hf extra)")
+                                                      "downloaded once) or a local folder; its shape, GPT-2's tokenizer, the gpt2 "
+                                                      "preset's training settings unless --preset names others (needs the hf extra)")
     t.add_argument("--data", help="wikitext2-mini (bundled, no network), wikitext2 (downloads the train split once), "
                                    "or a UTF-8 text file / folder of .txt files; default wikitext2-mini, or the run's own with --resume")
     t.add_argument("--out", help="run folder for checkpoint, tokenizer, metrics.csv and loss.png (default runs/PRESET)")
@@ -95,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, kind, what in MODEL_OPTIONS:
         g.add_argument(f"--{name}", type=kind, help=f"{what} ({_preset_values(name.replace('-', '_'))})")
     g.add_argument("--positions", choices=["sinusoidal", "rotary", "learned"], help=f"position encoding ({_preset_values('positions')})")
-    g.add_argument("--tied", action="store_true", help="reuse the embedding matrix as the output layer (presets: untied)")
+    g.add_argument("--tied", action="store_true", help=f"reuse the embedding matrix as the output layer ({_preset_values('tie_embeddings')})")
     g = t.add_argument_group("training (overrides the preset)")
     for name, kind, what in TRAIN_OPTIONS:
         g.add_argument(f"--{name}", type=kind, help=f"{what} ({_preset_values(name.replace('-', '_'))})")
@@ -120,7 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_runtime(e)
 
     gen = commands.add_parser("generate", help=HELP["generate"], description=HELP["generate"] + ", streaming the text as it comes.")
-    gen.add_argument("--checkpoint", required=True, help="a checkpoint file or a run folder")
+    which = gen.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a run folder, its checkpoint.pt or its model.safetensors")
+    which.add_argument("--hf", metavar="GPT2", help="a pretrained GPT-2 instead: a Hugging Face name or a local folder (hf extra)")
     gen.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     gen.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate at most (default 100)")
     gen.add_argument("--temperature", type=float, default=0.8, help="divides the logits; 0 is greedy (default 0.8)")

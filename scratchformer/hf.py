@@ -9,10 +9,11 @@ Every layer's attention then runs `ops.causal_attention` (the fused kernel on a 
 reference elsewhere; `ops.set_backend` chooses as usual). Grouped-query models pass their K/V
 heads through without repeating them, and rotary positions are applied by the model before the
 call. A call our op cannot compute exactly (a padding or custom mask, a non-causal layer,
-attention dropout while training, logit softcapping, a sliding window shorter than the keys,
-attention sinks or a position bias, keys and values of different head sizes) runs PyTorch's
-scaled_dot_product_attention instead, as transformers' "sdpa" implementation would, is counted
-by reason in `fallbacks()` and warned about once per reason: never silently wrong.
+attention dropout while training, a sliding window shorter than the keys, keys and values of
+different head sizes) runs PyTorch's scaled_dot_product_attention instead, as transformers'
+"sdpa" implementation would; logit softcapping, attention sinks and position biases, which SDPA
+cannot take, run as the models' eager code computes them. Either way the call is counted by
+reason in `fallbacks()` and warned about once per reason: never silently wrong.
 
 Registration is explicit rather than an import side effect, so importing scratchformer never
 imports transformers. Needs the `hf` extra: `pip install "scratchformer[hf]"`.
@@ -88,8 +89,10 @@ def _fallback_reason(module, query, key, value, attention_mask, dropout, kwargs)
     window = kwargs.get("sliding_window")
     if window is not None and key.shape[2] > window:
         return "a sliding window shorter than the keys"
-    if kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
-        return "attention sinks or a position bias"
+    if kwargs.get("s_aux") is not None:
+        return "attention sinks"
+    if kwargs.get("position_bias") is not None:
+        return "a position bias"
     if not query.shape[-1] == key.shape[-1] == value.shape[-1]:
         return "keys and values of different head sizes"
     if query.shape[2] > key.shape[2]:
@@ -105,28 +108,49 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         if _calls[reason] == 1:
             warnings.warn(f"scratchformer attention: {reason} runs on PyTorch's SDPA (scratchformer.hf.fallbacks() counts these)",
                           stacklevel=2)
-        if kwargs.get("softcap") is not None:
-            return _softcapped_attention(module, query, key, value, attention_mask, scaling, dropout, kwargs["softcap"])
+        if any(kwargs.get(name) is not None for name in ("softcap", "s_aux", "position_bias")):
+            return _eager_attention(module, query, key, value, attention_mask, scaling, dropout, kwargs)
         sdpa_attention_forward = _transformers()[3]
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    t_q, t_k = query.shape[2], key.shape[2]
+    if 1 < t_q < t_k:
+        # No mask with fewer queries than keys happens only when prefilling a preallocated (static)
+        # cache, whose slots past the prompt are empty: transformers means SDPA's top-left causal
+        # mask, so the keys are cut to the queries, as its SDPA integration does.
+        key, value = key[:, :, :t_q], value[:, :, :t_q]
     out = ops.causal_attention(query, key, value, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _softcapped_attention(module, query, key, value, attention_mask, scaling, dropout, softcap):
-    """Gemma-2-style attention with tanh-capped logits: SDPA has no softcap, so the math is spelled out."""
+def _eager_attention(module, query, key, value, attention_mask, scaling, dropout, kwargs):
+    """Attention with what SDPA cannot take, spelled out as the models' own eager code computes it:
+    tanh-capped logits (Gemma 2), a position bias added to the scores (T5-style), and attention
+    sinks (gpt-oss: a learned logit per head that joins every softmax and is then dropped)."""
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.tanh(query @ key.transpose(-1, -2) * (scaling / softcap)) * softcap
+    scores = query @ key.transpose(-1, -2) * scaling
+    if kwargs.get("softcap") is not None:
+        scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
+    if kwargs.get("position_bias") is not None:
+        scores = scores + kwargs["position_bias"]
+    t_q, t_k = query.shape[2], key.shape[2]
     if attention_mask is None:
-        t_q, t_k = query.shape[2], key.shape[2]
         attention_mask = torch.ones(t_q, t_k, dtype=torch.bool, device=query.device).tril(t_k - t_q)
+    # The dtype's lowest finite value, not -inf: a fully masked (padding) row then gets a uniform,
+    # finite softmax, as in eager, instead of NaN that later layers would spread into valid rows.
+    lowest = torch.finfo(scores.dtype).min
     if attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, float("-inf"))
+        scores = scores.masked_fill(~attention_mask, lowest)
     else:
-        scores = scores + attention_mask
+        scores = (scores + attention_mask).clamp(min=lowest)
+    sinks = kwargs.get("s_aux")
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.reshape(1, -1, 1, 1).expand(scores.shape[0], -1, t_q, 1).to(scores.dtype)], dim=-1)
+        scores = scores - scores.amax(dim=-1, keepdim=True)
     weights = torch.softmax(scores.float(), dim=-1).to(value.dtype)
+    if sinks is not None:
+        weights = weights[..., :-1]
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     return (weights @ value).transpose(1, 2).contiguous(), None
 
@@ -152,7 +176,8 @@ def patch_layer_norm(model: nn.Module) -> int:
 # its attention projection c_attn holds q, k and v side by side, ours q and (k, v) apart.
 
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
-_HEAD_DIM = 64  # every published GPT-2 size; used when only a state dict is given
+# A state dict does not say how many heads it has: the published GPT-2 sizes (all heads of 64).
+_PUBLISHED_HEADS = {768: 12, 1024: 16, 1280: 20, 1600: 25}
 
 
 class ConversionError(ValueError):
@@ -191,15 +216,18 @@ def _config_from_state_dict(sd: dict):
     vocab, d_model = sd["wte.weight"].shape
     n_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("h."))
     tied = "lm_head.weight" not in sd or torch.equal(sd["lm_head.weight"], sd["wte.weight"])
+    if d_model not in _PUBLISHED_HEADS:
+        raise ConversionError(f"a state dict does not say how many heads its {d_model} channels form (only the published "
+                              "GPT-2 sizes are known): pass the model itself, or config=its GPT2Config")
     return ModelConfig(vocab_size=vocab, context=sd["wpe.weight"].shape[0], n_layers=n_layers, d_model=d_model,
-                       n_heads=max(d_model // _HEAD_DIM, 1), d_ff=sd["h.0.mlp.c_fc.weight"].shape[1], positions="learned",
+                       n_heads=_PUBLISHED_HEADS[d_model], d_ff=sd["h.0.mlp.c_fc.weight"].shape[1], positions="learned",
                        tie_embeddings=tied, activation="gelu_tanh", bias=True, scale_embeddings=False).validate()
 
 
 def from_hf(source, config=None):
     """Our GPT with the weights of a GPT-2: a transformers GPT2LMHeadModel / GPT2Model, or a state
     dict in GPT-2's names (with or without the "transformer." prefix; `config`, a GPT2Config, gives
-    the head count, else heads of 64 channels as in every published GPT-2)."""
+    the head count, which a state dict of a published GPT-2 size implies)."""
     from .model import GPT
 
     if isinstance(source, nn.Module):

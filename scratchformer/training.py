@@ -79,7 +79,7 @@ def init_distributed(device: torch.device) -> Distributed:
     return Distributed(dist.get_rank(), dist.get_world_size())
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, option: str = "--device") -> torch.device:
     """cpu, cuda, cuda:N or auto (cuda when a GPU is visible); under torchrun, cuda is the
     process's own GPU (LOCAL_RANK)."""
     if name == "auto":
@@ -89,14 +89,14 @@ def pick_device(name: str) -> torch.device:
     except (RuntimeError, ValueError):
         device = None
     if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
-        raise ValueError(f"--device {name}: not a device here: use cpu, cuda, cuda:N or auto")
+        raise ValueError(f"{option} {name}: not a device here: use cpu, cuda, cuda:N or auto")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: no CUDA GPU is visible to torch (use --device cpu)")
+            raise ValueError(f"{option} {name}: no CUDA GPU is visible to torch (use {option} cpu)")
         if device.index is None and "LOCAL_RANK" in os.environ:
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} GPUs (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+            raise ValueError(f"{option} {name}: there are {torch.cuda.device_count()} GPUs (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return device
 
 
@@ -183,7 +183,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if path.is_dir():
         path = path / CHECKPOINT
     if not path.exists():
-        raise CheckpointError(f"{path}: no checkpoint there")
+        hint = " (a Hugging Face model folder: give it with --hf)" if (path.parent / "config.json").exists() else ""
+        raise CheckpointError(f"{path}: no checkpoint there{hint}")
     if path.suffix == ".safetensors":
         return _load_weights(path)
     try:
@@ -307,7 +308,7 @@ class RunResult:
     out_dir: Path
     model: GPT
     tokenizer: BPETokenizer
-    history: list[dict]
+    history: list[dict]  # one row per step: step, train_loss, lr, tokens_per_s, eval_* (None between evaluations)
     final_eval: dict | None
     unigram_loss: float
 
@@ -336,7 +337,7 @@ def train(
     check_out_dir(out)
     if tokenizer is not None and tokenizer not in TOKENIZERS:
         raise ValueError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, not {tokenizer!r}")
-    dev = pick_device(device)
+    dev = pick_device(device, option="device")
     check_backend(model_config, dev, train_config.amp)
     ckpt_path = out / CHECKPOINT
     payload = None
@@ -372,6 +373,10 @@ def train(
     if payload is None:
         tokenizer = tokenizer or "bpe"
     world = init_distributed(dev)
+    micro = train_config.batch_size // train_config.grad_accum  # sequences per micro-batch, all ranks
+    if micro % world.world:
+        raise ValueError(f"batch_size / grad_accum ({micro}) must be divisible by the {world.world} processes: "
+                         f"use a --batch-size that is a multiple of {train_config.grad_accum * world.world}")
     corpus = datamod.load_corpus(data, progress=world.main and progress)
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -450,9 +455,6 @@ def train(
         write_history()
         saved_step = step
 
-    micro = train_config.batch_size // train_config.grad_accum  # sequences per micro-batch, all ranks
-    if micro % world.world:
-        raise ValueError(f"batch_size / grad_accum ({micro}) must be divisible by the {world.world} processes")
     per_rank = micro // world.world
     ctx = model_config.context
     bar = tqdm(range(start_step, train_config.steps), initial=start_step, total=train_config.steps, desc="training", disable=not (world.main and progress), unit="step")
@@ -518,7 +520,8 @@ def train(
         plot_losses(csv_path, out / "loss.png", baseline)
     if world.world > 1:
         dist.barrier()
-    return RunResult(out, model, tok, history, final_eval, baseline)
+    numbers = [{k: (int(v) if k == "step" else float(v)) if v != "" else None for k, v in row.items()} for row in history]
+    return RunResult(out, model, tok, numbers, final_eval, baseline)
 
 
 def _read_history(csv_path: Path, upto: int) -> list[dict]:

@@ -45,11 +45,11 @@ def test_hf_gpt2_converted_gives_the_same_logits_and_round_trips_exactly(tied):
 
 
 def test_a_gpt2_state_dict_in_any_of_its_spellings():
-    hf = random_gpt2()  # 128 channels in 2 heads of 64, as a state dict alone implies
+    hf = random_gpt2(d_model=768, heads=12, layers=1)  # GPT-2 small's width: 12 heads, as a state dict alone implies
     reference = GPT.from_hf(hf).state_dict()
     state = hf.state_dict()
     bare = {k.removeprefix("transformer."): v for k, v in state.items() if k != "lm_head.weight"}
-    old = dict(bare) | {"h.0.attn.bias": torch.ones(1, 1, 32, 32), "h.0.attn.masked_bias": torch.tensor(-1e4)}
+    old = dict(bare) | {"h.0.attn.bias": torch.ones(1, 1, 32, 32), "h.0.attn.masked_bias": torch.tensor(-1e4)}  # older files
     for sd in (state, bare, old):
         model = GPT.from_hf(sd)
         assert model.config == GPT.from_hf(hf).config
@@ -58,6 +58,10 @@ def test_a_gpt2_state_dict_in_any_of_its_spellings():
         GPT.from_hf(bare | {"h.0.extra": torch.zeros(1)})
     with pytest.raises(ConversionError, match="not a GPT-2 state dict"):
         GPT.from_hf({"embedding.weight": torch.zeros(3, 4)})
+    odd = random_gpt2(d_model=64, heads=4).state_dict()  # not a published size: the head count is unknown
+    with pytest.raises(ConversionError, match="does not say how many heads its 64 channels form"):
+        GPT.from_hf(odd)
+    assert GPT.from_hf(odd, config=random_gpt2(d_model=64, heads=4).config).config.n_heads == 4
 
 
 def test_what_the_conversion_refuses():
@@ -146,3 +150,11 @@ def test_train_init_from_fine_tunes_the_pretrained_weights(gpt2_folder, small_te
     # --resume continues it like any run.
     assert cli.main(["train", "--out", str(out), "--resume", "--steps", "3", "--sample-tokens", "0", "--no-progress", "--device", "cpu"]) == 0
     assert load_checkpoint(out)["step"] == 3
+
+
+def test_generate_from_a_transformers_folder_and_the_hint_when_it_is_given_as_a_checkpoint(gpt2_folder, capsys):
+    assert cli.main(["generate", "--hf", str(gpt2_folder), "--prompt", "The", "--max-new-tokens", "4", "--seed", "1",
+                     "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("The")
+    assert cli.main(["eval", "--checkpoint", str(gpt2_folder), "--device", "cpu"]) == 1
+    assert "no checkpoint there (a Hugging Face model folder: give it with --hf)" in capsys.readouterr().err

@@ -196,3 +196,64 @@ def test_non_causal_calls_fall_back_except_a_single_query_which_sees_every_key_e
     got, _ = sfhf.attention_forward(module, q[:, :, -1:], k, v, None, is_causal=False)
     torch.testing.assert_close(got, full[:, :, -1:].transpose(1, 2), rtol=1e-5, atol=1e-6)
     assert sfhf.stats() == {"scratchformer": 1, "sdpa": 1}
+
+
+def _pair(config):
+    eager = build(config, "eager")
+    return eager, build(config, "scratchformer", eager.state_dict())
+
+
+def test_attention_sinks_are_computed_as_eager_does():
+    if not hasattr(transformers, "GptOssConfig"):
+        pytest.skip("this transformers has no gpt-oss")
+    config = transformers.GptOssConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                       intermediate_size=64, vocab_size=VOCAB, head_dim=16, num_local_experts=4,
+                                       num_experts_per_tok=2, sliding_window=64, max_position_embeddings=64)
+    eager, ours = _pair(config)
+    with torch.no_grad():
+        for model in (eager, ours):  # sinks away from their zero init, so that they matter
+            for layer in model.model.layers:
+                layer.self_attn.sinks.copy_(torch.linspace(-1.0, 2.0, layer.self_attn.sinks.numel()))
+    idx = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(5))
+    with pytest.warns(UserWarning, match="attention sinks"):
+        got = ours(idx).logits
+    want = eager(idx).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    want.sum().backward()
+    sinks = [(a.self_attn.sinks.grad, b.self_attn.sinks.grad) for a, b in zip(eager.model.layers, ours.model.layers)]
+    assert all(g is not None and g.abs().sum() > 0 for _, g in sinks)
+    for want_grad, got_grad in sinks:
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_softcapping_with_left_padding_stays_finite_and_equals_eager():
+    config = transformers.Gemma2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                       intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=64, head_dim=16,
+                                       sliding_window=8)
+    eager, ours = _pair(config)
+    idx = torch.randint(1, VOCAB, (2, 20), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(idx)
+    mask[1, :4] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        got = ours(idx, attention_mask=mask).logits
+    want = eager(idx, attention_mask=mask).logits
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1, 4:], want[1, 4:], rtol=1e-5, atol=1e-5)
+
+
+def test_prefilling_a_static_cache_stays_on_our_op_and_equals_eager():
+    config = llama_config(2)
+    eager, ours = _pair(config)
+    prompt = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(7))
+    kw = {"max_new_tokens": 10, "do_sample": False, "attention_mask": torch.ones_like(prompt), "pad_token_id": 0,
+          "cache_implementation": "static"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # decoding into a static cache masks its empty slots: SDPA
+        got = ours.generate(prompt, **kw)
+    assert torch.equal(got, eager.generate(prompt, **kw))
+    # Transformers 5 prefills without a mask (on our op, keys cut to the prompt); 4.57 with one (SDPA).
+    stats = sfhf.stats()
+    assert stats["scratchformer"] in (0, config.num_hidden_layers) and sum(stats.values()) == 10 * config.num_hidden_layers

@@ -69,6 +69,10 @@ def test_seeded_run_reproduces_its_loss_curve_exactly(small_text, tmp_path):
     assert (tmp_path / "a" / "loss.png").stat().st_size > 1000
     assert (tmp_path / "a" / "tokenizer.json").exists()
     assert a.final_eval["tokens"] > 0 and a.final_eval["word_ppl"] > a.final_eval["ppl"]
+    # The history in numbers, the rows of metrics.csv: eval columns None between evaluations.
+    assert [r["step"] for r in a.history] == list(range(1, TRAIN.steps + 1))
+    assert [r["eval_loss"] for r in a.history if r["eval_loss"] is not None] == pytest.approx(losses, abs=1e-5)
+    assert all(isinstance(r["train_loss"], float) and isinstance(r["lr"], float) for r in a.history)
 
 
 def test_killed_run_resumes_to_the_same_weights(small_text, tmp_path):
