@@ -64,10 +64,13 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
   // The query tiles: those from the first query that sees key n0 on, for each query head of
   // the kv group. Tile `it + 1` loads into the other buffer while tile `it` is computed.
   const int first_query = max(0, n0 - offset);
+  // Cursors instead of it / tiles_per_head: no integer division in the loop.
   const int tiles_per_head = (s.t_q - first_query + BM - 1) / BM, tiles = heads * tiles_per_head;
-  auto load_query_tile = [&](int it) {
-    const int h = kv_head * group + first_head + it / tiles_per_head, i0 = first_query + it % tiles_per_head * BM;
-    const int buf = it % 2;
+  int load_h = kv_head * group + first_head, load_i0 = first_query;  // the next tile to load
+  auto load_query_tile = [&](int buf) {
+    const int h = load_h, i0 = load_i0;
+    load_i0 += BM;
+    if (load_i0 >= s.t_q) load_i0 = first_query, ++load_h;
     load_tile_async<T, BM, D, STRIDE, kThreads>(q_buf + buf * BM * STRIDE, a.q, a.q_stride, b, h, i0, s.t_q);
     load_tile_async<T, BM, D, STRIDE, kThreads>(do_buf + buf * BM * STRIDE, a.dout, a.dout_stride, b, h, i0, s.t_q);
     if (threadIdx.x < BM) {
@@ -84,13 +87,15 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
   cp_async_commit();
 
   float dk[DTILES][4] = {}, dv[DTILES][4] = {};
+  int next_i0 = first_query;  // the first query of tile it
   for (int it = 0; it < tiles; ++it) {
     __syncthreads();  // every warp is done with tile it - 1: its buffer may take tile it + 1
-    if (it + 1 < tiles) load_query_tile(it + 1);
+    if (it + 1 < tiles) load_query_tile((it + 1) % 2);
     cp_async_commit();  // (an empty group after the last tile)
     cp_async_wait<1>();  // tile it (and K, V) have landed
     __syncthreads();
-    const int i0 = first_query + it % tiles_per_head * BM;
+    const int i0 = next_i0;
+    next_i0 = i0 + BM < s.t_q ? i0 + BM : first_query;
     const T* q_s = q_buf + it % 2 * BM * STRIDE;
     const T* do_s = do_buf + it % 2 * BM * STRIDE;
     const float* lse_s = lse_buf + it % 2 * BM;
