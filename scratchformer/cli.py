@@ -173,7 +173,7 @@ def _cmd_selftest(args) -> int:
         raise CliError("this installation has no CUDA kernels (`scratchformer info` says why): reinstall with nvcc present")
     device = pick_device(args.device)
     results = selfcheck.all_checks(device)
-    print(f"{selfcheck._device_name(device)}, {info.kernels_cuda and 'CUDA ' + info.kernels_cuda}, torch {info.torch}\n")
+    print(f"{selfcheck.device_name(device)}, {info.kernels_cuda and 'CUDA ' + info.kernels_cuda}, torch {info.torch}\n")
     print("| op | configuration | worst output: kernel error vs reference error (float64 truth) | verdict |")
     print("| --- | --- | --- | --- |")
     for r in results:
@@ -240,12 +240,11 @@ def _cmd_train(args) -> int:
     )
     init_weights = None
     if args.init_from:
-        pretrained = _hf_gpt2(args.init_from, "--init-from")
+        pretrained, _ = _hf_gpt2(args.init_from, "--init-from")
         if args.context is not None and args.context > pretrained.config.context:
             raise CliError(f"--context {args.context}: {args.init_from} was trained with a context of {pretrained.config.context}: "
                            "give at most that")
-        model_cfg = replace(pretrained.config, context=min(args.context or pretrained.config.context, pretrained.config.context),
-                            dropout=args.dropout)
+        model_cfg = replace(pretrained.config, context=args.context, dropout=args.dropout)
         init_weights = pretrained.state_dict()
         init_weights["position_embedding.weight"] = init_weights["position_embedding.weight"][: model_cfg.context]
     device = pick_device(args.device)
@@ -281,7 +280,8 @@ def torch_bf16(device) -> bool:
 
 
 def _hf_gpt2(name: str, option: str):
-    """Our GPT with the weights of a Hugging Face GPT-2 (a hub name or a local folder)."""
+    """(our GPT with the weights of a Hugging Face GPT-2, GPT-2's tokenizer); `name` is a hub
+    name or a local folder."""
     try:
         import transformers
     except ImportError:
@@ -304,20 +304,20 @@ def _hf_gpt2(name: str, option: str):
         model = from_hf(hf)
     except ConversionError as e:
         raise CliError(f"{option} {name}: {e}") from None
-    if model.config.vocab_size < BPETokenizer.from_gpt2().vocab_size:
-        raise CliError(f"{option} {name}: its vocabulary has {model.config.vocab_size} tokens, fewer than GPT-2's 50257")
-    return model.float()
+    tok = BPETokenizer.from_gpt2()
+    if model.config.vocab_size < tok.vocab_size:
+        raise CliError(f"{option} {name}: its vocabulary has {model.config.vocab_size} tokens, fewer than GPT-2's {tok.vocab_size}")
+    return model.float(), tok
 
 
 def _model_from(args):
     from . import ops
-    from .tokenizer import BPETokenizer
     from .training import load_checkpoint, model_from_checkpoint, pick_device
 
     device = pick_device(args.device)
     if getattr(args, "hf", None):
         payload = {"data": "wikitext2-mini", "step": None}
-        model, tok = _hf_gpt2(args.hf, "--hf"), BPETokenizer.from_gpt2()
+        model, tok = _hf_gpt2(args.hf, "--hf")
     else:
         payload = load_checkpoint(args.checkpoint)
         model, tok = model_from_checkpoint(payload)

@@ -16,6 +16,7 @@ the tokenizer and the source's SHA-256, so a stale cache is rebuilt, never reuse
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import lzma
@@ -171,8 +172,7 @@ def wikitext_detokenize(split: Split) -> Split:
         for pattern, replacement in _DETOKENIZE:
             doc = pattern.sub(replacement, doc)
         documents.append(doc)
-    detokenized = _split(split.name + " detokenized", "".join(documents), documents)
-    return Split(detokenized.name, documents, detokenized.sha256, split.words)
+    return dataclasses.replace(_split(split.name + " detokenized", "".join(documents), documents), words=split.words)
 
 
 def _split(name: str, text: str, documents: list[str]) -> Split:

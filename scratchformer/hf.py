@@ -62,12 +62,12 @@ def register(name: str = NAME) -> str:
 
 
 def fallbacks() -> dict[str, int]:
-    """Calls sent to PyTorch's SDPA since the last `reset_stats()`, by reason."""
+    """Calls not run on our op (PyTorch's SDPA, or eager code) since the last `reset_stats()`, by reason."""
     return {reason: n for reason, n in _calls.items() if reason}
 
 
 def stats() -> dict[str, int]:
-    """{"scratchformer": calls on our op, "sdpa": calls that fell back} since `reset_stats()`."""
+    """{"scratchformer": calls on our op, "sdpa": calls that fell back (SDPA or eager)} since `reset_stats()`."""
     return {"scratchformer": _calls[""], "sdpa": sum(fallbacks().values())}
 
 
@@ -105,10 +105,12 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     reason = _fallback_reason(module, query, key, value, attention_mask, dropout, kwargs)
     _calls[reason or ""] += 1
     if reason is not None:
+        eager = any(kwargs.get(name) is not None for name in ("softcap", "s_aux", "position_bias"))
         if _calls[reason] == 1:
-            warnings.warn(f"scratchformer attention: {reason} runs on PyTorch's SDPA (scratchformer.hf.fallbacks() counts these)",
+            where = "as the model's eager code computes it" if eager else "on PyTorch's SDPA"
+            warnings.warn(f"scratchformer attention: {reason} runs {where} (scratchformer.hf.fallbacks() counts these)",
                           stacklevel=2)
-        if any(kwargs.get(name) is not None for name in ("softcap", "s_aux", "position_bias")):
+        if eager:
             return _eager_attention(module, query, key, value, attention_mask, scaling, dropout, kwargs)
         sdpa_attention_forward = _transformers()[3]
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

@@ -137,7 +137,7 @@ def trusted(op: str, device_index: int, config: tuple) -> bool:
         if not result.passed:
             warnings.warn(
                 f"scratchformer: the fused {op} kernel ({result.config}) disagrees with the reference on "
-                f"{_device_name(device)}: {result.worst()}; the reference runs instead of it in this process. "
+                f"{device_name(device)}: {result.worst()}; the reference runs instead of it in this process. "
                 "`scratchformer selftest` shows every configuration; please report it with that table.",
                 RuntimeWarning, stacklevel=4)
     return _verdicts[key]
@@ -149,7 +149,7 @@ def run_check(op: str, device: torch.device, config: tuple) -> Result:
     return check_layer_norm(device, *config)
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type != "cuda":
         return str(device)
     major, minor = torch.cuda.get_device_capability(device)
