@@ -136,8 +136,8 @@ def test_the_emulator_catches_a_tail_tile_left_unfilled(tmp_path):
     rows past the sequence end would multiply masked (zero) probabilities by garbage: 0 x NaN."""
     from emulated_kernels import EmulatedKernels, build
 
-    fill = "cp_async_16(tile + r * STRIDE + c * (16 / int(sizeof(T))), src, valid);"
-    mutated = EmulatedKernels(build(tmp_path, {"attention.cuh": (fill, "if (valid) " + fill)}))
+    fill = "cp_async_16(dst + i * PASS_ROWS * STRIDE, p, i * PASS_ROWS < left);"
+    mutated = EmulatedKernels(build(tmp_path, {"attention.cuh": (fill, "if (i * PASS_ROWS < left) " + fill)}))
     q, k, v, dout = make_inputs(2, 4, 4, 5, 300, 64, torch.bfloat16)
     got, _ = emulated_run(mutated, q, k, v, dout)
     assert not all(torch.isfinite(t).all() for t in got)

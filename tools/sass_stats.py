@@ -10,8 +10,9 @@ Needs cuobjdump and nvdisasm: `pip install nvidia-cuda-cuobjdump nvidia-cuda-nvd
 For every kernel instantiation compiled for an architecture: registers, static shared memory
 (plus the dynamic shared memory its launcher asks for), threads per block, and the blocks and
 warps one SM holds. Then the hot loop: the loop (a backward branch and the code it jumps back
-over) holding the most tensor-core instructions, or, for kernels without them, the most
-instructions. In it: instructions, HMMA, LDSM (ldmatrix), other shared loads, MUFU (exp2, rcp),
+over) holding the most tensor-core instructions (of several such, the leanest: the masked copy
+of a loop body that only the tiles on the causal diagonal run is not the steady state), or, for
+kernels without them, the most instructions. In it: instructions, HMMA, LDSM (ldmatrix), other shared loads, MUFU (exp2, rcp),
 block barriers, and integer divisions (their SASS expansion starts with I2F.U32.RP). Counts are
 static, per iteration: an inner loop inside the hot one counts once. These are facts of the
 compiled code, not timings; they predict where a kernel spends issue slots.
@@ -82,11 +83,14 @@ def demangle(names: list[str]) -> dict[str, str]:
 
 
 def dynamic_shared_bytes(file: str, kernel: str) -> int:
-    """The dynamic shared memory a launcher requests; mirrors dkv_shared_bytes() in attention_bwd.cu."""
-    m = re.match(r"dkv_kernel<(\w+), (\d+)>", kernel)
-    if file != "attention_bwd" or not m:
+    """The dynamic shared memory a launcher requests; mirrors forward_shared_bytes() and
+    dkv_shared_bytes() in attention_fwd.cu and attention_bwd.cu."""
+    m = re.match(r"(dkv|forward)_kernel<(\w+), (\d+)>", kernel)
+    if file not in ("attention_fwd", "attention_bwd") or not m:
         return 0
-    size, d = (2 if m.group(1) in ("__half", "__nv_bfloat16") else 4), int(m.group(2))
+    size, d = (2 if m.group(2) in ("__half", "__nv_bfloat16") else 4), int(m.group(3))
+    if m.group(1) == "forward":  # forward_shared_bytes() in attention_fwd.cu: Q, K, V tiles of block_n() keys
+        return (128 + 2 * {32: 128, 64: 96, 96: 80, 128: 48}[d]) * (d + 8) * size
     inner = 64 if d <= 64 else 32
     return (2 * 64 + 4 * inner) * (d + 8) * size + 4 * inner * 4
 
@@ -108,7 +112,8 @@ BRANCH = re.compile(r"`\((\.L_x_\d+)\)")
 
 
 def hot_loop(sass: str) -> Loop | None:
-    """The loop with the most HMMA (else the most instructions) in one function's SASS."""
+    """The loop with the most HMMA (the leanest of those, see below; else the most instructions)
+    in one function's SASS."""
     instructions, labels = [], {}
     for line in sass.splitlines():
         if m := LABEL.match(line.strip()):
@@ -129,7 +134,9 @@ def hot_loop(sass: str) -> Loop | None:
             loop.mufu += o.startswith("MUFU")
             loop.bar += o.startswith("BAR.SYNC") or o == "BAR"
             loop.idiv += o.startswith("I2F.U32.RP") or o.startswith("I2F.RP")
-        key = (loop.hmma, loop.instructions)
+        # Among loops with equally many HMMA, a kernel's steady state is the leanest: tiles on the
+        # causal diagonal run a masked copy of the loop body, a few iterations per block.
+        key = (loop.hmma, -loop.instructions if loop.hmma else loop.instructions)
         if best_key is None or key > best_key:
             best, best_key = loop, key
     return best

@@ -71,18 +71,33 @@ __device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&lo)[4], c
 
 // ---- tiles ---------------------------------------------------------------------------------
 
-// Rows [t0, t0 + ROWS) of head h of a [B, H, T, D] tensor into a shared tile with row stride
-// STRIDE elements; rows at or past `t_end` become zeros. All threads of the block take part.
+// Rows [t0, t0 + ROWS) of a head (its row 0 at `head`, rows `time` elements apart) into a
+// shared tile with row stride STRIDE elements; rows at or past t_end become zeros. THREADS
+// threads copy in passes of THREADS / CHUNKS rows, one 16-byte chunk of a row per thread and
+// pass. Nothing per thread is kept between copies: a thread derives its row and chunk from the
+// thread index register each time (cheaper than holding them through a loop short of registers).
 template <typename T, int ROWS, int D, int STRIDE, int THREADS>
-__device__ __forceinline__ void load_tile_async(T* tile, const void* base, const Strides& s, int b, int h, int t0,
-                                                int t_end) {
-  constexpr int CHUNKS = D * int(sizeof(T)) / 16;  // 16-byte pieces per row
-  for (int i = threadIdx.x; i < ROWS * CHUNKS; i += THREADS) {
-    const int r = i / CHUNKS, c = i % CHUNKS;
-    const bool valid = t0 + r < t_end;
-    const T* src = valid ? row_ptr<T>(base, s, b, h, t0 + r) + c * (16 / sizeof(T)) : static_cast<const T*>(base);
-    cp_async_16(tile + r * STRIDE + c * (16 / int(sizeof(T))), src, valid);
+__device__ __forceinline__ void load_rows_async(T* tile, const T* head, int64_t time, int t0, int t_end) {
+  constexpr int ELEMS = 16 / int(sizeof(T)), CHUNKS = D / ELEMS;  // 16-byte chunks per row
+  constexpr int PASS_ROWS = THREADS / CHUNKS, PASSES = (ROWS + PASS_ROWS - 1) / PASS_ROWS;
+  const int tid = special_register_tid_x(), row = tid / CHUNKS, chunk = tid % CHUNKS;
+  if (THREADS % CHUNKS != 0 && row >= PASS_ROWS) return;  // threads past a whole number of rows (D = 96) idle
+  const T* p = head + (t0 + row) * time + chunk * ELEMS;
+  T* dst = tile + row * STRIDE + chunk * ELEMS;
+  const int left = t_end - t0 - row;
+#pragma unroll
+  for (int i = 0; i < PASSES; ++i) {
+    if (ROWS % PASS_ROWS != 0 && row + i * PASS_ROWS >= ROWS) break;
+    cp_async_16(dst + i * PASS_ROWS * STRIDE, p, i * PASS_ROWS < left);
+    p += PASS_ROWS * time;
   }
+}
+
+// The same for head h of batch b of a [B, H, T, D] tensor with strides s.
+template <typename T, int ROWS, int D, int STRIDE, int THREADS>
+__device__ __forceinline__ void load_tile_async(T* tile, const void* tensor, const Strides& s, int b, int h, int t0,
+                                                int t_end) {
+  load_rows_async<T, ROWS, D, STRIDE, THREADS>(tile, row_ptr<T>(tensor, s, b, h, 0), s.time, t0, t_end);
 }
 
 }  // namespace scratchformer

@@ -1,18 +1,23 @@
 // Causal attention forward on tensor cores (fp16, bf16), and the forward's dispatch.
 //
-// Tiling (FlashAttention-2's forward). A block of 8 warps owns 128 queries of one head, 16 per
-// warp; its Q tile stays in registers as mma A fragments. (Each K/V tile read from L2 serves 128
-// queries: with 64 the loads, at about 32 FLOP per byte, would bound the speed before the
-// tensor cores.) It walks 64-key tiles of K and V (cp.async into padded shared memory: 8
-// ldmatrix rows then fall in distinct banks; the next K tile loads while this one's softmax and
-// P V run) up to the last key its last query sees, so causal masking halves the work. Per tile and warp:
-//   S = Q K^T            mma.sync m16n8k16, fp32 accumulators (16 x 64 scores)
-//   online softmax       running row max m and sum l in fp32, log2 domain, 4-lane shuffles
+// Tiling (FlashAttention-2's forward). A block of 4 warps owns 128 queries of one head, 32 per
+// warp (two 16-row mma tiles, so every K and V fragment read from shared memory feeds two
+// products). Two blocks share an SM, so one block's softmax overlaps the other's tensor work.
+// Each K/V tile read from L2 serves 128 queries: with 64 the loads, at about 32 FLOP per byte,
+// would bound the speed before the tensor cores. The block walks 64-key tiles of K and V
+// (cp.async into padded shared memory: 8 ldmatrix rows then fall in distinct banks) up to the
+// last key its last query sees, so causal masking halves the work. Per tile and warp:
+//   S = Q K^T            mma.sync m16n8k16, fp32 accumulators (32 x 64 scores); Q is re-read
+//                        from shared memory (in registers it would not leave room for O at D 128)
+//   online softmax       running row max m (of the raw scores) and sum l in fp32; exponentials
+//                        in base 2 with the scale folded in: p = 2^(s * scale log2e - m')
 //   O = O * alpha + P V  P goes from C to A fragments in registers (see attention.cuh)
-// Masks are applied only to tiles that cross the causal diagonal or the end of the keys. The
-// output is normalised by l and written once; the log-sum-exp m + log(l) is kept for the
-// backward. Blocks run longest-first (the last queries of every head first) so the tail of the
-// grid is short.
+// V(j) loads while S(j) is computed, K(j+1) while softmax(j) and P(j) V(j) run: two barriers
+// per tile. Tiles that cross the causal diagonal or the end of the keys (at most three) run a
+// masked copy of the loop body; the others carry no masking code. The output is normalised by l
+// and written once through shared memory (whole rows, 16 bytes a thread); the log-sum-exp
+// m + log(l) is kept for the backward. Blocks run longest-first (the last queries of every
+// head first) so the tail of the grid is short.
 #include <cuda_runtime.h>
 
 #include <type_traits>
@@ -23,19 +28,33 @@
 namespace scratchformer {
 namespace {
 
-constexpr int kWarps = 8;
-constexpr int kBlockM = 16 * kWarps;  // queries per block, 16 per warp
-constexpr int kBlockN = 64;           // keys per tile
+constexpr int kWarps = 4;
+constexpr int kBlockM = 32 * kWarps;  // queries per block, 32 per warp
 constexpr int kThreads = 32 * kWarps;
-static_assert(kBlockM == 2 * kBlockN, "the Q tile is staged through the K and V buffers");
+
+// Keys per tile: as many as fit in registers beside the output (found by compiling: one more
+// 16-key step spills). A thread holds 32 x N / 32 = N scores and D outputs; a larger N spreads
+// the per-tile work (rescaling the output, row statistics, barriers) over more tensor-core
+// instructions.
+template <int D>
+__host__ __device__ constexpr int block_n() {
+  return D == 32 ? 128 : D == 64 ? 96 : D == 96 ? 80 : 48;
+}
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a) {
+__host__ __device__ constexpr int forward_shared_bytes() {  // Q, K and V tiles
+  return (kBlockM + 2 * block_n<D>()) * (D + 8) * int(sizeof(T));
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 2) forward_kernel(AttentionForward a) {
   constexpr int STRIDE = D + 8;  // elements per shared row
+  constexpr int kBlockN = block_n<D>();
   constexpr int KSLABS = D / 16, DTILES = D / 8, NTILES = kBlockN / 8;
-  __shared__ __align__(16) T kv_s[2 * kBlockN * STRIDE];
-  T* k_s = kv_s;
-  T* v_s = kv_s + kBlockN * STRIDE;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* q_s = reinterpret_cast<T*>(smem);  // [kBlockM][STRIDE]
+  T* k_s = q_s + kBlockM * STRIDE;      // [kBlockN][STRIDE]
+  T* v_s = k_s + kBlockN * STRIDE;      // [kBlockN][STRIDE]
 
   const AttentionShape& s = a.shape;
   // Blocks start in blockIdx order, x fastest: every head's longest (last) query tile first, so
@@ -46,117 +65,167 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4, mi = lane / 8;  // mi: the ldmatrix matrix this lane addresses
   const int offset = s.t_k - s.t_q;
-  const int query0 = m0 + warp * 16 + g;  // this thread's rows: query0 and query0 + 8
-
-  // The Q tile, staged through k_s and v_s, into A fragments.
-  load_tile_async<T, kBlockM, D, STRIDE, kThreads>(kv_s, a.q, a.q_stride, b, h, m0, s.t_q);
-  cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
-  uint32_t q_frag[KSLABS][4];
-#pragma unroll
-  for (int kk = 0; kk < KSLABS; ++kk)
-    ldmatrix_x4(q_frag[kk], &kv_s[(warp * 16 + lane % 16) * STRIDE + kk * 16 + (lane / 16) * 8]);
+  const int query0 = m0 + warp * 32 + g;  // this thread's rows: query0 + 8 r, r < 4 (m tile r / 2, half r % 2)
+  T* q_warp = q_s + warp * 32 * STRIDE;   // each warp reads (and at the end writes) only its own 32 rows
 
   const float scale2 = a.scale * kLog2e;
   const int key_end = min(s.t_k, min(m0 + kBlockM, s.t_q) + offset);  // past the last query's last key
-  float o[DTILES][4] = {};
-  float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.f, 0.f};
+  // Tiles below `plain_end` hold only keys every query of the block sees: no masking.
+  const int plain_end = min(key_end, m0 + offset + 1) / kBlockN * kBlockN;
 
-  // Loads overlap compute: V(j) lands while S(j) is computed, K(j+1) while softmax(j) and
-  // P(j) V(j) run. One buffer each suffices, with a barrier before each is refilled.
-  __syncthreads();  // every warp has its Q fragments: the buffers may take K and V
+  // The K and V heads' row 0, kept in shared memory: the loop's registers go to the accumulators.
+  __shared__ const T* kv_head_rows[2];
+  if (threadIdx.x == 0) {
+    kv_head_rows[0] = row_ptr<T>(a.k, a.k_stride, b, kv_head, 0);
+    kv_head_rows[1] = row_ptr<T>(a.v, a.v_stride, b, kv_head, 0);
+  }
+  load_tile_async<T, kBlockM, D, STRIDE, kThreads>(q_s, a.q, a.q_stride, b, h, m0, s.t_q);
   load_tile_async<T, kBlockN, D, STRIDE, kThreads>(k_s, a.k, a.k_stride, b, kv_head, 0, key_end);
   cp_async_commit();
-  for (int n0 = 0; n0 < key_end; n0 += kBlockN) {
-    load_tile_async<T, kBlockN, D, STRIDE, kThreads>(v_s, a.v, a.v_stride, b, kv_head, n0, key_end);
-    cp_async_commit();
-    cp_async_wait<1>();  // K(j) has landed; V(j) may still be in flight
-    __syncthreads();
 
-    float sc[NTILES][4] = {};
+  float o[2][DTILES][4] = {};                                     // [m tile][d tile]
+  float m_row[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};  // max raw score of row r so far
+  float l_row[4] = {0.f, 0.f, 0.f, 0.f};                          // its sum over this thread's columns
+
+  // One K/V tile at n0: S = Q K^T, masking (when `masked`), online softmax, O += P V.
+  auto step = [&](int n0, auto masked) {
+    cp_async_wait<0>();  // K(j) has landed
+    __syncthreads();     // for every thread; and every warp is done with V(j - 1)
+    load_rows_async<T, kBlockN, D, STRIDE, kThreads>(v_s, kv_head_rows[1], a.v_stride.time, n0, key_end);
+    cp_async_commit();
+
+    // This thread's ldmatrix rows: of its warp's Q rows (A fragments), of K and of V (B
+    // fragments). Derived afresh each tile: held through the loop they would cost registers.
+    const int tid = special_register_tid_x(), lane = tid % 32, mi = lane / 8;
+    const T* q_ld = q_s + (tid / 32 * 32 + lane % 16) * STRIDE + (lane / 16) * 8;
+    const T* k_ld = k_s + ((mi / 2) * 8 + lane % 8) * STRIDE + (mi % 2) * 8;
+    const T* v_ld = v_s + ((mi % 2) * 8 + lane % 8) * STRIDE + (mi / 2) * 8;
+
+    float sc[2][NTILES][4] = {};
 #pragma unroll
     for (int kk = 0; kk < KSLABS; ++kk) {
+      uint32_t qf[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+        ldmatrix_x4(qf[mt], q_ld + mt * 16 * STRIDE + kk * 16);
 #pragma unroll
       for (int nt = 0; nt < NTILES; nt += 2) {
         uint32_t kf[4];
-        ldmatrix_x4(kf, &k_s[((nt + mi / 2) * 8 + lane % 8) * STRIDE + kk * 16 + (mi % 2) * 8]);
-        mma_16816<T>(sc[nt], q_frag[kk], kf[0], kf[1]);
-        mma_16816<T>(sc[nt + 1], q_frag[kk], kf[2], kf[3]);
+        ldmatrix_x4(kf, k_ld + nt * 8 * STRIDE + kk * 16);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          mma_16816<T>(sc[mt][nt], qf[mt], kf[0], kf[1]);
+          mma_16816<T>(sc[mt][nt + 1], qf[mt], kf[2], kf[3]);
+        }
       }
     }
 
-    __syncthreads();  // every warp is done with K(j): fetch K(j+1) (an empty group after the last tile)
-    if (n0 + kBlockN < key_end)
-      load_tile_async<T, kBlockN, D, STRIDE, kThreads>(k_s, a.k, a.k_stride, b, kv_head, n0 + kBlockN, key_end);
-    cp_async_commit();
+    cp_async_wait<0>();  // V(j) has landed
+    __syncthreads();     // for every thread; and every warp is done with K(j)
+    if (n0 + kBlockN < key_end) load_rows_async<T, kBlockN, D, STRIDE, kThreads>(k_s, kv_head_rows[0], a.k_stride.time, n0 + kBlockN, key_end);
+    cp_async_commit();   // (an empty group after the last tile)
 
-    // Scale into log2 units; mask keys past the end or past a query's diagonal.
-    const bool masked = n0 + kBlockN > key_end || n0 + kBlockN - 1 > m0 + offset;
+    if constexpr (decltype(masked)::value) {  // keys past the end or past a query's diagonal
+      // This thread's first query, derived here afresh: held through S it would cost registers.
+      const int tid = special_register_tid_x();
+      const int first = m0 + tid / 32 * 32 + tid % 32 / 4, column = 2 * (tid % 4);
 #pragma unroll
-    for (int nt = 0; nt < NTILES; ++nt) {
+      for (int r = 0; r < 4; ++r) {
+        // Row r sees the columns nt * 8 + e below `seen` of this tile.
+        const int seen = min(key_end, first + 8 * r + offset + 1) - n0 - column;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = n0 + nt * 8 + 2 * c + (e & 1), query = query0 + (e >> 1) * 8;
-        sc[nt][e] = masked && (key >= key_end || key > query + offset) ? -INFINITY : sc[nt][e] * scale2;
+        for (int nt = 0; nt < NTILES; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            if (nt * 8 + e >= seen) sc[r / 2][nt][2 * (r % 2) + e] = -INFINITY;
       }
     }
 
-    // Online softmax: rescale what was accumulated by exp2(m_old - m_new).
+    // Online softmax: rescale what was accumulated by 2^((m_old - m_new) scale log2e). P is
+    // packed to T as soon as it is known (A fragments, see attention.cuh): half the registers.
+    uint32_t pa[2][kBlockN / 16][4];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = m_row[r];
+    for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-      for (int nt = 0; nt < NTILES; ++nt) mx = fmaxf(mx, fmaxf(sc[nt][2 * r], sc[nt][2 * r + 1]));
-      mx = quad_max(mx);
-      const float m_use = mx == -INFINITY ? 0.f : mx;  // a row with nothing visible yet stays at zero
-      const float alpha = exp2f(m_row[r] - m_use);
-      m_row[r] = mx;
-      float sum = 0.f;
+      for (int hf = 0; hf < 2; ++hf) {
+        const int r = 2 * mt + hf;
+        float mx = m_row[r];
 #pragma unroll
-      for (int nt = 0; nt < NTILES; ++nt) {
-        sc[nt][2 * r] = exp2f(sc[nt][2 * r] - m_use);
-        sc[nt][2 * r + 1] = exp2f(sc[nt][2 * r + 1] - m_use);
-        sum += sc[nt][2 * r] + sc[nt][2 * r + 1];
+        for (int nt = 0; nt < NTILES; ++nt) mx = fmaxf(mx, fmaxf(sc[mt][nt][2 * hf], sc[mt][nt][2 * hf + 1]));
+        mx = quad_max(mx);
+        // Finite: every query sees key 0, which is in the block's first tile.
+        const float shift = -mx * scale2;
+        const float alpha = exp2_approx(fmaf(m_row[r], scale2, shift));
+        m_row[r] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < NTILES; ++nt) {
+          sc[mt][nt][2 * hf] = exp2_approx(fmaf(sc[mt][nt][2 * hf], scale2, shift));
+          sc[mt][nt][2 * hf + 1] = exp2_approx(fmaf(sc[mt][nt][2 * hf + 1], scale2, shift));
+          sum += sc[mt][nt][2 * hf] + sc[mt][nt][2 * hf + 1];
+        }
+        l_row[r] = fmaf(l_row[r], alpha, sum);  // this thread's columns; the quad's sum comes at the end
+#pragma unroll
+        for (int dt = 0; dt < DTILES; ++dt) {
+          o[mt][dt][2 * hf] *= alpha;
+          o[mt][dt][2 * hf + 1] *= alpha;
+        }
       }
-      l_row[r] = l_row[r] * alpha + sum;  // this thread's columns; the quad's sum comes at the end
 #pragma unroll
-      for (int dt = 0; dt < DTILES; ++dt) {
-        o[dt][2 * r] *= alpha;
-        o[dt][2 * r + 1] *= alpha;
-      }
+      for (int ks = 0; ks < kBlockN / 16; ++ks) c_to_a<T>(pa[mt][ks], sc[mt][2 * ks], sc[mt][2 * ks + 1]);
     }
 
-    cp_async_wait<1>();  // V(j) has landed; K(j+1) may still be in flight
-    __syncthreads();
 #pragma unroll
     for (int ks = 0; ks < kBlockN / 16; ++ks) {
-      uint32_t pa[4];
-      c_to_a<T>(pa, sc[2 * ks], sc[2 * ks + 1]);
 #pragma unroll
       for (int dt = 0; dt < DTILES; dt += 2) {
         uint32_t vf[4];
-        ldmatrix_x4_trans(vf, &v_s[(ks * 16 + (mi % 2) * 8 + lane % 8) * STRIDE + (dt + mi / 2) * 8]);
-        mma_16816<T>(o[dt], pa, vf[0], vf[1]);
-        mma_16816<T>(o[dt + 1], pa, vf[2], vf[3]);
+        ldmatrix_x4_trans(vf, v_ld + ks * 16 * STRIDE + dt * 8);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          mma_16816<T>(o[mt][dt], pa[mt][ks], vf[0], vf[1]);
+          mma_16816<T>(o[mt][dt + 1], pa[mt][ks], vf[2], vf[3]);
+        }
       }
     }
-    __syncthreads();  // every warp is done with V(j): the next iteration refills v_s
-  }
+  };
+  int n0 = 0;
+  for (; n0 < plain_end; n0 += kBlockN) step(n0, std::false_type{});
+  for (; n0 < key_end; n0 += kBlockN) step(n0, std::true_type{});
 
+  // Normalise, stage the warp's 32 rows in its own rows of q_s, then write whole rows. The
+  // indices are derived afresh from the special registers: holding them through the loop
+  // would take registers the loop needs.
+  {
+    const int lane = special_register_tid_x() % 32, warp = special_register_tid_x() / 32;
+    const int g = lane / 4, c = lane % 4;
+    const int m0 = (gridDim.y - 1 - blockIdx.y) * kBlockM, query0 = m0 + warp * 32 + g;
+    T* q_warp = reinterpret_cast<T*>(smem) + warp * 32 * STRIDE;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) l_row[r] = quad_sum(l_row[r]);
+    for (int r = 0; r < 4; ++r) {
+      const int mt = r / 2, hf = r % 2;
+      const float l = quad_sum(l_row[r]);
+      const float inv = __fdividef(1.f, l);  // every query sees key 0, so l >= 1
+      T* staged = q_warp + (mt * 16 + hf * 8 + g) * STRIDE;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int query = query0 + r * 8;
-    if (query >= s.t_q) continue;
-    const int64_t row = (int64_t(b) * s.heads + h) * s.t_q + query;
-    const float inv = 1.f / l_row[r];  // every query sees key 0, so l > 0
-    T* out = static_cast<T*>(a.out) + row * D;
+      for (int dt = 0; dt < DTILES; ++dt)
+        *reinterpret_cast<uint32_t*>(staged + dt * 8 + 2 * c) =
+            pack2<T>(o[mt][dt][2 * hf] * inv, o[mt][dt][2 * hf + 1] * inv);
+      const int query = query0 + 8 * r;
+      if (c == 0 && query < s.t_q)
+        a.lse[int64_t(blockIdx.x) * s.t_q + query] = (m_row[r] * a.scale * kLog2e + log2f(l)) * kLn2;
+    }
+    __syncwarp();
+    constexpr int ELEMS = 16 / int(sizeof(T)), CHUNKS = D / ELEMS;
+    T* out = static_cast<T*>(a.out) + (int64_t(blockIdx.x) * s.t_q + m0 + warp * 32) * D;  // blockIdx.x = b * heads + h
+    const int rows = min(32, s.t_q - (m0 + warp * 32));
 #pragma unroll
-    for (int dt = 0; dt < DTILES; ++dt)
-      *reinterpret_cast<uint32_t*>(out + dt * 8 + 2 * c) = pack2<T>(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
-    if (c == 0) a.lse[row] = (m_row[r] + log2f(l_row[r])) * kLn2;
+    for (int i = lane; i < 32 * CHUNKS; i += 32) {
+      const int r = i / CHUNKS, chunk = i % CHUNKS;
+      if (r < rows)
+        *reinterpret_cast<Pack<T, ELEMS>*>(out + r * D + chunk * ELEMS) =
+            *reinterpret_cast<const Pack<T, ELEMS>*>(q_warp + r * STRIDE + chunk * ELEMS);
+    }
   }
 }
 
@@ -164,8 +233,12 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a
 
 template <typename T, int D>
 void forward_tensor_cores(const AttentionForward& a, cudaStream_t stream) {
+  constexpr int bytes = forward_shared_bytes<T, D>();
+  // Above 48 KB of dynamic shared memory a kernel must opt in.
+  if (cudaFuncSetAttribute(forward_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
+    return;  // the launcher's cudaGetLastError reports it
   const dim3 grid(a.shape.batch * a.shape.heads, (a.shape.t_q + kBlockM - 1) / kBlockM);
-  forward_kernel<T, D><<<grid, kThreads, 0, stream>>>(a);
+  forward_kernel<T, D><<<grid, kThreads, bytes, stream>>>(a);
 }
 
 #define SCRATCHFORMER_FORWARD(T, D) template void forward_tensor_cores<T, D>(const AttentionForward&, cudaStream_t);

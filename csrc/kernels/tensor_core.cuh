@@ -53,10 +53,29 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// threadIdx.x read again from its special register: a value the compiler may not keep in a
+// register from an earlier read (where registers are scarce, re-reading is cheaper than holding).
+__device__ __forceinline__ int special_register_tid_x() {
+  int tid;
+  asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(tid));
+  return tid;
+}
+
+// ---- special functions ---------------------------------------------------------------------
+
+// 2^x in one MUFU.EX2 (ex2.approx.ftz.f32: relative error about 2^-22; subnormal inputs and
+// results flush to zero, 2^-inf = +0). exp2f without fast-math adds denormal handling around it.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // ---- asynchronous copies ------------------------------------------------------------------
 
-// 16 bytes global -> shared without passing through registers; zero-filled when !valid (the
-// source is then not read, but must still be a mapped address).
+// 16 bytes global -> shared without passing through registers; zero-filled when !valid. The
+// source size 0 compiles to the ignore-src form (LDGSTS with its ignore predicate), whose source
+// the ISA says is "ignored completely": it may then be any address, past the tensor's end too.
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
                "r"(valid ? 16 : 0));

@@ -233,6 +233,9 @@ inline unsigned char* dynamic_smem() {
 #define blockDim emu::block_dim
 
 inline void __syncthreads() { emu::block_barrier(); }
+// A warp barrier: every lane arrives (and has made its shared-memory writes) before any goes on.
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_all(0); }
+inline float __fdividef(float x, float y) { return x / y; }
 
 template <typename V>
 inline V __shfl_sync(unsigned, V v, int src) {

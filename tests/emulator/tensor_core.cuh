@@ -2,6 +2,7 @@
 // They follow the PTX ISA's fragment layouts (see csrc/kernels/attention.cuh).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -72,6 +73,15 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
     for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
     c[e] += sum;
   }
+}
+
+inline int special_register_tid_x() { return threadIdx.x; }
+
+// ex2.approx.ftz.f32: a subnormal input counts as zero, a subnormal result becomes +0.
+inline float exp2_approx(float x) {
+  if (std::fpclassify(x) == FP_SUBNORMAL) x = 0.f;
+  const float y = std::exp2(x);
+  return std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;
 }
 
 inline void cp_async_16(void* dst, const void* src, bool valid) {
