@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
     if (threadIdx.x < BM) {
       const int64_t row = (int64_t(b) * s.heads + h) * s.t_q + i0 + threadIdx.x;
       const bool in = i0 + int(threadIdx.x) < s.t_q;
-      lse_buf[buf * BM + threadIdx.x] = in ? a.lse[row] * kLog2e : 0.f;
+      lse_buf[buf * BM + threadIdx.x] = in ? a.lse[row] * kLog2e : INFINITY;  // P = 0 past the end
       delta_buf[buf * BM + threadIdx.x] = in ? a.delta[row] : 0.f;
     }
   };
@@ -87,15 +87,16 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
   cp_async_commit();
 
   float dk[DTILES][4] = {}, dv[DTILES][4] = {};
-  int next_i0 = first_query;  // the first query of tile it
-  for (int it = 0; it < tiles; ++it) {
+  int next_i0 = first_query;  // the first query of the next tile to compute
+
+  // One query tile: S^T, dP^T, P^T and dS^T, then dV += P^T dO and dK += dS^T Q. `masked`: zero
+  // P where a query does not see a key (tiles on the diagonal, and the last of a head).
+  auto step = [&](int it, int i0, auto masked) {
     __syncthreads();  // every warp is done with tile it - 1: its buffer may take tile it + 1
     if (it + 1 < tiles) load_query_tile((it + 1) % 2);
-    cp_async_commit();  // (an empty group after the last tile)
+    cp_async_commit();   // (an empty group after the last tile)
     cp_async_wait<1>();  // tile it (and K, V) have landed
     __syncthreads();
-    const int i0 = next_i0;
-    next_i0 = i0 + BM < s.t_q ? i0 + BM : first_query;
     const T* q_s = q_buf + it % 2 * BM * STRIDE;
     const T* do_s = do_buf + it % 2 * BM * STRIDE;
     const float* lse_s = lse_buf + it % 2 * BM;
@@ -121,16 +122,22 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
       }
     }
 
-    // P^T and dS^T, zero where the query does not see the key.
+    // P^T = 2^(S^T scale log2e - lse') and dS^T = P^T (dP^T - delta). Queries past the end
+    // have lse' = inf, so P = 0 there; masked tiles also zero keys a query does not see.
 #pragma unroll
     for (int nt = 0; nt < QTILES; ++nt) {
+      const float2 lse2 = *reinterpret_cast<const float2*>(&lse_s[nt * 8 + 2 * c]);
+      const float2 delta = *reinterpret_cast<const float2*>(&delta_s[nt * 8 + 2 * c]);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int col = nt * 8 + 2 * c + (e & 1), query = i0 + col, key = key0 + (e >> 1) * 8;
-        const bool visible = query < s.t_q && key < s.t_k && key <= query + offset;
-        const float p = visible ? exp2f(st[nt][e] * scale2 - lse_s[col]) : 0.f;
+        float p = exp2_approx(fmaf(st[nt][e], scale2, -(e & 1 ? lse2.y : lse2.x)));
+        if constexpr (decltype(masked)::value) {
+          // Key key0 + 8 r sees the queries from key - offset on.
+          const int query = i0 + nt * 8 + 2 * c + (e & 1), key = key0 + (e >> 1) * 8;
+          if (key > query + offset || key >= s.t_k) p = 0.f;
+        }
         st[nt][e] = p;
-        dpt[nt][e] = p * (dpt[nt][e] - delta_s[col]);
+        dpt[nt][e] = p * (dpt[nt][e] - (e & 1 ? delta.y : delta.x));
       }
     }
 
@@ -152,6 +159,13 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
         mma_16816<T>(dk[dt + 1], dsa, f[2], f[3]);
       }
     }
+  };
+  // A tile needs no mask when every query in it sees every key of the block and all exist.
+  auto plain = [&](int i0) { return i0 + offset >= n0 + kBlock - 1 && i0 + BM <= s.t_q && n0 + kBlock <= s.t_k; };
+  auto advance = [&](int i0) { return i0 + BM < s.t_q ? i0 + BM : first_query; };  // the next head starts over
+  for (int it = 0; it < tiles;) {
+    for (; it < tiles && !plain(next_i0); ++it, next_i0 = advance(next_i0)) step(it, next_i0, std::true_type{});
+    for (; it < tiles && plain(next_i0); ++it, next_i0 = advance(next_i0)) step(it, next_i0, std::false_type{});
   }
 
 #pragma unroll
@@ -216,7 +230,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
   for (int r = 0; r < 2; ++r) {
     const int query = query0 + r * 8;
     const int64_t row = (int64_t(b) * s.heads + h) * s.t_q + query;
-    lse2[r] = query < s.t_q ? a.lse[row] * kLog2e : 0.f;
+    lse2[r] = query < s.t_q ? a.lse[row] * kLog2e : INFINITY;  // P = 0 past the end
     delta[r] = query < s.t_q ? a.delta[row] : 0.f;
   }
 
@@ -232,7 +246,8 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
   cp_async_commit();
 
   float dq[DTILES][4] = {};
-  for (int j = 0; j < tiles; ++j) {
+  // One key tile: S, dP, dS, then dQ += dS K. `masked`: zero P where a query does not see a key.
+  auto step = [&](int j, auto masked) {
     __syncthreads();  // every warp is done with tile j - 1: its buffer may take tile j + 1
     if (j + 1 < tiles) load_key_tile(j + 1);
     cp_async_commit();
@@ -259,14 +274,19 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
       }
     }
 
-    // dS = P * (dP - delta), zero where the query does not see the key.
+    // dS = P (dP - delta) with P = 2^(S scale log2e - lse'); queries past the end have lse' =
+    // inf (P = 0); masked tiles also zero keys past a query's diagonal or past the end.
 #pragma unroll
     for (int nt = 0; nt < NTILES; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int key = n0 + nt * 8 + 2 * c + (e & 1), r = e >> 1, query = query0 + r * 8;
-        const bool visible = query < s.t_q && key < key_end && key <= query + offset;
-        sc[nt][e] = visible ? exp2f(sc[nt][e] * scale2 - lse2[r]) * (dp[nt][e] - delta[r]) : 0.f;
+        const int r = e >> 1;
+        float p = exp2_approx(fmaf(sc[nt][e], scale2, -lse2[r]));
+        if constexpr (decltype(masked)::value) {
+          const int key = n0 + nt * 8 + 2 * c + (e & 1);
+          if (key >= key_end || key > query0 + r * 8 + offset) p = 0.f;
+        }
+        sc[nt][e] = p * (dp[nt][e] - delta[r]);
       }
     }
 
@@ -283,7 +303,12 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
         mma_16816<T>(dq[dt + 1], dsa, kf[2], kf[3]);
       }
     }
-  }
+  };
+  // Tiles below plain_tiles hold only keys that every query of the block sees.
+  const int plain_tiles = min(key_end, m0 + offset + 1) / BN;
+  int j = 0;
+  for (; j < plain_tiles; ++j) step(j, std::false_type{});
+  for (; j < tiles; ++j) step(j, std::true_type{});
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
