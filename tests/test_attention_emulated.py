@@ -62,6 +62,7 @@ CASES = [
     (2, 4, 2, 1, 1, 64, torch.bfloat16),
     (1, 4, 1, 1, 700, 128, torch.float16),
     (2, 4, 4, 5, 300, 64, torch.bfloat16),
+    (1, 4, 2, 1, 200, 96, torch.bfloat16),  # two rows per block: two warps per row
     (1, 4, 2, 16, 257, 32, torch.float32),
     (1, 2, 1, 40, 90, 64, torch.float32),
     (1, 2, 2, 33, 33, 128, torch.float32),

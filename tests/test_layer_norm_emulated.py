@@ -2,7 +2,8 @@
 (tests/emulator), against the float64 reference with the GPU tests' rule: the kernel's error at
 most twice the reference's in the same precision, plus a small floor, for y, h and every
 gradient. Covers the vectorized and the element-wise paths, fp32 weights next to 16-bit inputs,
-the fused residual add, strided rows, and the two-stage dweight/dbias reduction.
+the fused residual add, strided rows, and the dweight/dbias sums kept per row chunk in the dx
+pass and added in order by a second kernel.
 """
 
 import pytest
@@ -54,7 +55,9 @@ def assert_within_twice_the_reference(got, low, truth):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("rows, channels", [(1, 1), (3, 7), (37, 64), (5, 511), (9, 768), (2, 5000)])
+# Widths from one value to the backward's limit (8192: two vectors per thread at 16 bits, four at
+# 32), and row counts that leave some of a chunk's row lanes idle.
+@pytest.mark.parametrize("rows, channels", [(1, 1), (3, 7), (37, 64), (41, 300), (5, 511), (9, 768), (2, 5000), (3, 8192)])
 def test_emulated_layer_norm_against_float64(emulated, rows, channels, dtype):
     x, _, w, b, dy, _ = make_inputs(rows, channels, dtype)
     got = emulated_run(emulated, x, None, w, b, dy, None)
@@ -86,3 +89,11 @@ def test_the_emulator_gives_each_block_garbage_shared_memory(tmp_path):
     x, _, w, b, dy, _ = make_inputs(37, 64, torch.float32)
     got = emulated_run(mutated, x, None, w, b, dy, None)
     assert not torch.isfinite(got[0]).all()
+
+
+def test_emulated_layer_norm_backward_refuses_rows_wider_than_its_limit(emulated):
+    """Its per-column sums live in registers: a wider row gets a message, not a wrong answer."""
+    x, _, w, b, dy, _ = make_inputs(2, 8193, torch.bfloat16)
+    _, _, mean, rstd = emulated.layer_norm_forward(x, w, b)
+    with pytest.raises(AssertionError, match="C above the kernel's limit"):
+        emulated.layer_norm_backward(dy, x, w, mean, rstd)

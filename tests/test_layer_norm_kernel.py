@@ -8,7 +8,7 @@ for y and for every gradient. Tests marked `cuda` need a GPU and a CUDA build.
 import pytest
 import torch
 
-from scratchformer import ops
+from scratchformer import _extensions, ops
 from scratchformer.ops import reference
 from scratchformer.ops.layer_norm import _fused_reason
 
@@ -81,6 +81,11 @@ def test_what_the_kernel_refuses():
     xb = torch.randn(4, 8).bfloat16()
     assert _fused_reason(xb, torch.ones(8), torch.zeros(8)) is None
     assert "share x's dtype or be float32" in _fused_reason(xb, torch.ones(8).half(), torch.zeros(8).half())
+    if _extensions.layer_norm_max_channels is not None:  # a CUDA build: its backward's limit is known
+        limit = _extensions.layer_norm_max_channels
+        wide = torch.randn(2, limit + 1).bfloat16()
+        assert f"wider than the backward kernel's {limit}" in _fused_reason(wide, torch.ones(limit + 1), torch.zeros(limit + 1))
+        assert _fused_reason(wide[:, :limit], torch.ones(limit), torch.zeros(limit)) is None
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])

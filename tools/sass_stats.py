@@ -83,12 +83,14 @@ def demangle(names: list[str]) -> dict[str, str]:
 
 
 def dynamic_shared_bytes(file: str, kernel: str) -> int:
-    """The dynamic shared memory a launcher requests; mirrors forward_shared_bytes() and
-    dkv_shared_bytes() in attention_fwd.cu and attention_bwd.cu."""
+    """The dynamic shared memory a launcher requests; mirrors forward_shared_bytes(),
+    dkv_shared_bytes() and forward_simt_shared_bytes() in the attention .cu files."""
     m = re.match(r"(dkv|forward)_kernel<(\w+), (\d+)>", kernel)
-    if file not in ("attention_fwd", "attention_bwd") or not m:
+    if file not in ("attention_fwd", "attention_bwd", "attention_simt") or not m:
         return 0
     size, d = (2 if m.group(2) in ("__half", "__nv_bfloat16") else 4), int(m.group(3))
+    if file == "attention_simt":  # forward_simt_shared_bytes() in attention_simt.cu: two K/V tiles of 32 keys
+        return 4 * 32 * (d + 16 // size) * size if m.group(1) == "forward" else 0
     if m.group(1) == "forward":  # forward_shared_bytes() in attention_fwd.cu: Q, K, V tiles of block_n() keys
         return (128 + 2 * {32: 128, 64: 96, 96: 80, 128: 48}[d]) * (d + 8) * size
     inner = 64 if d <= 64 else 32

@@ -62,11 +62,9 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(AttentionForward a
   const int m0 = (gridDim.y - 1 - blockIdx.y) * kBlockM;
   const int b = blockIdx.x / s.heads, h = blockIdx.x % s.heads;
   const int kv_head = h / (s.heads / s.kv_heads);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane / 4, c = lane % 4, mi = lane / 8;  // mi: the ldmatrix matrix this lane addresses
   const int offset = s.t_k - s.t_q;
-  const int query0 = m0 + warp * 32 + g;  // this thread's rows: query0 + 8 r, r < 4 (m tile r / 2, half r % 2)
-  T* q_warp = q_s + warp * 32 * STRIDE;   // each warp reads (and at the end writes) only its own 32 rows
+  // Warp w owns queries m0 + 32 w .. + 31 and reads (and at the end writes) only those rows of
+  // q_s. Lane l's rows: m0 + 32 w + l / 4 + 8 r, r < 4 (m tile r / 2, C fragment half r % 2).
 
   const float scale2 = a.scale * kLog2e;
   const int key_end = min(s.t_k, min(m0 + kBlockM, s.t_q) + offset);  // past the last query's last key
@@ -199,7 +197,7 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(AttentionForward a
   {
     const int lane = special_register_tid_x() % 32, warp = special_register_tid_x() / 32;
     const int g = lane / 4, c = lane % 4;
-    const int m0 = (gridDim.y - 1 - blockIdx.y) * kBlockM, query0 = m0 + warp * 32 + g;
+    const int warp_query0 = (gridDim.y - 1 - blockIdx.y) * kBlockM + warp * 32, query0 = warp_query0 + g;
     T* q_warp = reinterpret_cast<T*>(smem) + warp * 32 * STRIDE;
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
@@ -217,8 +215,8 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(AttentionForward a
     }
     __syncwarp();
     constexpr int ELEMS = 16 / int(sizeof(T)), CHUNKS = D / ELEMS;
-    T* out = static_cast<T*>(a.out) + (int64_t(blockIdx.x) * s.t_q + m0 + warp * 32) * D;  // blockIdx.x = b * heads + h
-    const int rows = min(32, s.t_q - (m0 + warp * 32));
+    T* out = static_cast<T*>(a.out) + (int64_t(blockIdx.x) * s.t_q + warp_query0) * D;  // blockIdx.x = b * heads + h
+    const int rows = min(32, s.t_q - warp_query0);
 #pragma unroll
     for (int i = lane; i < 32 * CHUNKS; i += 32) {
       const int r = i / CHUNKS, chunk = i % CHUNKS;

@@ -69,16 +69,44 @@ __device__ WarpRow warp_row(const AttentionShape& s, const QueryRows& rows) {
   return {b, kv_head, rows.head(kv_head, active ? r : r0), rows.position(active ? r : r0), r0, active};
 }
 
+// The forward's K/V staging: rows of T, 16 bytes of padding each, so that the 16-byte reads of
+// 8 lanes from 8 consecutive rows (one quarter-warp) fall in 8 different bank groups.
+template <typename T, int D>
+__host__ __device__ constexpr int staged_stride() {
+  return D + 16 / int(sizeof(T));
+}
+
+template <typename T, int D>
+__host__ __device__ constexpr int forward_simt_shared_bytes() {  // two buffers of a K and a V tile
+  return 2 * 2 * kTile * staged_stride<T, D>() * int(sizeof(T));
+}
+
+// Forward on CUDA cores: every dtype at decoding time (Tq <= 16), and float32 throughout. The
+// block's rows (up to 4, see QueryRows) share each 32-key tile of K and V, staged in their own
+// dtype by cp.async into two buffers (the next tile loads while this one is used). Every warp
+// computes: with n rows, each row gets 4 / n warps (n rounded up to a power of two), which take
+// 32 n / 4 keys of each tile each; within a warp, lanes split a key's dot product into 4 / n parts
+// (added by shuffles). Each warp keeps its own online softmax (running max, sum and output in
+// the log2 domain); at the end the warps of a row merge theirs through shared memory. In P V
+// lane l owns output dims l D / 32 .. (l + 1) D / 32 - 1: one contiguous read of a V row.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a, int chunk) {
-  constexpr int PER_LANE = D / 32;
-  __shared__ float k_s[kTile][D + 1];
-  __shared__ float v_s[kTile][D + 1];
-  __shared__ float q_s[kWarps][D];
+  constexpr int STRIDE = staged_stride<T, D>(), ELEMS = 16 / int(sizeof(T)), CHUNKS = D / ELEMS, P = D / 32;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* kv_s = reinterpret_cast<T*>(smem);  // [buffer][K, V][kTile][STRIDE]
+  __shared__ __align__(32) float q_s[kWarps][D];
+  __shared__ float merge_m[kWarps], merge_l[kWarps], merge_o[kWarps][D];
   const AttentionShape& s = a.shape;
   const QueryRows rows{s.heads / s.kv_heads, s.t_q};
-  const auto [b, kv_head, h, t, r0, active] = warp_row(s, rows);
+  const int b = blockIdx.y / s.kv_heads, kv_head = blockIdx.y % s.kv_heads;
+  const int r0 = blockIdx.x * kWarps, n_rows = min(kWarps, rows.group * s.t_q - r0);
+  const int per_row = n_rows == 1 ? 4 : n_rows == 2 ? 2 : 1;  // warps per row; also lanes per key
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int my_row = warp / per_row, slot = warp % per_row;
+  const bool active = my_row < n_rows;
+  const int r = r0 + (active ? my_row : 0);
+  const int h = rows.head(kv_head, r), t = rows.position(r);
+  const int key_lane = slot * (kTile / per_row) + lane / per_row, part = lane % per_row;  // the key this lane scores
   const int offset = s.t_k - s.t_q;
   const int key_begin = blockIdx.z * chunk;
   const int key_end = min(min(s.t_k, key_begin + chunk), rows.last_position(r0) + offset + 1);
@@ -87,33 +115,81 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a
   // Scores in log2 units: exp(x) = exp2(x * log2(e)), folded into q once.
   const float scale2 = a.scale * kLog2e;
   const T* q_row = row_ptr<T>(a.q, a.q_stride, b, h, t);
-  for (int d = lane; d < D; d += 32) q_s[warp][d] = active ? to_float(q_row[d]) * scale2 : 0.f;
+  if (slot == 0)
+    for (int d = lane; d < D; d += 32) q_s[my_row % kWarps][d] = active ? to_float(q_row[d]) * scale2 : 0.f;
+  const float* q = q_s[my_row % kWarps];
 
-  float m = -INFINITY, l = 0.f, o[PER_LANE] = {};
-  for (int k0 = key_begin; k0 < key_end; k0 += kTile) {
-    __syncthreads();  // the previous tile is consumed (and q_s written, the first time)
-    stage_rows<T, D>(k_s, a.k, a.k_stride, b, kv_head, k0, key_end);
-    stage_rows<T, D>(v_s, a.v, a.v_stride, b, kv_head, k0, key_end);
+  const T* k_head = row_ptr<T>(a.k, a.k_stride, b, kv_head, 0);
+  const T* v_head = row_ptr<T>(a.v, a.v_stride, b, kv_head, 0);
+  auto stage = [&](int buf, int k0) {  // keys [k0, k0 + kTile) into buffer buf, zeros past key_end
+    T* k_tile = kv_s + buf * 2 * kTile * STRIDE;
+    for (int i = threadIdx.x; i < kTile * CHUNKS; i += kThreads) {
+      const int row = i / CHUNKS, c = i % CHUNKS;
+      const bool valid = k0 + row < key_end;
+      cp_async_16(k_tile + row * STRIDE + c * ELEMS, k_head + (k0 + row) * a.k_stride.time + c * ELEMS, valid);
+      cp_async_16(k_tile + (kTile + row) * STRIDE + c * ELEMS, v_head + (k0 + row) * a.v_stride.time + c * ELEMS, valid);
+    }
+  };
+
+  float m = -INFINITY, l = 0.f, o[P] = {};
+  if (key_begin < key_end) stage(0, key_begin);
+  cp_async_commit();
+  for (int k0 = key_begin, it = 0; k0 < key_end; k0 += kTile, ++it) {
+    __syncthreads();  // every warp is done with the other buffer (and q_s is written, the first time)
+    if (k0 + kTile < key_end) stage((it + 1) % 2, k0 + kTile);
+    cp_async_commit();   // (an empty group after the last tile)
+    cp_async_wait<1>();  // this tile has landed
     __syncthreads();
     if (!active || k0 > last_key) continue;  // warp-uniform
-    float score = -INFINITY;
-    if (k0 + lane <= last_key) {
-      score = 0.f;
-#pragma unroll 8
-      for (int d = 0; d < D; ++d) score += q_s[warp][d] * k_s[lane][d];
+    const T* k_tile = kv_s + it % 2 * 2 * kTile * STRIDE;
+    const T* v_tile = k_tile + kTile * STRIDE;
+
+    // This lane's part of its key's dot product: chunks part, part + per_row, ... of the row.
+    float score = 0.f;
+    for (int c = part; c < CHUNKS; c += per_row) {
+      float kx[ELEMS], qx[ELEMS];
+      load_floats<true, ELEMS>(k_tile + key_lane * STRIDE, c * ELEMS, D, kx);
+      load_floats<true, ELEMS>(q, c * ELEMS, D, qx);
+#pragma unroll
+      for (int e = 0; e < ELEMS; ++e) score += qx[e] * kx[e];
     }
-    const float m_new = fmaxf(m, warp_max(score));  // finite: key k0 is visible
-    const float alpha = exp2f(m - m_new), p = exp2f(score - m_new);
-    l = l * alpha + warp_sum(p);
+    for (int step = 1; step < per_row; step <<= 1) score += __shfl_xor_sync(0xffffffffu, score, step);
+    if (k0 + key_lane > last_key) score = -INFINITY;
+    const float m_new = fmaxf(m, warp_max(score));  // -inf while this warp has seen no visible key
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;
+    const float alpha = exp2f(m - m_use), p = exp2f(score - m_use);
+    l = l * alpha + warp_sum(part == 0 ? p : 0.f);
 #pragma unroll
-    for (int i = 0; i < PER_LANE; ++i) o[i] *= alpha;
-    const int keys = min(kTile, last_key - k0 + 1);
+    for (int i = 0; i < P; ++i) o[i] *= alpha;
+    const int keys = min(kTile / per_row, last_key - k0 - slot * (kTile / per_row) + 1);
     for (int j = 0; j < keys; ++j) {
-      const float pj = __shfl_sync(0xffffffffu, p, j);
+      const float pj = __shfl_sync(0xffffffffu, p, j * per_row);
+      const T* v_row = v_tile + (slot * (kTile / per_row) + j) * STRIDE + lane * P;
 #pragma unroll
-      for (int i = 0; i < PER_LANE; ++i) o[i] += pj * v_s[j][lane + 32 * i];
+      for (int i = 0; i < P; ++i) o[i] += pj * to_float(v_row[i]);
     }
     m = m_new;
+  }
+
+  // Merge the warps of each row: weights 2^(m_w - max m).
+  if (per_row > 1) {
+    if (lane == 0) merge_m[warp] = m, merge_l[warp] = l;
+#pragma unroll
+    for (int i = 0; i < P; ++i) merge_o[warp][lane * P + i] = o[i];
+    __syncthreads();
+    if (slot != 0) return;
+    m = -INFINITY;
+    for (int w = warp; w < warp + per_row; ++w) m = fmaxf(m, merge_m[w]);
+    const float m_use = m == -INFINITY ? 0.f : m;
+    l = 0.f;
+#pragma unroll
+    for (int i = 0; i < P; ++i) o[i] = 0.f;
+    for (int w = warp; w < warp + per_row; ++w) {
+      const float weight = exp2f(merge_m[w] - m_use);
+      l += weight * merge_l[w];
+#pragma unroll
+      for (int i = 0; i < P; ++i) o[i] += weight * merge_o[w][lane * P + i];
+    }
   }
   if (!active) return;
 
@@ -121,15 +197,15 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a
   const float inv = l > 0.f ? 1.f / l : 0.f;  // l == 0: this key range holds no visible key
   const float lse = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
   if (gridDim.z == 1) {
-    T* out = static_cast<T*>(a.out) + row * D;
+    T* out = static_cast<T*>(a.out) + row * D + lane * P;
 #pragma unroll
-    for (int i = 0; i < PER_LANE; ++i) out[lane + 32 * i] = from_float<T>(o[i] * inv);
+    for (int i = 0; i < P; ++i) out[i] = from_float<T>(o[i] * inv);
     if (lane == 0) a.lse[row] = lse;
   } else {
     const int64_t rows_total = int64_t(s.batch) * s.heads * s.t_q;
-    float* out = a.partial_out + (blockIdx.z * rows_total + row) * D;
+    float* out = a.partial_out + (blockIdx.z * rows_total + row) * D + lane * P;
 #pragma unroll
-    for (int i = 0; i < PER_LANE; ++i) out[lane + 32 * i] = o[i] * inv;
+    for (int i = 0; i < P; ++i) out[i] = o[i] * inv;
     if (lane == 0) a.partial_lse[blockIdx.z * rows_total + row] = lse;
   }
 }
@@ -323,7 +399,11 @@ void forward_simt(const AttentionForward& a, cudaStream_t stream) {
   // Whole 32-key tiles per range; splits was chosen so that every range holds keys.
   const int chunk = ((s.t_k + a.splits - 1) / a.splits + kTile - 1) / kTile * kTile;
   const dim3 grid(row_blocks(s), s.batch * s.kv_heads, a.splits);
-  forward_kernel<T, D><<<grid, kThreads, 0, stream>>>(a, chunk);
+  constexpr int bytes = forward_simt_shared_bytes<T, D>();
+  // Above 48 KB of dynamic shared memory a kernel must opt in (float32 at D = 128).
+  if (cudaFuncSetAttribute(forward_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
+    return;  // the launcher's cudaGetLastError reports it
+  forward_kernel<T, D><<<grid, kThreads, bytes, stream>>>(a, chunk);
   if (a.splits > 1) {
     const int64_t rows = int64_t(s.batch) * s.heads * s.t_q;
     combine_kernel<T, D><<<unsigned((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(a);

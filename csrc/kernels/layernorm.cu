@@ -1,7 +1,7 @@
 // layer_norm: y = (h - mean) * rstd * weight + bias over each row of C values, where h = x, or
 // h = x + residual (written out too: pre-norm blocks need both), and its backward.
 //
-// Forward and dx: one thread block per row. The block has 32..1024 threads, about one 16-byte
+// Forward: one thread block per row. The block has 32..1024 threads, about one 16-byte
 // vector (VEC = 8 values of fp16/bf16, 4 of fp32) per thread; a thread takes every blockDim-th
 // vector of the row. Three passes over the row: the sum (mean), the sum of squared deviations
 // from that mean (variance without cancellation), then normalize and write. Passes two and
@@ -9,13 +9,17 @@
 // Statistics and arithmetic are fp32 whatever the storage type. Rows that are not 16-byte
 // aligned, or C not a multiple of VEC, take the same code with element-wise accesses.
 //
-// dweight, dbias: two stages and no atomics, so the result is bitwise identical run to run.
-// Stage 1: blocks of 32 columns x 8 row lanes walk one chunk of rows; each column's 8 partial
-// sums are added in shared memory in a fixed order and written to a [chunks, C] fp32 buffer.
-// Stage 2: one thread per column adds its chunks in order.
+// Backward: dx, and dweight/dbias without atomics, so the result is bitwise identical run to
+// run. A block of 512 threads owns a chunk of consecutive rows: BX threads span a row (V
+// vectors each) and 512 / BX rows are worked on at once. Each thread keeps its columns' sums
+// of dy * xhat and dy in registers over the chunk's rows, while it computes dx from the same
+// loads, so DRAM sees x and dy once and dx once (3n bytes). The block then adds its row
+// lanes' sums in a fixed order into a [chunks, C] fp32 buffer, and a second kernel adds the
+// chunks in order, one thread per column. chunks: two blocks per SM, fixed for a device.
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common.cuh"
 #include "kernels.h"
@@ -23,8 +27,8 @@
 namespace scratchformer {
 namespace {
 
-constexpr int kColumnsPerBlock = 32;  // stage 1 of dweight/dbias
-constexpr int kRowLanes = 8;
+constexpr int kBackwardThreads = 512;
+constexpr int kMaxBackwardC = 8192;  // the widest row whose column sums fit in a thread's registers (no spills)
 
 template <typename T>
 __host__ __device__ constexpr int vec_of() {
@@ -96,85 +100,120 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, int64_t x_stride,
   }
 }
 
-// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * weight, xhat = (x - mean) * rstd;
-// plus grad_h, the gradient that reached h directly (the residual variant's second output).
-template <typename T, typename W, bool ALIGNED, bool GRAD_H>
-__global__ void layer_norm_dx_kernel(const T* __restrict__ dy, const T* __restrict__ x, int64_t x_stride,
-                                     const W* __restrict__ weight, const float* __restrict__ mean_in,
-                                     const float* __restrict__ rstd_in, const T* __restrict__ grad_h,
-                                     T* __restrict__ dx, int C) {
-  constexpr int VEC = vec_of<T>();
-  __shared__ float scratch[32];
-  const int64_t row = blockIdx.x;
-  const T* x_row = x + row * x_stride;
-  const T* dy_row = dy + row * int64_t(C);
-  const float mean = mean_in[row], rstd = rstd_in[row];
-  const int step = blockDim.x * VEC;
-
-  float sum_g = 0.f, sum_gx = 0.f;
-  for (int i = threadIdx.x * VEC; i < C; i += step) {
-    float a[VEC], d[VEC], w[VEC];
-    load_floats<ALIGNED>(x_row, i, C, a);
-    load_floats<ALIGNED>(dy_row, i, C, d);
-    load_floats<ALIGNED>(weight, i, C, w);
+// The row threads' sum: every thread of row lane threadIdx.y gets the total of its BX threads
+// (a whole number of warps, or one part of a warp). `scratch` holds [rows per block][32] floats.
+__device__ __forceinline__ float row_sum(float v, float (*scratch)[32]) {
+  const int bx = blockDim.x, lane = threadIdx.x & 31;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      const float g = d[k] * w[k];  // zero past C: d is zero there
-      sum_g += g;
-      sum_gx += g * (a[k] - mean) * rstd;
-    }
-  }
-  const float mean_g = block_sum(sum_g, scratch) / C;
-  const float mean_gx = block_sum(sum_gx, scratch) / C;
-
-  T* dx_row = dx + row * int64_t(C);
-  for (int i = threadIdx.x * VEC; i < C; i += step) {
-    float a[VEC], d[VEC], w[VEC];
-    load_floats<ALIGNED>(x_row, i, C, a);
-    load_floats<ALIGNED>(dy_row, i, C, d);
-    load_floats<ALIGNED>(weight, i, C, w);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) a[k] = rstd * (d[k] * w[k] - mean_g - (a[k] - mean) * rstd * mean_gx);
-    if constexpr (GRAD_H) {
-      float e[VEC];
-      load_floats<ALIGNED>(grad_h + row * int64_t(C), i, C, e);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) a[k] += e[k];
-    }
-    store_floats<ALIGNED>(dx_row, i, C, a);
-  }
+  for (int offset = 16; offset > 0; offset >>= 1)
+    if (offset < bx) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  if (bx <= 32) return v;
+  __syncthreads();  // the previous call's readers are done with scratch
+  if (lane == 0) scratch[threadIdx.y][threadIdx.x >> 5] = v;
+  __syncthreads();
+  v = 0.f;
+  for (int w = 0; w < bx >> 5; ++w) v += scratch[threadIdx.y][w];  // the same order in every thread
+  return v;
 }
 
-template <typename T>
-__global__ void layer_norm_dwdb_partial_kernel(const T* __restrict__ dy, const T* __restrict__ x, int64_t x_stride,
-                                               const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
-                                               float* __restrict__ partial_w, float* __restrict__ partial_b,
-                                               int64_t rows, int C, int64_t rows_per_chunk) {
-  __shared__ float sw[kRowLanes][kColumnsPerBlock + 1];
-  __shared__ float sb[kRowLanes][kColumnsPerBlock + 1];
-  const int col = blockIdx.x * kColumnsPerBlock + threadIdx.x;
-  const int64_t first = blockIdx.y * rows_per_chunk;
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * weight, xhat = (x - mean) * rstd;
+// plus grad_h, the gradient that reached h directly (the residual variant's second output).
+// Also this chunk's sums of dy * xhat and dy for every column (see the top of this file).
+// A thread's columns: vectors at (threadIdx.x + j * BX) * VEC, j < V (at most MAXV).
+template <typename T, typename W, bool ALIGNED, bool GRAD_H, int MAXV>
+__global__ void __launch_bounds__(kBackwardThreads, 1) layer_norm_bwd_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, int64_t x_stride, const W* __restrict__ weight,
+    const float* __restrict__ mean_in, const float* __restrict__ rstd_in, const T* __restrict__ grad_h,
+    T* __restrict__ dx, float* __restrict__ partial_w, float* __restrict__ partial_b, int64_t rows, int C,
+    int64_t rows_per_chunk) {
+  constexpr int VEC = vec_of<T>();
+  __shared__ float scratch[kBackwardThreads / 32][32];
+  __shared__ float lane_w[kBackwardThreads / 32][32 * VEC], lane_b[kBackwardThreads / 32][32 * VEC];
+  const int bx = blockDim.x;
+  const int64_t first = blockIdx.x * rows_per_chunk;
   const int64_t last = first + rows_per_chunk < rows ? first + rows_per_chunk : rows;
-  float acc_w = 0.f, acc_b = 0.f;
-  if (col < C) {
-    for (int64_t r = first + threadIdx.y; r < last; r += kRowLanes) {
-      const float d = to_float(dy[r * C + col]);
-      acc_w += d * (to_float(x[r * x_stride + col]) - mean_in[r]) * rstd_in[r];
-      acc_b += d;
+  float acc_w[MAXV][VEC] = {}, acc_b[MAXV][VEC] = {};
+
+  // Every row lane takes the same number of turns (some past `last`): row_sum has barriers.
+  for (int64_t r0 = first; r0 < last; r0 += blockDim.y) {
+    const int64_t row = r0 + threadIdx.y;
+    const bool live = row < last;
+    const int64_t at = live ? row : first;  // a row that exists, for the lanes past the end
+    const T* x_row = x + at * x_stride;
+    const T* dy_row = dy + at * int64_t(C);
+    const float mean = mean_in[at], rstd = rstd_in[at];
+    float sum_g = 0.f, sum_gx = 0.f;
+#pragma unroll
+    for (int j = 0; j < MAXV; ++j) {
+      const int i = (threadIdx.x + j * bx) * VEC;
+      if (i >= C) break;
+      float a[VEC], d[VEC], w[VEC];
+      load_floats<ALIGNED>(x_row, i, C, a);
+      load_floats<ALIGNED>(dy_row, i, C, d);
+      load_floats<ALIGNED>(weight, i, C, w);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float xhat = (a[k] - mean) * rstd, g = d[k] * w[k];  // past C: d is zero, nothing is added
+        sum_g += g;
+        sum_gx += g * xhat;
+        if (live) {
+          acc_w[j][k] += d[k] * xhat;
+          acc_b[j][k] += d[k];
+        }
+      }
+    }
+    const float mean_g = row_sum(sum_g, scratch) / C;
+    const float mean_gx = row_sum(sum_gx, scratch) / C;
+    if (!live) continue;
+    T* dx_row = dx + row * int64_t(C);
+    // The second pass re-reads the thread's own vectors: L1 or L2 hits, not DRAM.
+#pragma unroll
+    for (int j = 0; j < MAXV; ++j) {
+      const int i = (threadIdx.x + j * bx) * VEC;
+      if (i >= C) break;
+      float a[VEC], d[VEC], w[VEC], out[VEC];
+      load_floats<ALIGNED>(x_row, i, C, a);
+      load_floats<ALIGNED>(dy_row, i, C, d);
+      load_floats<ALIGNED>(weight, i, C, w);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) out[k] = rstd * (d[k] * w[k] - mean_g - (a[k] - mean) * rstd * mean_gx);
+      if constexpr (GRAD_H) {
+        float e[VEC];
+        load_floats<ALIGNED>(grad_h + row * int64_t(C), i, C, e);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) out[k] += e[k];
+      }
+      store_floats<ALIGNED>(dx_row, i, C, out);
     }
   }
-  sw[threadIdx.y][threadIdx.x] = acc_w;
-  sb[threadIdx.y][threadIdx.x] = acc_b;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < C) {
-    float w = 0.f, b = 0.f;
+
+  // The chunk's column sums: row lanes added in order, 32 columns' vectors at a time.
 #pragma unroll
-    for (int k = 0; k < kRowLanes; ++k) {
-      w += sw[k][threadIdx.x];
-      b += sb[k][threadIdx.x];
+  for (int j = 0; j < MAXV; ++j) {
+    for (int base = j * bx; base < (j + 1) * bx && base * VEC < C; base += 32) {
+      // Threads base..base+31 of each row lane hold vectors base..base+31 of slab j.
+      const bool mine = int(threadIdx.x) + j * bx >= base && int(threadIdx.x) + j * bx < base + 32;
+      __syncthreads();  // the previous round's readers are done
+      if (mine) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          lane_w[threadIdx.y][(threadIdx.x + j * bx - base) * VEC + k] = acc_w[j][k];
+          lane_b[threadIdx.y][(threadIdx.x + j * bx - base) * VEC + k] = acc_b[j][k];
+        }
+      }
+      __syncthreads();
+      for (int e = threadIdx.y * bx + threadIdx.x; e < 32 * VEC; e += bx * blockDim.y) {
+        const int col = base * VEC + e;
+        if (col >= C) continue;
+        float w = 0.f, b = 0.f;
+        for (int y = 0; y < int(blockDim.y); ++y) {
+          w += lane_w[y][e];
+          b += lane_b[y][e];
+        }
+        partial_w[blockIdx.x * int64_t(C) + col] = w;
+        partial_b[blockIdx.x * int64_t(C) + col] = b;
+      }
     }
-    partial_w[blockIdx.y * int64_t(C) + col] = w;
-    partial_b[blockIdx.y * int64_t(C) + col] = b;
   }
 }
 
@@ -231,34 +270,42 @@ const char* forward(const LayerNormForward& a, cudaStream_t stream) {
   return last_error();
 }
 
+// Threads across a row in the backward: a power of two from 32 to 512, about one vector each
+// up to 512; beyond, V vectors each (MAXV the next of 1, 2 (4 for float32) at or above V).
+int backward_row_threads(int C, int vec) { return row_threads(C, vec) < kBackwardThreads ? row_threads(C, vec) : kBackwardThreads; }
+
 template <typename T, typename W>
 const char* backward(const LayerNormBackward& a, cudaStream_t stream) {
   constexpr int VEC = vec_of<T>();
+  if (a.C > kMaxBackwardC) return "layer_norm backward: C above the kernel's limit (layer_norm_backward_max_channels)";
   const bool vec_ok = a.C % VEC == 0 && a.x_stride % VEC == 0 && aligned(a.dy) && aligned(a.x) &&
                       aligned(a.weight, sizeof(W) * VEC) && aligned(a.dx) && (a.grad_h == nullptr || aligned(a.grad_h));
-  const dim3 grid(unsigned(a.rows)), block(row_threads(a.C, VEC));
+  const int bx = backward_row_threads(a.C, VEC), v = (a.C + bx * VEC - 1) / (bx * VEC);
+  const int chunks = layer_norm_backward_chunks(a.rows, a.C);
+  const int64_t rows_per_chunk = (a.rows + chunks - 1) / chunks;
+  const dim3 block(bx, kBackwardThreads / bx);
   auto dy = static_cast<const T*>(a.dy);
   auto x = static_cast<const T*>(a.x);
   auto w = static_cast<const W*>(a.weight);
   auto gh = static_cast<const T*>(a.grad_h);
   auto dx = static_cast<T*>(a.dx);
-#define SCRATCHFORMER_LN_DX(ALIGNED, GRAD_H) \
-  layer_norm_dx_kernel<T, W, ALIGNED, GRAD_H><<<grid, block, 0, stream>>>(dy, x, a.x_stride, w, a.mean, a.rstd, gh, dx, a.C)
-  if (a.grad_h) {
-    if (vec_ok) SCRATCHFORMER_LN_DX(true, true); else SCRATCHFORMER_LN_DX(false, true);
-  } else {
-    if (vec_ok) SCRATCHFORMER_LN_DX(true, false); else SCRATCHFORMER_LN_DX(false, false);
-  }
-#undef SCRATCHFORMER_LN_DX
-  if (const char* err = last_error()) return err;
-
-  const int chunks = layer_norm_backward_chunks(a.rows, a.C);
-  const int64_t rows_per_chunk = (a.rows + chunks - 1) / chunks;
   float* partial_w = a.partial;
   float* partial_b = a.partial + int64_t(chunks) * a.C;
-  const dim3 grid1((a.C + kColumnsPerBlock - 1) / kColumnsPerBlock, chunks), block1(kColumnsPerBlock, kRowLanes);
-  layer_norm_dwdb_partial_kernel<T><<<grid1, block1, 0, stream>>>(dy, x, a.x_stride, a.mean, a.rstd, partial_w,
-                                                                   partial_b, a.rows, a.C, rows_per_chunk);
+  auto launch = [&](auto aligned_, auto grad_h_, auto maxv) {
+    constexpr bool A = decltype(aligned_)::value, G = decltype(grad_h_)::value;
+    constexpr int M = decltype(maxv)::value;
+    layer_norm_bwd_kernel<T, W, A, G, M><<<chunks, block, 0, stream>>>(dy, x, a.x_stride, w, a.mean, a.rstd, gh, dx,
+                                                                        partial_w, partial_b, a.rows, a.C, rows_per_chunk);
+  };
+  auto with_maxv = [&](auto aligned_, auto grad_h_) {
+    if (v <= 1) launch(aligned_, grad_h_, std::integral_constant<int, 1>{});
+    else if (v <= 2 || VEC != 4) launch(aligned_, grad_h_, std::integral_constant<int, 2>{});
+    else if constexpr (VEC == 4) launch(aligned_, grad_h_, std::integral_constant<int, 4>{});  // float32 only
+  };
+  auto with_grad_h = [&](auto aligned_) {
+    if (a.grad_h) with_maxv(aligned_, std::true_type{}); else with_maxv(aligned_, std::false_type{});
+  };
+  if (vec_ok) with_grad_h(std::true_type{}); else with_grad_h(std::false_type{});
   if (const char* err = last_error()) return err;
   layer_norm_dwdb_final_kernel<W><<<(a.C + 255) / 256, 256, 0, stream>>>(
       partial_w, partial_b, chunks, a.C, static_cast<W*>(a.dweight), static_cast<W*>(a.dbias));
@@ -290,13 +337,19 @@ struct Backward {
 }  // namespace
 
 int layer_norm_backward_chunks(int64_t rows, int64_t C) {
-  // Enough blocks to fill a GPU (about 1024 in stage 1), at least 32 rows per chunk.
-  const int64_t col_blocks = (C + kColumnsPerBlock - 1) / kColumnsPerBlock;
-  int64_t chunks = (1024 + col_blocks - 1) / col_blocks;
-  const int64_t by_rows = (rows + 31) / 32;
-  if (chunks > by_rows) chunks = by_rows;
+  // Two blocks of the backward kernel per SM, each over a run of rows (at least one row lane's
+  // worth); fixed for a device, so the order of the sums, and the result, is too.
+  int device = 0, sm_count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    sm_count = 1;
+  const int lanes = kBackwardThreads / backward_row_threads(int(C < kMaxBackwardC ? C : kMaxBackwardC), 8);
+  const int64_t by_rows = (rows + lanes - 1) / lanes;
+  const int64_t chunks = 2LL * sm_count < by_rows ? 2LL * sm_count : by_rows;
   return int(chunks < 1 ? 1 : chunks);
 }
+
+int layer_norm_backward_max_channels() { return kMaxBackwardC; }
 
 const char* launch_layer_norm_forward(const LayerNormForward& args, void* stream) {
   return dispatch<Forward>(args, stream);

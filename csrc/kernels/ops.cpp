@@ -126,6 +126,9 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(Tensor dy, Tensor x, Tensor we
                         t->is_contiguous(),
                     op, ": mean and rstd must be contiguous float32 of shape [rows]");
   }
+  const int max_channels = scratchformer::layer_norm_backward_max_channels();
+  STD_TORCH_CHECK(C <= max_channels, op, ": rows of ", C, " values are wider than the kernel's ", max_channels,
+                  " (its per-column sums live in registers); use backend=\"reference\" for them");
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   Tensor dx = torch::stable::new_empty(x, {rows, C});
   Tensor dweight = torch::stable::new_empty(weight, {C});
@@ -338,6 +341,14 @@ PyObject* ptx_arch(PyObject*, PyObject*) {
 #endif
 }
 
+PyObject* layer_norm_max_channels(PyObject*, PyObject*) {
+#ifdef SCRATCHFORMER_CUDA
+  return PyLong_FromLong(scratchformer::layer_norm_backward_max_channels());
+#else
+  Py_RETURN_NONE;
+#endif
+}
+
 PyObject* cuda_version(PyObject*, PyObject*) {
 #ifdef SCRATCHFORMER_CUDA
   const int v = scratchformer::compiled_cuda_version();
@@ -357,6 +368,8 @@ PyMethodDef methods[] = {
      "Compute capabilities the CUDA kernels were compiled for (e.g. (80, 90)); () without CUDA."},
     {"ptx_arch", ptx_arch, METH_NOARGS,
      "Compute capability whose PTX is embedded (newer GPUs compile it at load time), or 0."},
+    {"layer_norm_max_channels", layer_norm_max_channels, METH_NOARGS,
+     "The widest row the LayerNorm backward kernel takes, or None without CUDA."},
     {"cuda_version", cuda_version, METH_NOARGS,
      "CUDA version the kernels were compiled with, or None without CUDA."},
     {"torch_version", torch_version, METH_NOARGS, "torch version whose headers built this."},
