@@ -84,8 +84,9 @@ def demangle(names: list[str]) -> dict[str, str]:
 
 def dynamic_shared_bytes(file: str, kernel: str) -> int:
     """The dynamic shared memory a launcher requests; mirrors forward_shared_bytes(),
-    dkv_shared_bytes() and forward_simt_shared_bytes() in the attention .cu files."""
-    m = re.match(r"(dkv|forward)_kernel<(\w+), (\d+)>", kernel)
+    dkv_shared_bytes(), dq_shared_bytes() and forward_simt_shared_bytes() in the attention .cu
+    files: keep them in step."""
+    m = re.match(r"(dkv|dq|forward)_kernel<(\w+), (\d+)>", kernel)
     if file not in ("attention_fwd", "attention_bwd", "attention_simt") or not m:
         return 0
     size, d = (2 if m.group(2) in ("__half", "__nv_bfloat16") else 4), int(m.group(3))
@@ -93,6 +94,8 @@ def dynamic_shared_bytes(file: str, kernel: str) -> int:
         return 4 * 32 * (d + 16 // size) * size if m.group(1) == "forward" else 0
     if m.group(1) == "forward":  # forward_shared_bytes() in attention_fwd.cu: Q, K, V tiles of block_n() keys
         return (128 + 2 * {32: 128, 64: 96, 96: 80, 128: 48}[d]) * (d + 8) * size
+    if m.group(1) == "dq":  # dq_shared_bytes(): Q and dO (two row tiles per warp, D <= 96), two K/V buffers
+        return ((2 * 128 if d <= 96 else 0) + 4 * 32) * (d + 8) * size
     inner = 64 if d <= 64 else 32
     return (2 * 64 + 4 * inner) * (d + 8) * size + 4 * inner * 4
 

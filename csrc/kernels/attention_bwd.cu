@@ -195,112 +195,151 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
   }
 }
 
+// dq's 16-row tiles per warp: 2 (every K and V fragment feeds two products; Q and dO re-read
+// from shared memory, 32-key tiles) where Q, dO and two K/V buffers leave room for two blocks
+// per SM on an A100; 1 at D = 128 (Q and dO in registers, 32-key tiles).
+template <int D>
+__host__ __device__ constexpr int dq_row_tiles() {
+  return D <= 96 ? 2 : 1;
+}
+
+template <typename T, int D>
+__host__ __device__ constexpr int dq_shared_bytes() {  // [Q, dO when held there] and two buffers of (K, V)
+  return ((dq_row_tiles<D>() == 2 ? 2 * 128 : 0) + 4 * 32) * (D + 8) * int(sizeof(T));
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
-  constexpr int BN = inner_tile<D>();
+  constexpr int MT = dq_row_tiles<D>(), BM = 4 * 16 * MT, BN = 32;
   constexpr int STRIDE = D + 8, KSLABS = D / 16, DTILES = D / 8, NTILES = BN / 8;
-  static_assert(4 * BN >= 2 * kBlock, "the Q and dO tiles are staged through the K/V buffers");
-  // Two buffers of (K tile, V tile): tile j + 1 loads while tile j is computed.
-  __shared__ __align__(16) T kv_s[4 * BN * STRIDE];
+  constexpr bool FRAGS_IN_SMEM = MT == 2;  // Q and dO: re-read from shared memory each tile, or held in registers
+  static_assert(FRAGS_IN_SMEM || 4 * BN >= 2 * BM, "the Q and dO tiles are staged through the K/V buffers");
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* qdo_s = reinterpret_cast<T*>(smem);                      // [Q, dO][BM][STRIDE] (FRAGS_IN_SMEM)
+  T* kv_s = qdo_s + (FRAGS_IN_SMEM ? 2 * BM * STRIDE : 0);    // [2][K, V][BN][STRIDE]: tile j + 1 loads while j is used
 
   const AttentionShape& s = a.shape;
-  const int m0 = (gridDim.y - 1 - blockIdx.y) * kBlock;  // longest rows first, over the whole grid
+  const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;  // longest rows first, over the whole grid
   const int b = blockIdx.x / s.heads, h = blockIdx.x % s.heads;
   const int kv_head = h / (s.heads / s.kv_heads);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4, mi = lane / 8;
   const int offset = s.t_k - s.t_q;
-  const int query0 = m0 + warp * 16 + g;  // this thread's rows: query0 and query0 + 8
+  const int query0 = m0 + warp * 16 * MT + g;  // this thread's rows: query0 + 8 r, r < 2 MT (m tile r / 2)
   const float scale2 = a.scale * kLog2e;
 
-  load_tile_async<T, kBlock, D, STRIDE, kThreads>(kv_s, a.q, a.q_stride, b, h, m0, s.t_q);
-  load_tile_async<T, kBlock, D, STRIDE, kThreads>(kv_s + kBlock * STRIDE, a.dout, a.dout_stride, b, h, m0, s.t_q);
+  T* q_s = FRAGS_IN_SMEM ? qdo_s : kv_s;
+  T* do_s = q_s + BM * STRIDE;
+  load_tile_async<T, BM, D, STRIDE, kThreads>(q_s, a.q, a.q_stride, b, h, m0, s.t_q);
+  load_tile_async<T, BM, D, STRIDE, kThreads>(do_s, a.dout, a.dout_stride, b, h, m0, s.t_q);
   cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
-  uint32_t q_frag[KSLABS][4], do_frag[KSLABS][4];
+  // Q and dO as A fragments: this lane's ldmatrix row of m tile mt, slab kk.
+  auto a_row = [&](int mt, int kk) { return (warp * 16 * MT + mt * 16 + lane % 16) * STRIDE + kk * 16 + (lane / 16) * 8; };
+  uint32_t q_frag[FRAGS_IN_SMEM ? 1 : KSLABS][4], do_frag[FRAGS_IN_SMEM ? 1 : KSLABS][4];
+  if constexpr (!FRAGS_IN_SMEM) {
+    cp_async_wait<0>();
+    __syncthreads();
 #pragma unroll
-  for (int kk = 0; kk < KSLABS; ++kk) {
-    const int row = (warp * 16 + lane % 16) * STRIDE + kk * 16 + (lane / 16) * 8;
-    ldmatrix_x4(q_frag[kk], &kv_s[row]);
-    ldmatrix_x4(do_frag[kk], &kv_s[kBlock * STRIDE + row]);
+    for (int kk = 0; kk < KSLABS; ++kk) {
+      ldmatrix_x4(q_frag[kk], &q_s[a_row(0, kk)]);
+      ldmatrix_x4(do_frag[kk], &do_s[a_row(0, kk)]);
+    }
+    __syncthreads();  // every warp has its Q and dO fragments: the buffers may take K and V
   }
-  float lse2[2], delta[2];
+  float lse2[2 * MT], delta[2 * MT];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
+  for (int r = 0; r < 2 * MT; ++r) {
     const int query = query0 + r * 8;
     const int64_t row = (int64_t(b) * s.heads + h) * s.t_q + query;
     lse2[r] = query < s.t_q ? a.lse[row] * kLog2e : INFINITY;  // P = 0 past the end
     delta[r] = query < s.t_q ? a.delta[row] : 0.f;
   }
 
-  const int key_end = min(s.t_k, min(m0 + kBlock, s.t_q) + offset);
+  const int key_end = min(s.t_k, min(m0 + BM, s.t_q) + offset);
   const int tiles = (key_end + BN - 1) / BN;
   auto load_key_tile = [&](int j) {
     T* k_tile = kv_s + j % 2 * 2 * BN * STRIDE;
     load_tile_async<T, BN, D, STRIDE, kThreads>(k_tile, a.k, a.k_stride, b, kv_head, j * BN, key_end);
     load_tile_async<T, BN, D, STRIDE, kThreads>(k_tile + BN * STRIDE, a.v, a.v_stride, b, kv_head, j * BN, key_end);
   };
-  __syncthreads();  // every warp has its Q and dO fragments: the buffers may take K and V
   load_key_tile(0);
   cp_async_commit();
 
-  float dq[DTILES][4] = {};
+  float dq[MT][DTILES][4] = {};
   // One key tile: S, dP, dS, then dQ += dS K. `masked`: zero P where a query does not see a key.
   auto step = [&](int j, auto masked) {
     __syncthreads();  // every warp is done with tile j - 1: its buffer may take tile j + 1
     if (j + 1 < tiles) load_key_tile(j + 1);
     cp_async_commit();
-    cp_async_wait<1>();  // tile j has landed
+    cp_async_wait<1>();  // tile j (and Q, dO) have landed
     __syncthreads();
     const int n0 = j * BN;
     const T* k_s = kv_s + j % 2 * 2 * BN * STRIDE;
     const T* v_s = k_s + BN * STRIDE;
 
-    // S = Q K^T and dP = dO V^T: 16 queries x BN keys per warp.
-    float sc[NTILES][4] = {}, dp[NTILES][4] = {};
+    // S = Q K^T and dP = dO V^T: 16 MT queries x BN keys per warp.
+    float sc[MT][NTILES][4] = {}, dp[MT][NTILES][4] = {};
 #pragma unroll
     for (int kk = 0; kk < KSLABS; ++kk) {
+      uint32_t qf[MT][4], df[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        if constexpr (FRAGS_IN_SMEM) {
+          ldmatrix_x4(qf[mt], &q_s[a_row(mt, kk)]);
+          ldmatrix_x4(df[mt], &do_s[a_row(mt, kk)]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) qf[mt][i] = q_frag[kk][i], df[mt][i] = do_frag[kk][i];
+        }
+      }
 #pragma unroll
       for (int nt = 0; nt < NTILES; nt += 2) {
         const int row = ((nt + mi / 2) * 8 + lane % 8) * STRIDE + kk * 16 + (mi % 2) * 8;
         uint32_t kf[4], vf[4];
         ldmatrix_x4(kf, &k_s[row]);
         ldmatrix_x4(vf, &v_s[row]);
-        mma_16816<T>(sc[nt], q_frag[kk], kf[0], kf[1]);
-        mma_16816<T>(sc[nt + 1], q_frag[kk], kf[2], kf[3]);
-        mma_16816<T>(dp[nt], do_frag[kk], vf[0], vf[1]);
-        mma_16816<T>(dp[nt + 1], do_frag[kk], vf[2], vf[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16816<T>(sc[mt][nt], qf[mt], kf[0], kf[1]);
+          mma_16816<T>(sc[mt][nt + 1], qf[mt], kf[2], kf[3]);
+          mma_16816<T>(dp[mt][nt], df[mt], vf[0], vf[1]);
+          mma_16816<T>(dp[mt][nt + 1], df[mt], vf[2], vf[3]);
+        }
       }
     }
 
     // dS = P (dP - delta) with P = 2^(S scale log2e - lse'); queries past the end have lse' =
     // inf (P = 0); masked tiles also zero keys past a query's diagonal or past the end.
 #pragma unroll
-    for (int nt = 0; nt < NTILES; ++nt) {
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        float p = exp2_approx(fmaf(sc[nt][e], scale2, -lse2[r]));
-        if constexpr (decltype(masked)::value) {
-          const int key = n0 + nt * 8 + 2 * c + (e & 1);
-          if (key >= key_end || key > query0 + r * 8 + offset) p = 0.f;
+      for (int nt = 0; nt < NTILES; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = 2 * mt + (e >> 1);
+          float p = exp2_approx(fmaf(sc[mt][nt][e], scale2, -lse2[r]));
+          if constexpr (decltype(masked)::value) {
+            const int key = n0 + nt * 8 + 2 * c + (e & 1);
+            if (key >= key_end || key > query0 + r * 8 + offset) p = 0.f;
+          }
+          sc[mt][nt][e] = p * (dp[mt][nt][e] - delta[r]);
         }
-        sc[nt][e] = p * (dp[nt][e] - delta[r]);
-      }
-    }
 
     // dQ += dS K.
 #pragma unroll
     for (int ks = 0; ks < BN / 16; ++ks) {
-      uint32_t dsa[4];
-      c_to_a<T>(dsa, sc[2 * ks], sc[2 * ks + 1]);
+      uint32_t dsa[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) c_to_a<T>(dsa[mt], sc[mt][2 * ks], sc[mt][2 * ks + 1]);
 #pragma unroll
       for (int dt = 0; dt < DTILES; dt += 2) {
         uint32_t kf[4];
         ldmatrix_x4_trans(kf, &k_s[(ks * 16 + (mi % 2) * 8 + lane % 8) * STRIDE + (dt + mi / 2) * 8]);
-        mma_16816<T>(dq[dt], dsa, kf[0], kf[1]);
-        mma_16816<T>(dq[dt + 1], dsa, kf[2], kf[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16816<T>(dq[mt][dt], dsa[mt], kf[0], kf[1]);
+          mma_16816<T>(dq[mt][dt + 1], dsa[mt], kf[2], kf[3]);
+        }
       }
     }
   };
@@ -311,13 +350,14 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
   for (; j < tiles; ++j) step(j, std::true_type{});
 
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
+  for (int r = 0; r < 2 * MT; ++r) {
     const int query = query0 + r * 8;
     if (query >= s.t_q) continue;
     T* out = static_cast<T*>(a.dq) + ((int64_t(b) * s.heads + h) * s.t_q + query) * D;
 #pragma unroll
     for (int dt = 0; dt < DTILES; ++dt)
-      *reinterpret_cast<uint32_t*>(out + dt * 8 + 2 * c) = pack2<T>(dq[dt][2 * r] * a.scale, dq[dt][2 * r + 1] * a.scale);
+      *reinterpret_cast<uint32_t*>(out + dt * 8 + 2 * c) =
+          pack2<T>(dq[r / 2][dt][2 * (r % 2)] * a.scale, dq[r / 2][dt][2 * (r % 2) + 1] * a.scale);
   }
 }
 
@@ -367,7 +407,10 @@ cudaError_t backward_tensor_cores(const AttentionBackward& a, cudaStream_t strea
     dkv_reduce_kernel<T><<<blocks, 256, 0, stream>>>(a.dkv_partial, a.dkv_splits, n, a.scale, static_cast<T*>(a.dk),
                                                       static_cast<T*>(a.dv));
   }
-  dq_kernel<T, D><<<dim3(s.batch * s.heads, (s.t_q + kBlock - 1) / kBlock), kThreads, 0, stream>>>(a);
+  constexpr int dq_bytes = dq_shared_bytes<T, D>(), dq_rows = 4 * 16 * dq_row_tiles<D>();
+  const cudaError_t dq_err = cudaFuncSetAttribute(dq_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, dq_bytes);
+  if (dq_err != cudaSuccess) return dq_err;
+  dq_kernel<T, D><<<dim3(s.batch * s.heads, (s.t_q + dq_rows - 1) / dq_rows), kThreads, dq_bytes, stream>>>(a);
   return cudaSuccess;
 }
 
