@@ -64,8 +64,8 @@ def test_the_forward_kernels_loop_holds_the_tiles_tensor_core_work():
     rows = sass_stats.profile(sass_stats.default_library(), ["sm_90"], r"^attention_fwd:forward_kernel<__nv_bfloat16")
     loops = {r["kernel"]: r["loop"] for r in rows}
     assert len(loops) == 4
-    for d in (32, 64, 96, 128):
-        # Per warp and 64-key tile: S = Q K^T is (64 / 8) n-tiles x (D / 16) k-slabs of m16n8k16,
-        # O += P V is (D / 8) n-tiles x (64 / 16) k-slabs: D / 2 + D / 2 HMMA.
-        assert loops[f"forward_kernel<__nv_bfloat16, {d}>"].hmma == d
+    for d, n in ((32, 128), (64, 96), (96, 80), (128, 48)):  # block_n() in attention_fwd.cu
+        # Per warp (two 16-row m tiles) and n-key tile: S = Q K^T is 2 x (n / 8) n-tiles x (D / 16)
+        # k-slabs of m16n8k16, O += P V is 2 x (D / 8) n-tiles x (n / 16) k-slabs: n D / 32 HMMA.
+        assert loops[f"forward_kernel<__nv_bfloat16, {d}>"].hmma == n * d // 32
     assert all(r["local"] == 0 and r["warps"] >= 8 for r in rows)
