@@ -49,6 +49,28 @@ CEILINGS = {
 }
 
 
+# Ceilings not met yet, each with why: (kernel pattern, the ceiling's word in the message, reason).
+# --check reports these and fails on any other passed ceiling, and on an entry here that no
+# longer matches anything (delete it: the ceiling is met).
+KNOWN = [
+    (r"^dkv_kernel<", "ldmatrix", "16 keys per warp: each Q/dO fragment feeds two products (0.5 at best); "
+     "FlashAttention-2's split of D across warps, with P and dS through shared memory, is not done yet"),
+    (r"^dq_kernel<\w+, 128>", "ldmatrix", "16 queries per warp at D = 128: two 16-row tiles need Q and dO in shared "
+     "memory, which leaves one block (4 warps) per A100 SM"),
+    (r"<\w+, 32>$", "instructions", "D = 32: one score per HMMA, and each score costs about 4.5 instructions "
+     "(FFMA, MUFU, FMNMX, FADD, half an F2FP) besides the HMMA: the floor is above the ceiling"),
+]
+
+
+def known(violation: str) -> str | None:
+    """The reason a passed ceiling is known, or None."""
+    kernel = violation.split(" on sm_")[0]
+    for pattern, word, reason in KNOWN:
+        if re.search(pattern, kernel) and word in violation:
+            return reason
+    return None
+
+
 def find_tool(name: str) -> str:
     """cuobjdump / nvdisasm: the registry package's, triton's, then PATH's."""
     for root in map(Path, sys.path):
@@ -277,14 +299,22 @@ def main() -> None:
     parser.add_argument("--lib", help="the kernels library (default: the installed scratchformer's)")
     parser.add_argument("--arch", default="sm_80,sm_90", help="architectures, comma-separated (default sm_80,sm_90)")
     parser.add_argument("--filter", help="only kernels whose FILE:NAME matches this regular expression, e.g. attention_fwd:")
-    parser.add_argument("--check", action="store_true", help="exit 1 when a kernel passes a ceiling")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 when a kernel passes a ceiling not listed in KNOWN (or a KNOWN entry matches nothing)")
     args = parser.parse_args()
     rows = profile(args.lib or default_library(), args.arch.split(","), args.filter)
     print(table(rows))
     if args.check:
         found = violations(rows)
-        print(f"\n{len(found)} ceilings passed" + "".join(f"\n  {v}" for v in found))
-        sys.exit(1 if found else 0)
+        new = [v for v in found if known(v) is None]
+        stale = [p for p, word, _ in KNOWN if not any(re.search(p, v.split(" on sm_")[0]) and word in v for v in found)]
+        print(f"\n{len(found) - len(new)} ceilings passed, known (sass_stats.KNOWN):")
+        for pattern, word, reason in KNOWN:
+            print(f"  {pattern} {word}: {reason}")
+        print(f"{len(new)} not known" + "".join(f"\n  {v}" for v in new))
+        if stale and not args.filter:
+            print("KNOWN entries that match nothing (the ceiling is met: delete them): " + ", ".join(stale))
+        sys.exit(1 if new or (stale and not args.filter) else 0)
 
 
 if __name__ == "__main__":

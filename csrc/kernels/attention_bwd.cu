@@ -9,12 +9,14 @@
 //   rows of every product). It walks 64- (D <= 64) or 32-query tiles of each query head of the
 //   kv group, from the first query that sees its first key (double-buffered: the next tile
 //   loads during this one), computing S^T = K Q^T and dP^T = V dO^T, then dV += P^T dO and
-//   dK += dS^T Q; the group's sum is in its accumulators. When batch * kv heads * key tiles
+//   dK += dS^T Q; the group's sum is in its accumulators. Only tiles on the causal diagonal (and
+//   a head's last, partial one) run the masking code. When batch * kv heads * key tiles
 //   would not fill the GPU (MQA at batch 1), blockIdx.z shares the group's heads out among
 //   dkv_splits blocks, and dkv_reduce_kernel adds their fp32 sums in a fixed order.
-// - dq_kernel: a block owns 64 queries of one head (Q and dO tiles in registers as A
-//   fragments) and walks 64- or 32-key tiles up to its last visible key (double-buffered):
-//   S = Q K^T, dP = dO V^T, dQ += dS K.
+// - dq_kernel: a block owns 128 queries of one head, 32 per warp (Q and dO re-read from shared
+//   memory as A fragments; at D = 128, 64 queries, 16 per warp, Q and dO held in registers) and
+//   walks 32-key tiles up to its last visible key (double-buffered): S = Q K^T, dP = dO V^T,
+//   dQ += dS K; masking only on the diagonal tiles.
 // Shared tiles are padded as in the forward; fragment layouts are in attention.cuh.
 #include <cuda_runtime.h>
 

@@ -4,10 +4,11 @@
 // warp (two 16-row mma tiles, so every K and V fragment read from shared memory feeds two
 // products). Two blocks share an SM, so one block's softmax overlaps the other's tensor work.
 // Each K/V tile read from L2 serves 128 queries: with 64 the loads, at about 32 FLOP per byte,
-// would bound the speed before the tensor cores. The block walks 64-key tiles of K and V
-// (cp.async into padded shared memory: 8 ldmatrix rows then fall in distinct banks) up to the
-// last key its last query sees, so causal masking halves the work. Per tile and warp:
-//   S = Q K^T            mma.sync m16n8k16, fp32 accumulators (32 x 64 scores); Q is re-read
+// would bound the speed before the tensor cores. The block walks N-key tiles of K and V (N from
+// block_n(): as many as fit in registers beside the output; cp.async into padded shared memory:
+// 8 ldmatrix rows then fall in distinct banks) up to the last key its last query sees, so
+// causal masking halves the work. Per tile and warp:
+//   S = Q K^T            mma.sync m16n8k16, fp32 accumulators (32 x N scores); Q is re-read
 //                        from shared memory (in registers it would not leave room for O at D 128)
 //   online softmax       running row max m (of the raw scores) and sum l in fp32; exponentials
 //                        in base 2 with the scale folded in: p = 2^(s * scale log2e - m')

@@ -86,7 +86,7 @@ __host__ __device__ constexpr int forward_simt_shared_bytes() {  // two buffers 
 // dtype by cp.async into two buffers (the next tile loads while this one is used). Every warp
 // computes: with n rows, each row gets 4 / n warps (n rounded up to a power of two), which take
 // 32 n / 4 keys of each tile each; within a warp, lanes split a key's dot product into 4 / n parts
-// (added by shuffles). Each warp keeps its own online softmax (running max, sum and output in
+// (added by shuffles), the lanes of a quarter-warp always on 8 different keys (distinct banks). Each warp keeps its own online softmax (running max, sum and output in
 // the log2 domain); at the end the warps of a row merge theirs through shared memory. In P V
 // lane l owns output dims l D / 32 .. (l + 1) D / 32 - 1: one contiguous read of a V row.
 template <typename T, int D>
@@ -106,7 +106,10 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a
   const bool active = my_row < n_rows;
   const int r = r0 + (active ? my_row : 0);
   const int h = rows.head(kv_head, r), t = rows.position(r);
-  const int key_lane = slot * (kTile / per_row) + lane / per_row, part = lane % per_row;  // the key this lane scores
+  // Lane l scores key l % (32 / per_row) of its warp's share, part l / (32 / per_row) of the dot
+  // product: the 8 lanes of a quarter-warp read 8 different rows (distinct banks).
+  const int keys_per_warp = kTile / per_row, key_lane = slot * keys_per_warp + lane % keys_per_warp;
+  const int part = lane / keys_per_warp;
   const int offset = s.t_k - s.t_q;
   const int key_begin = blockIdx.z * chunk;
   const int key_end = min(min(s.t_k, key_begin + chunk), rows.last_position(r0) + offset + 1);
@@ -153,7 +156,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a
 #pragma unroll
       for (int e = 0; e < ELEMS; ++e) score += qx[e] * kx[e];
     }
-    for (int step = 1; step < per_row; step <<= 1) score += __shfl_xor_sync(0xffffffffu, score, step);
+    for (int step = keys_per_warp; step < 32; step <<= 1) score += __shfl_xor_sync(0xffffffffu, score, step);
     if (k0 + key_lane > last_key) score = -INFINITY;
     const float m_new = fmaxf(m, warp_max(score));  // -inf while this warp has seen no visible key
     const float m_use = m_new == -INFINITY ? 0.f : m_new;
@@ -161,10 +164,10 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a
     l = l * alpha + warp_sum(part == 0 ? p : 0.f);
 #pragma unroll
     for (int i = 0; i < P; ++i) o[i] *= alpha;
-    const int keys = min(kTile / per_row, last_key - k0 - slot * (kTile / per_row) + 1);
+    const int keys = min(keys_per_warp, last_key - k0 - slot * keys_per_warp + 1);
     for (int j = 0; j < keys; ++j) {
-      const float pj = __shfl_sync(0xffffffffu, p, j * per_row);
-      const T* v_row = v_tile + (slot * (kTile / per_row) + j) * STRIDE + lane * P;
+      const float pj = __shfl_sync(0xffffffffu, p, j);
+      const T* v_row = v_tile + (slot * keys_per_warp + j) * STRIDE + lane * P;
 #pragma unroll
       for (int i = 0; i < P; ++i) o[i] += pj * to_float(v_row[i]);
     }
