@@ -14,8 +14,8 @@
 //                        in base 2 with the scale folded in: p = 2^(s * scale log2e - m')
 //   O = O * alpha + P V  P goes from C to A fragments in registers (see attention.cuh)
 // V(j) loads while S(j) is computed, K(j+1) while softmax(j) and P(j) V(j) run: two barriers
-// per tile. Tiles that cross the causal diagonal or the end of the keys (at most three) run a
-// masked copy of the loop body; the others carry no masking code. The output is normalised by l
+// per tile. Tiles that cross the causal diagonal or the end of the keys (a few: up to four at
+// D = 128) run a masked copy of the loop body; the others carry no masking code. The output is normalised by l
 // and written once through shared memory (whole rows, 16 bytes a thread); the log-sum-exp
 // m + log(l) is kept for the backward. Blocks run longest-first (the last queries of every
 // head first) so the tail of the grid is short.

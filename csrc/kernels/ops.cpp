@@ -208,6 +208,8 @@ scratchformer::AttentionShape attention_shape(const char* op, const Tensor& q, c
 
 std::tuple<Tensor, Tensor> attention_fwd(Tensor q, Tensor k, Tensor v, double scale) {
   const char* op = "scratchformer::attention_fwd";
+  // The forward takes each row's max of the raw scores and scales after it: right for scale > 0.
+  STD_TORCH_CHECK(scale > 0, op, ": scale must be positive, got ", scale, "; use backend=\"reference\" for others");
   const auto shape = attention_shape(op, q, k, v);
   q = kernel_layout(q);
   k = kernel_layout(k);

@@ -73,12 +73,17 @@ __device__ __forceinline__ float exp2_approx(float x) {
 
 // ---- asynchronous copies ------------------------------------------------------------------
 
-// 16 bytes global -> shared without passing through registers; zero-filled when !valid. The
-// source size 0 compiles to the ignore-src form (LDGSTS with its ignore predicate), whose source
-// the ISA says is "ignored completely": it may then be any address, past the tensor's end too.
+// 16 bytes global -> shared without passing through registers; zero-filled when !valid, through
+// the ignore-src predicate, whose source the PTX ISA says is "ignored completely": it may then
+// be any address, past the tensor's end too.
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(valid ? 16 : 0));
+  asm volatile(
+      "{\n"
+      "  .reg .pred ignore;\n"
+      "  setp.eq.u32 ignore, %2, 0;\n"
+      "  cp.async.cg.shared.global [%0], [%1], 16, ignore;\n"
+      "}\n" ::"r"(smem_addr(dst)),
+      "l"(src), "r"(int(valid)));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int PENDING>

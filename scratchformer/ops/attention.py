@@ -46,8 +46,10 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
 
 
-def _fused_reason(q: torch.Tensor) -> str | None:
+def _fused_reason(q: torch.Tensor, scale: float | None = None) -> str | None:
     """Why the kernel cannot take these inputs, or None."""
+    if scale is not None and not scale > 0:
+        return f"the kernel takes a positive scale (it scales the scores after their row max), not {scale}"
     if q.dtype not in FUSED_DTYPES:
         return f"the kernel takes float32, float16 or bfloat16, not {q.dtype}"
     if q.shape[-1] not in FUSED_HEAD_DIMS:
@@ -82,7 +84,7 @@ def causal_attention(
     `backend` picks the implementation for this call (default: `get_backend()`).
     """
     _check_inputs(q, k, v)
-    which = choose("causal_attention", backend, (q, k, v), lambda: _fused_reason(q), (q.dtype, q.shape[-1]))
+    which = choose("causal_attention", backend, (q, k, v), lambda: _fused_reason(q, scale), (q.dtype, q.shape[-1]))
     if which == "fused":
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         return torch.ops.scratchformer.attention_fwd(q, k, v, scale)[0]
