@@ -7,7 +7,8 @@ The tests run a chosen sample of shapes; this walks the full grid the kernels su
 float16 and bfloat16, head sizes 32/64/96/128, MHA, GQA and MQA, and lengths on and off the tile
 multiples for each path (decoding with up to 16 queries, prefill, Tq < Tk), forward and backward,
 with the tests' rule (error at most twice the reference's in the same precision, plus a small
-floor). Prints one line per case and a summary; exits 1 if any case fails.
+floor). Prints one line per case (with its error over the bound) and a summary with the worst
+ratio per dtype; exits 1 if any case fails.
 """
 
 from __future__ import annotations
@@ -38,20 +39,25 @@ def main() -> int:
     dims = [int(d) for d in args.dims.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         kernels = EmulatedKernels(build(Path(tmp)))
-        failures, cases = [], list(itertools.product(dtypes, dims, HEADS, LENGTHS))
+        failures, worst, cases = [], {}, list(itertools.product(dtypes, dims, HEADS, LENGTHS))
         start = time.time()
         for i, (dtype, dim, (heads, kv_heads), (t_q, t_k)) in enumerate(cases, 1):
             name = f"{str(dtype).removeprefix('torch.')} D={dim} H={heads}/{kv_heads} Tq={t_q} Tk={t_k}"
             q, k, v, dout = make_inputs(2, heads, kv_heads, t_q, t_k, dim, dtype)
             try:
                 got, _ = emulated_run(kernels, q, k, v, dout)
-                assert_within_twice_the_reference(got, reference_run(q, k, v, dout, dtype), reference_run(q, k, v, dout, torch.float64))
-                verdict = "ok"
+                ratio, output = assert_within_twice_the_reference(
+                    got, reference_run(q, k, v, dout, dtype), reference_run(q, k, v, dout, torch.float64))
+                verdict = f"ok (error / bound {ratio:.2f}, {output})"
+                key = str(dtype).removeprefix("torch.")
+                worst[key] = max(worst.get(key, (0.0, "")), (ratio, f"{output} at {name}"))
             except AssertionError as e:
                 verdict = f"FAIL: {e}"
                 failures.append(name)
             print(f"[{i}/{len(cases)}] {name}: {verdict}", flush=True)
     print(f"\n{len(cases) - len(failures)} of {len(cases)} cases within twice the reference's error ({time.time() - start:.0f} s)")
+    for key, (ratio, where) in worst.items():
+        print(f"  {key}: worst error / bound {ratio:.2f} ({where}; the bound is 2 x the reference's error + a floor)")
     for name in failures:
         print(f"  failed: {name}")
     return 1 if failures else 0
