@@ -126,12 +126,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a
   const T* v_head = row_ptr<T>(a.v, a.v_stride, b, kv_head, 0);
   auto stage = [&](int buf, int k0) {  // keys [k0, k0 + kTile) into buffer buf, zeros past key_end
     T* k_tile = kv_s + buf * 2 * kTile * STRIDE;
-    for (int i = threadIdx.x; i < kTile * CHUNKS; i += kThreads) {
-      const int row = i / CHUNKS, c = i % CHUNKS;
-      const bool valid = k0 + row < key_end;
-      cp_async_16(k_tile + row * STRIDE + c * ELEMS, k_head + (k0 + row) * a.k_stride.time + c * ELEMS, valid);
-      cp_async_16(k_tile + (kTile + row) * STRIDE + c * ELEMS, v_head + (k0 + row) * a.v_stride.time + c * ELEMS, valid);
-    }
+    load_rows_async<T, kTile, D, STRIDE, kThreads>(k_tile, k_head, a.k_stride.time, k0, key_end);
+    load_rows_async<T, kTile, D, STRIDE, kThreads>(k_tile + kTile * STRIDE, v_head, a.v_stride.time, k0, key_end);
   };
 
   float m = -INFINITY, l = 0.f, o[P] = {};
