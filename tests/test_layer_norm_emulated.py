@@ -84,8 +84,8 @@ def test_the_emulator_gives_each_block_garbage_shared_memory(tmp_path):
     whatever is there (NaN), and fails."""
     from emulated_kernels import EmulatedKernels, build
 
-    read = "v = lane < warps ? scratch[lane] : 0.f;"
-    mutated = EmulatedKernels(build(tmp_path, {"common.cuh": (read, "v = scratch[lane];")}))
+    read = "v = lane < warps ? scratch[threadIdx.y][lane] : 0.f;"
+    mutated = EmulatedKernels(build(tmp_path, {"common.cuh": (read, "v = scratch[threadIdx.y][lane];")}))
     x, _, w, b, dy, _ = make_inputs(37, 64, torch.float32)
     got = emulated_run(mutated, x, None, w, b, dy, None)
     assert not torch.isfinite(got[0]).all()

@@ -31,15 +31,16 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Sum over the block (blockDim.x a multiple of 32, blockDim.y == 1); every thread gets the total.
-// `scratch` holds 32 floats of shared memory; consecutive calls may reuse it.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+// Sum over one row of the block, the threads that share threadIdx.y (blockDim.x a multiple of
+// 32; a 1-D block is one row); every one of them gets the total. `scratch` holds 32 floats per
+// row of the block; consecutive calls may reuse it.
+__device__ __forceinline__ float block_sum(float v, float (*scratch)[32]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   v = warp_sum(v);
   __syncthreads();  // the previous call's readers are done with scratch
-  if (lane == 0) scratch[warp] = v;
+  if (lane == 0) scratch[threadIdx.y][warp] = v;
   __syncthreads();
-  v = lane < warps ? scratch[lane] : 0.f;
+  v = lane < warps ? scratch[threadIdx.y][lane] : 0.f;
   return warp_sum(v);
 }
 

@@ -41,7 +41,7 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, int64_t x_stride,
                                       T* __restrict__ y, T* __restrict__ h, float* __restrict__ mean_out,
                                       float* __restrict__ rstd_out, int C, float eps) {
   constexpr int VEC = vec_of<T>();
-  __shared__ float scratch[32];
+  __shared__ float scratch[1][32];
   const int64_t row = blockIdx.x;
   const T* src = x + row * x_stride;
   const int step = blockDim.x * VEC;
@@ -100,22 +100,6 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, int64_t x_stride,
   }
 }
 
-// The row threads' sum: every thread of row lane threadIdx.y gets the total of its BX threads
-// (a whole number of warps, or one part of a warp). `scratch` holds [rows per block][32] floats.
-__device__ __forceinline__ float row_sum(float v, float (*scratch)[32]) {
-  const int bx = blockDim.x, lane = threadIdx.x & 31;
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1)
-    if (offset < bx) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  if (bx <= 32) return v;
-  __syncthreads();  // the previous call's readers are done with scratch
-  if (lane == 0) scratch[threadIdx.y][threadIdx.x >> 5] = v;
-  __syncthreads();
-  v = 0.f;
-  for (int w = 0; w < bx >> 5; ++w) v += scratch[threadIdx.y][w];  // the same order in every thread
-  return v;
-}
-
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * weight, xhat = (x - mean) * rstd;
 // plus grad_h, the gradient that reached h directly (the residual variant's second output).
 // Also this chunk's sums of dy * xhat and dy for every column (see the top of this file).
@@ -134,7 +118,7 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) layer_norm_bwd_kernel(
   const int64_t last = first + rows_per_chunk < rows ? first + rows_per_chunk : rows;
   float acc_w[MAXV][VEC] = {}, acc_b[MAXV][VEC] = {};
 
-  // Every row lane takes the same number of turns (some past `last`): row_sum has barriers.
+  // Every row lane takes the same number of turns (some past `last`): block_sum has barriers.
   for (int64_t r0 = first; r0 < last; r0 += blockDim.y) {
     const int64_t row = r0 + threadIdx.y;
     const bool live = row < last;
@@ -162,8 +146,8 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) layer_norm_bwd_kernel(
         }
       }
     }
-    const float mean_g = row_sum(sum_g, scratch) / C;
-    const float mean_gx = row_sum(sum_gx, scratch) / C;
+    const float mean_g = block_sum(sum_g, scratch) / C;
+    const float mean_gx = block_sum(sum_gx, scratch) / C;
     if (!live) continue;
     T* dx_row = dx + row * int64_t(C);
     // The second pass re-reads the thread's own vectors: L1 or L2 hits, not DRAM.
