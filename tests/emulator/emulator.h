@@ -8,6 +8,9 @@
 // and dynamic, is filled with 0xff bytes (NaN in every float format) for each block, as
 // a GPU gives a block whatever the previous one left: a read of memory the block never wrote
 // turns into NaN. Locals start as a byte pattern too (-ftrivial-auto-var-init=pattern).
+// The Hopper instructions (wgmma, bulk tensor copies, mbarriers: tests/emulator/hopper.cuh) keep
+// their per-thread and per-block state here, so a block starts clean and a thread that exits with
+// work in flight fails.
 #pragma once
 
 #include <math.h>
@@ -21,6 +24,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <memory>
 #include <vector>
 
 // ---- language ------------------------------------------------------------------------------
@@ -79,6 +83,11 @@ struct Fiber {
   };
   std::vector<std::vector<Copy>> groups;
   std::vector<Copy> open;
+  // wgmma: issued operations not yet in a group, committed groups, and whether a wgmma.fence
+  // came after the last wait (a wgmma reads registers other instructions may have written).
+  std::vector<std::shared_ptr<void>> wgmma_open;
+  std::vector<std::vector<std::shared_ptr<void>>> wgmma_groups;
+  bool wgmma_fenced = false;
 };
 
 inline std::vector<Fiber> fibers;
@@ -93,6 +102,15 @@ inline long warp_generation[32];
 alignas(16) inline unsigned char warp_exchange[32][32][64];
 inline std::vector<unsigned char> dynamic_smem_buffer;
 inline long block_serial = 0;  // counts the blocks run, over all launches
+// Warpgroups (4 consecutive warps from a multiple of 4) exchange through their own buffer.
+inline int group_arrived[8], group_alive[8];
+inline long group_generation[8];
+alignas(16) inline unsigned char group_exchange[8][128][64];
+// Shared memory as the async proxy (tensor cores reading descriptors, the copy engine) sees it:
+// the generic proxy's stores reach it only through fence.proxy.async.
+inline std::vector<unsigned char> async_view;
+// Per-block state of the Hopper instructions (mbarriers, named barriers), reset for each block.
+inline std::function<void()> hopper_block_start = [] {};
 
 // Called by every thread at a static __shared__ declaration: the first call of each block fills
 // the array with 0xff bytes, before any thread of the block can have written it.
@@ -150,13 +168,42 @@ std::vector<V> warp_all(const V& mine) {
   return all;
 }
 
+inline void group_barrier() {
+  const int g = warp_of() / 4;
+  const long target = group_generation[g] + 1;
+  if (++group_arrived[g] == group_alive[g]) {
+    group_arrived[g] = 0;
+    ++group_generation[g];
+    ++progress;
+    return;
+  }
+  while (group_generation[g] < target) yield();
+}
+
+// The warpgroup's 128 threads each contribute `mine`; returns all contributions, by thread.
+template <typename V>
+std::vector<V> group_all(const V& mine) {
+  static_assert(sizeof(V) <= 64, "exchange slot too small");
+  if (block_dim.x * block_dim.y * block_dim.z % 128) fail("a warpgroup instruction in a block of partial warpgroups");
+  const int g = warp_of() / 4, t = linear_thread % 128;
+  std::memcpy(group_exchange[g][t], &mine, sizeof(V));
+  group_barrier();
+  if (group_alive[g] != 128) fail("a warpgroup-wide operation with exited threads");
+  std::vector<V> all(128);
+  for (int l = 0; l < 128; ++l) std::memcpy(&all[l], group_exchange[g][l], sizeof(V));
+  group_barrier();
+  return all;
+}
+
 inline void trampoline() {
   body();
   Fiber& f = fibers[current];
+  if (!f.wgmma_open.empty() || !f.wgmma_groups.empty()) fail("a thread exits with a wgmma not waited for");
   f.done = true;
   const int w = warp_of();
   --block_alive;
   --warp_alive[w];
+  --group_alive[w / 4];
   ++progress;
   // Threads that exit no longer hold back the barriers the others wait at.
   if (block_arrived > 0 && block_arrived == block_alive) {
@@ -166,6 +213,10 @@ inline void trampoline() {
   if (warp_arrived[w] > 0 && warp_arrived[w] == warp_alive[w]) {
     warp_arrived[w] = 0;
     ++warp_generation[w];
+  }
+  if (group_arrived[w / 4] > 0 && group_arrived[w / 4] == group_alive[w / 4]) {
+    group_arrived[w / 4] = 0;
+    ++group_generation[w / 4];
   }
   swapcontext(&f.context, &scheduler);
 }
@@ -184,8 +235,11 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem, 
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         block_idx = dim3(x, y, z);
-        dynamic_smem_buffer.assign(smem + 16, 0xff);
+        // 1024 spare bytes: the window address of the buffer's start is 16 mod 1024 (see smem_window).
+        dynamic_smem_buffer.assign(smem + 1024 + 16, 0xff);
+        async_view.assign(dynamic_smem_buffer.size(), 0xff);
         ++block_serial;
+        hopper_block_start();
         fibers.resize(threads);
         block_arrived = 0;
         block_alive = threads;
@@ -193,11 +247,18 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem, 
           warp_arrived[w] = 0;
           warp_alive[w] = 32;
         }
+        for (int g = 0; g < 8; ++g) {
+          group_arrived[g] = 0;
+          group_alive[g] = std::min(128, std::max(0, threads - 128 * g));
+        }
         for (int t = 0; t < threads; ++t) {
           Fiber& f = fibers[t];
           f.done = false;
           f.groups.clear();
           f.open.clear();
+          f.wgmma_open.clear();
+          f.wgmma_groups.clear();
+          f.wgmma_fenced = false;
           f.stack.resize(64 * 1024);
           getcontext(&f.context);
           f.context.uc_stack.ss_sp = f.stack.data();
@@ -221,8 +282,28 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem, 
       }
 }
 
+// The block's dynamic shared memory. Its shared-window address (what __cvta_generic_to_shared gives,
+// and what swizzles and descriptors see) is 16 mod 1024, as when a little static shared memory
+// precedes it: a kernel must align its swizzled tiles itself.
+constexpr uint32_t kDynamicWindowBase = 1024 + 16;
 inline unsigned char* dynamic_smem() {
-  return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(dynamic_smem_buffer.data()) + 15) & ~uintptr_t(15));
+  const uintptr_t p = reinterpret_cast<uintptr_t>(dynamic_smem_buffer.data());
+  return reinterpret_cast<unsigned char*>(((p + 1023) & ~uintptr_t(1023)) + 16);
+}
+inline long dynamic_smem_bytes() { return long(dynamic_smem_buffer.size()) - 1024 - 16; }
+// Shared-window address of a pointer into dynamic shared memory; anything else fails.
+inline uint32_t smem_window(const void* p) {
+  const long off = static_cast<const unsigned char*>(p) - dynamic_smem();
+  if (off < 0 || off >= dynamic_smem_bytes() + 1) fail("an address outside the dynamic shared memory where one inside is needed");
+  return uint32_t(off) + kDynamicWindowBase;
+}
+inline unsigned char* smem_at(uint32_t window, long bytes = 1) {
+  const long off = long(window) - long(kDynamicWindowBase);
+  if (off < 0 || off + bytes > dynamic_smem_bytes()) fail("a shared-memory address outside the block's dynamic shared memory");
+  return dynamic_smem() + off;
+}
+inline unsigned char* async_at(uint32_t window, long bytes = 1) {
+  return async_view.data() + (smem_at(window, bytes) - dynamic_smem_buffer.data());
 }
 
 }  // namespace emu

@@ -26,6 +26,9 @@ inline void check_aligned(const void* p, const char* what) {
 }
 }  // namespace emulated
 
+// Shared-window address (dynamic shared memory only), as __cvta_generic_to_shared gives it.
+inline uint32_t smem_addr(const void* p) { return emu::smem_window(p); }
+
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
   emulated::check_aligned(row, "ldmatrix row address not 16-byte aligned");
   const auto rows = emu::warp_all(static_cast<const uint16_t*>(row));
