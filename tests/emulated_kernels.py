@@ -5,7 +5,7 @@ The `.cu` files are compiled by g++ as they are, with three mechanical rewrites:
 block, shared, stream>>>` launches become `emu::launch(...)` calls, the dynamic shared memory
 declaration becomes a pointer to the emulator's buffer, and each static `__shared__` array is
 followed by a call that fills it with garbage at the start of every block; `tensor_core.cuh` (mma.sync, ldmatrix,
-cp.async) is replaced by tests/emulator/tensor_core.cuh. Everything else, the index arithmetic,
+cp.async) and `hopper.cuh` (wgmma, bulk tensor copies, mbarriers) are replaced by their twins in tests/emulator. Everything else, the index arithmetic,
 masking, softmax and statistics, barriers and the launchers' dispatch, is the code that runs on
 a GPU.
 """
@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ROOT / "csrc" / "kernels"
 EMULATOR = Path(__file__).resolve().parent / "emulator"
-SOURCES = ["attention_fwd.cu", "attention_bwd.cu", "attention_simt.cu", "layernorm.cu"]
+SOURCES = ["attention_fwd.cu", "attention_bwd.cu", "attention_simt.cu", "attention_hopper.cu", "layernorm.cu"]
 HEADERS = ["attention.cuh", "attention_launch.cuh", "common.cuh", "kernels.h"]
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # kernel<...><<<launch configuration>>>(  ->  emu::launch(kernel<...>, launch configuration,
@@ -56,7 +56,8 @@ def build(work: Path, patches: dict[str, tuple[str, str]] | None = None) -> Path
     src.mkdir(parents=True, exist_ok=True)
     for name in HEADERS:
         (src / name).write_text(read(name))
-    shutil.copy(EMULATOR / "tensor_core.cuh", src / "tensor_core.cuh")
+    for name in ("tensor_core.cuh", "hopper.cuh"):
+        shutil.copy(EMULATOR / name, src / name)
     sources = []
     for name in SOURCES:
         text = read(name)
@@ -99,13 +100,14 @@ class EmulatedKernels:
         assert t.stride(-1) == 1
         return ctypes.c_void_p(t.data_ptr()), self._ints(t.stride()[:3])
 
-    def forward(self, q, k, v, scale, sm_count=8):
-        """(out, lse, splits): splits is how many key ranges the launcher chose."""
+    def forward(self, q, k, v, scale, sm_count=8, arch=80):
+        """(out, lse, splits): splits is how many key ranges the launcher chose. arch: the emulated
+        GPU's compute capability (90: an H100, where the launcher takes the wgmma kernel)."""
         out = torch.full(q.shape, float("nan"), dtype=q.dtype)
         lse = torch.full(q.shape[:3], float("nan"))
         splits = ctypes.c_int()
         err = self.lib.emulated_attention_forward(
-            DTYPES[q.dtype], self._shape(q, k), sm_count, *self._args(q), *self._args(k), *self._args(v),
+            DTYPES[q.dtype], self._shape(q, k), sm_count, arch, *self._args(q), *self._args(k), *self._args(v),
             ctypes.c_float(scale), ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(lse.data_ptr()), ctypes.byref(splits))
         assert err is None, err.decode()
         return out, lse, splits.value

@@ -9,6 +9,10 @@ only hardware shows (speed, and the PTX fragment layouts, which emulator and ker
 from the PTX ISA): the `cuda` tests in test_attention_kernel.py do that on a GPU.
 """
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -170,3 +174,92 @@ def test_emulated_gqa_backward_split_over_query_heads_is_exact_and_reproducible(
         assert all(torch.equal(a, b) for a, b in zip(got, again))  # bitwise reproducible
         results[wanted] = got
     assert len(results) == 3 and min(results) == 1 and max(results) == group
+
+
+# ---- the Hopper forward (attention_hopper.cu: wgmma, bulk tensor copies, warp specialisation) ---
+
+HOPPER_CASES = [
+    # Taken on an emulated H100 for fp16/bf16 at D 64 and 128 with more than 16 queries: lengths
+    # on and off the 128-row/128-key tiles, MHA/GQA/MQA, fewer queries than keys, batch > 1.
+    (1, 2, 2, 17, 17, 64, torch.bfloat16),
+    (1, 4, 1, 130, 130, 64, torch.float16),
+    (1, 2, 1, 100, 333, 128, torch.bfloat16),
+    (2, 4, 2, 256, 256, 128, torch.float16),
+    (1, 2, 2, 255, 257, 64, torch.bfloat16),
+    (1, 6, 2, 129, 400, 128, torch.float16),
+]
+
+
+def hopper_forward(kernels, q, k, v, arch=90):
+    return kernels.forward(q, k, v, q.shape[-1] ** -0.5, arch=arch)[:2]
+
+
+def check_forward(got, q, k, v, dout, dtype):
+    low, truth = reference_run(q, k, v, dout, dtype), reference_run(q, k, v, dout, torch.float64)
+    return assert_within_twice_the_reference(got, low[:2], truth[:2])
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, t_q, t_k, dim, dtype", HOPPER_CASES, ids=map(case_id, HOPPER_CASES))
+def test_emulated_hopper_forward_against_float64(kernels, batch, heads, kv_heads, t_q, t_k, dim, dtype):
+    q, k, v, dout = make_inputs(batch, heads, kv_heads, t_q, t_k, dim, dtype)
+    got = hopper_forward(kernels, q, k, v)
+    check_forward(got, q, k, v, dout, dtype)
+    # The mma.sync kernel computes the same thing another way: the two agree to rounding, not bits.
+    other = hopper_forward(kernels, q, k, v, arch=80)
+    assert not torch.equal(got[0], other[0]) or t_q < 64
+
+
+@pytest.mark.parametrize("dim, dtype, t_q", [(32, torch.bfloat16, 70), (96, torch.float16, 70), (64, torch.float32, 70),
+                                             (64, torch.bfloat16, 16)])
+def test_emulated_h100_takes_the_other_kernels_where_wgmma_does_not_serve(kernels, dim, dtype, t_q):
+    """D 32 and 96, fp32 and decoding run the same kernels on an H100 as on an A100."""
+    q, k, v, dout = make_inputs(1, 2, 1, t_q, t_q + 5, dim, dtype)
+    h100, a100 = hopper_forward(kernels, q, k, v), hopper_forward(kernels, q, k, v, arch=80)
+    assert all(torch.equal(x, y) for x, y in zip(h100, a100))
+
+
+def test_emulated_hopper_forward_reads_strided_inputs_in_place(kernels):
+    """The copy engine takes the model's transposed views of one projection (rows 3*H*D apart)."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 150, 3, 2, 128, generator=g).to(torch.bfloat16)
+    q, k, v = x.permute(2, 0, 3, 1, 4)
+    got, contiguous = hopper_forward(kernels, q, k, v), hopper_forward(kernels, q.contiguous(), k.contiguous(), v.contiguous())
+    assert all(torch.equal(a, b) for a, b in zip(got, contiguous))
+
+
+HOPPER_MISTAKES = {
+    # Each edit is a bug a GPU would punish; the emulator must catch each one.
+    "no wait for the P V products": ("      wgmma_commit();\n      wgmma_wait<0>();\n      if (lane == 0) mbarrier_arrive(&v_empty[stage]);",
+                                     "      wgmma_commit();\n      if (lane == 0) mbarrier_arrive(&v_empty[stage]);"),
+    "no wait for K to land": ("      mbarrier_wait(&k_full[stage], parity);\n", ""),
+    "64-byte swizzle described": ("uint64_t(1024 >> 4) << 32 | uint64_t(1) << 62;\n}", "uint64_t(1024 >> 4) << 32 | uint64_t(2) << 62;\n}"),
+    "K released before S is done": ("      wgmma_wait<0>();\n      if (lane == 0) mbarrier_arrive(&k_empty[stage]);",
+                                    "      if (lane == 0) mbarrier_arrive(&k_empty[stage]);\n      wgmma_wait<0>();"),
+}
+# A mutated kernel may stop the emulator (abort), so it runs in a process of its own.
+RUN_ONE = """
+import sys
+from pathlib import Path
+import torch
+sys.path.insert(0, {tests!r})
+from emulated_kernels import EmulatedKernels
+from test_attention_emulated import make_inputs
+lib = EmulatedKernels(Path(sys.argv[1]) / "libattention_emulated.so")
+q, k, v, dout = make_inputs(1, 2, 1, 200, 300, 128, torch.bfloat16)
+torch.save(lib.forward(q, k, v, 128 ** -0.5, arch=90)[:2], Path(sys.argv[1]) / "got.pt")
+""".format(tests=str(Path(__file__).resolve().parent))
+
+
+@pytest.mark.parametrize("mistake", HOPPER_MISTAKES)
+def test_emulator_catches_hopper_forward_mistakes(tmp_path, mistake):
+    from emulated_kernels import build
+
+    q, k, v, dout = make_inputs(1, 2, 1, 200, 300, 128, torch.bfloat16)
+    build(tmp_path, {"attention_hopper.cu": HOPPER_MISTAKES[mistake]})
+    result = subprocess.run([sys.executable, "-c", RUN_ONE, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    if result.returncode == 0:  # the run completed: its numbers must then be wrong
+        got = torch.load(tmp_path / "got.pt")
+        with pytest.raises(AssertionError):
+            check_forward(got, q, k, v, dout, torch.bfloat16)
+    else:
+        assert "emulator:" in result.stderr, result.stderr[-3000:]

@@ -266,7 +266,7 @@ const char* launch_attention_forward(const AttentionForward& a, void* stream) {
     } else {
       if (a.shape.t_q <= kDecodeMaxQueries)
         forward_simt<T, D>(a, st);
-      else
+      else if (!forward_hopper<T, D>(a, st))
         forward_tensor_cores<T, D>(a, st);
     }
   });

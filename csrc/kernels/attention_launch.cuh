@@ -35,6 +35,12 @@ int forward_simt_splits(const AttentionShape& shape, int sm_count);
 template <typename T, int D> void forward_tensor_cores(const AttentionForward& a, cudaStream_t stream);
 template <typename T, int D> cudaError_t backward_tensor_cores(const AttentionBackward& a, cudaStream_t stream);
 
+// Hopper (attention_hopper.cu): wgmma and bulk tensor copies, where the device is sm_90 and this
+// build has its sm_90a image. forward_hopper launches and returns true, or returns false (other
+// GPU, head dim, or strides the copy engine does not take) and leaves it to the mma.sync kernel.
+bool hopper_kernels_usable();
+template <typename T, int D> bool forward_hopper(const AttentionForward& a, cudaStream_t stream);
+
 // Calls f(T{}, std::integral_constant<int, D>{}) for the dtype and head dim; false if unsupported.
 template <typename F>
 bool dispatch_attention(DType dtype, int head_dim, F&& f) {

@@ -59,7 +59,7 @@ struct dim3 {
 using cudaStream_t = void*;
 enum cudaError_t { cudaSuccess = 0 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount, cudaDevAttrComputeCapabilityMajor };
 
 namespace emu {
 
@@ -68,6 +68,7 @@ inline int linear_thread = 0;  // x fastest, as warps are formed on a GPU
 inline int warp_of() { return linear_thread / 32; }
 inline int lane_of() { return linear_thread % 32; }
 inline int sm_count = 8;
+inline int compute_capability = 80;  // the emulated GPU's (80: A100, 90: H100)
 // Dynamic shared memory above 48 KB needs the kernel's own opt-in (cudaFuncSetAttribute), as on a GPU.
 inline std::map<const void*, long> dynamic_smem_limits;
 
@@ -330,11 +331,17 @@ inline V __shfl_xor_sync(unsigned, V v, int mask) {
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline const char* cudaGetErrorString(cudaError_t) { return "no error"; }
 inline cudaError_t cudaGetDevice(int* device) {
-  *device = 0;
+  *device = emu::compute_capability == 90;  // each emulated GPU kind is a device of its own
   return cudaSuccess;
 }
-inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
-  *value = emu::sm_count;
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int) {
+  *value = attribute == cudaDevAttrComputeCapabilityMajor ? emu::compute_capability / 10 : emu::sm_count;
+  return cudaSuccess;
+}
+// __device__ variables are host variables here.
+template <typename V>
+inline cudaError_t cudaMemcpyFromSymbol(void* dst, const V& symbol, std::size_t bytes) {
+  std::memcpy(dst, &symbol, bytes);
   return cudaSuccess;
 }
 template <typename F>

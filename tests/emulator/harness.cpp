@@ -14,10 +14,11 @@ AttentionShape shape_of(const int* s) { return {s[0], s[1], s[2], s[3], s[4], s[
 
 extern "C" {
 
-const char* emulated_attention_forward(int dtype, const int* shape, int sm_count, const void* q, const long long* q_stride,
+const char* emulated_attention_forward(int dtype, const int* shape, int sm_count, int arch, const void* q, const long long* q_stride,
                                        const void* k, const long long* k_stride, const void* v,
                                        const long long* v_stride, float scale, void* out, float* lse, int* splits) {
   emu::sm_count = sm_count;
+  emu::compute_capability = arch;
   AttentionForward a{};
   a.dtype = DType(dtype);
   a.shape = shape_of(shape);
@@ -34,7 +35,9 @@ const char* emulated_attention_forward(int dtype, const int* shape, int sm_count
     a.partial_out = partial.data();
     a.partial_lse = partial.data() + a.splits * rows * a.shape.head_dim;
   }
-  return launch_attention_forward(a, nullptr);
+  const char* err = launch_attention_forward(a, nullptr);
+  emu::compute_capability = 80;
+  return err;
 }
 
 const char* emulated_attention_backward(int dtype, const int* shape, const void* q, const long long* q_stride,

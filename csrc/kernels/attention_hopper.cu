@@ -1,0 +1,292 @@
+// Causal attention forward on Hopper (sm_90a, fp16/bf16, D 64 and 128): wgmma, bulk tensor
+// copies and warp specialisation, after FlashAttention-3's design.
+//
+// A block of three warpgroups owns 128 queries of one head. Warpgroup 0 is the producer: one of
+// its threads issues the bulk tensor copies (TMA) of the Q tile and of each 128-key K and V tile
+// into a ring of kStages shared-memory stages, each completing on its "full" mbarrier; it gives
+// its registers to the others (setmaxnreg). Warpgroups 1 and 2 are the consumers, 64 query rows
+// each: per key tile
+//   S = Q K^T         wgmma m64n128k16 from shared memory (Q and K K-major, 128-byte swizzle)
+//   online softmax    in registers, as the mma.sync kernel (exp2 with the scale folded in);
+//                     masking only on tiles that cross the causal diagonal or the keys' end
+//   O = O alpha + P V wgmma m64nDk16, P from registers (the accumulator layout is, value for
+//                     value, the A-register layout), V from shared memory MN-major
+// and release the stage through its "empty" mbarrier (one arrival per consumer warp), which the
+// producer waits for before refilling it. Tiles past a sequence's end are zero-filled by the
+// copy engine, so loads need no bounds code. Shared tiles are 64-column panels (128 bytes per
+// row, the swizzle's span) side by side: one copy box each, and a descriptor start address
+// that steps 32 bytes per 16 columns inside a panel.
+// Not yet here (FlashAttention-3 has them): the two consumers' ping-pong over named barriers and
+// the next tile's S issued before this tile's softmax; the output leaves through ordinary stores.
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+#include "attention.cuh"
+#include "attention_launch.cuh"
+#include "hopper.cuh"
+
+namespace scratchformer {
+namespace {
+
+constexpr int kConsumers = 2;               // warpgroups computing, 64 query rows each
+constexpr int kHopperThreads = 128 * (kConsumers + 1);
+constexpr int kHopperBlockM = 64 * kConsumers;
+constexpr int kHopperBlockN = 128;          // keys per tile
+constexpr int kStages = 2;
+constexpr int kPanel = 64;                  // columns per shared panel: 128 bytes of 16-bit values
+
+// Shared memory: the mbarriers in the first 1 KB, then (1024-aligned) Q and the K and V stages.
+template <int D>
+__host__ __device__ constexpr int hopper_tile_bytes(int rows) {
+  return rows * D * 2;
+}
+template <int D>
+__host__ __device__ constexpr int hopper_shared_bytes() {
+  // 2 KB: the barriers, and room to align the tiles to 1024 bytes wherever the buffer starts.
+  return 2048 + hopper_tile_bytes<D>(kHopperBlockM) + 2 * kStages * hopper_tile_bytes<D>(kHopperBlockN);
+}
+
+// Matrix descriptors (PTX ISA, "Matrix Descriptor Format"), 128-byte swizzle, addresses in
+// 16-byte units. K-major: rows 128 bytes apart, 8-row groups 1024 apart (stride byte offset);
+// the leading byte offset is unused there (1 by convention).
+__device__ __forceinline__ uint64_t k_major_descriptor(uint32_t address) {
+  return uint64_t((address >> 4) & 0x3fff) | uint64_t(1) << 16 | uint64_t(1024 >> 4) << 32 | uint64_t(1) << 62;
+}
+// MN-major: 8 k rows of 128 bytes (64 MN values) form 1024-byte groups, consecutive along k
+// (stride byte offset 1024); the next 64 MN values are a panel further (leading byte offset).
+__device__ __forceinline__ uint64_t mn_major_descriptor(uint32_t address, uint32_t panel_bytes) {
+  return uint64_t((address >> 4) & 0x3fff) | uint64_t((panel_bytes >> 4) & 0x3fff) << 16 | uint64_t(1024 >> 4) << 32 |
+         uint64_t(1) << 62;
+}
+
+// 1 in the sm_90a image of this file, 0 in any other GPU image: which one the device loaded
+// says whether the wgmma kernel can run there.
+#if !defined(__CUDA_ARCH__) || defined(SCRATCHFORMER_SM90A)
+__device__ int hopper_image = 1;
+#else
+__device__ int hopper_image = 0;
+#endif
+
+struct HopperParams {
+  AttentionShape shape;
+  float scale;
+  void* out;
+  float* lse;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kHopperThreads, 1)
+    hopper_forward_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
+                          const __grid_constant__ CUtensorMap v_map, HopperParams a) {
+#if defined(__CUDA_ARCH__) && !defined(SCRATCHFORMER_SM90A)
+  __trap();  // built for another GPU: the launcher takes this kernel only on sm_90a builds
+#else
+  constexpr int BN = kHopperBlockN, PANELS = D / kPanel, KSLABS = D / 16;
+  constexpr int Q_BYTES = hopper_tile_bytes<D>(kHopperBlockM), KV_BYTES = hopper_tile_bytes<D>(BN);
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint64_t* q_full = reinterpret_cast<uint64_t*>(smem);
+  uint64_t* k_full = q_full + 1;  // [kStages] each: full (data landed), empty (consumers done)
+  uint64_t* v_full = k_full + kStages;
+  uint64_t* k_empty = v_full + kStages;
+  uint64_t* v_empty = k_empty + kStages;
+  // The swizzle is a function of the shared address: tiles start on a 1024-byte boundary.
+  const uint32_t base = smem_addr(smem);
+  unsigned char* q_tile = smem + 1024 + (1024 - base % 1024) % 1024;
+  unsigned char* k_tiles = q_tile + Q_BYTES;  // [kStages][PANELS][BN][128 bytes]
+  unsigned char* v_tiles = k_tiles + kStages * KV_BYTES;
+
+  const AttentionShape& s = a.shape;
+  const int m0 = (gridDim.y - 1 - blockIdx.y) * kHopperBlockM;  // longest rows first, over the whole grid
+  const int b = blockIdx.x / s.heads, h = blockIdx.x % s.heads;
+  const int kv_head = h / (s.heads / s.kv_heads);
+  const int offset = s.t_k - s.t_q;
+  const int key_end = min(s.t_k, min(m0 + kHopperBlockM, s.t_q) + offset);  // past the last query's last key
+  const int tiles = (key_end + BN - 1) / BN;
+  // Tiles below plain_tiles hold only keys every query of the block sees.
+  const int plain_tiles = min(key_end, m0 + offset + 1) / BN;
+
+  if (threadIdx.x == 0) {
+    mbarrier_init(q_full, 1);
+    for (int i = 0; i < kStages; ++i) {
+      mbarrier_init(&k_full[i], 1);
+      mbarrier_init(&v_full[i], 1);
+      mbarrier_init(&k_empty[i], 4 * kConsumers);  // one arrival per consumer warp
+      mbarrier_init(&v_empty[i], 4 * kConsumers);
+    }
+    fence_mbarrier_init();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < 128) {  // the producer
+    setmaxnreg_dec<24>();
+    if (threadIdx.x == 0) {
+      mbarrier_arrive_expect_tx(q_full, Q_BYTES);
+      for (int p = 0; p < PANELS; ++p)
+        tma_load_4d(q_tile + p * kHopperBlockM * 128, &q_map, q_full, p * kPanel, m0, h, b);
+      for (int j = 0; j < tiles; ++j) {
+        const int stage = j % kStages;
+        const uint32_t parity = ((j / kStages) & 1) ^ 1;  // the first pass finds every stage empty
+        mbarrier_wait(&k_empty[stage], parity);
+        mbarrier_arrive_expect_tx(&k_full[stage], KV_BYTES);
+        for (int p = 0; p < PANELS; ++p)
+          tma_load_4d(k_tiles + stage * KV_BYTES + p * BN * 128, &k_map, &k_full[stage], p * kPanel, j * BN, kv_head, b);
+        mbarrier_wait(&v_empty[stage], parity);
+        mbarrier_arrive_expect_tx(&v_full[stage], KV_BYTES);
+        for (int p = 0; p < PANELS; ++p)
+          tma_load_4d(v_tiles + stage * KV_BYTES + p * BN * 128, &v_map, &v_full[stage], p * kPanel, j * BN, kv_head, b);
+      }
+    }
+  } else {  // a consumer: 64 query rows
+    setmaxnreg_inc<240>();
+    const int t = threadIdx.x - 128 * (threadIdx.x / 128), group = threadIdx.x / 128 - 1;
+    const int warp = t / 32, lane = t % 32, g = lane / 4, c = lane % 4;
+    const int query0 = m0 + 64 * group + 16 * warp + g;  // this thread's rows: query0 and query0 + 8
+    const float scale2 = a.scale * kLog2e;
+    const uint32_t q_rows = smem_addr(q_tile) + 64 * group * 128;
+
+    float o[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.f, 0.f};
+    mbarrier_wait(q_full, 0);
+
+    auto step = [&](int j, auto masked) {
+      const int stage = j % kStages;
+      const uint32_t parity = (j / kStages) & 1;
+      const uint32_t k_stage = smem_addr(k_tiles + stage * KV_BYTES), v_stage = smem_addr(v_tiles + stage * KV_BYTES);
+
+      // S = Q K^T: 64 x 128 fp32 in registers. Register i: row g + 8 ((i / 2) % 2), key 8 (i / 4) + 2c + i % 2.
+      float sc[BN / 2];
+      mbarrier_wait(&k_full[stage], parity);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < KSLABS; ++kk) {
+        const uint32_t step_bytes = (kk % 4) * 32;  // 16 columns further inside the panel
+        wgmma_ss<T, BN, false>(sc, k_major_descriptor(q_rows + (kk / 4) * kHopperBlockM * 128 + step_bytes),
+                               k_major_descriptor(k_stage + (kk / 4) * BN * 128 + step_bytes), kk > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      if (lane == 0) mbarrier_arrive(&k_empty[stage]);
+
+      // Online softmax over this tile's keys.
+      const int n0 = j * BN;
+      float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) {
+        if constexpr (decltype(masked)::value) {
+          const int key = n0 + 8 * (i / 4) + 2 * c + i % 2, query = query0 + 8 * ((i / 2) % 2);
+          if (key > query + offset || key >= s.t_k) sc[i] = -INFINITY;
+        }
+        tile_max[(i / 2) % 2] = fmaxf(tile_max[(i / 2) % 2], sc[i]);
+      }
+      float alpha[2], shift[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float m_new = fmaxf(m_row[r], quad_max(tile_max[r]));  // finite: key 0 is in tile 0
+        alpha[r] = exp2_approx((m_row[r] - m_new) * scale2);
+        shift[r] = m_new * scale2;
+        m_row[r] = m_new;
+        l_row[r] *= alpha[r];
+      }
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) {
+        sc[i] = exp2_approx(fmaf(sc[i], scale2, -shift[(i / 2) % 2]));
+        l_row[(i / 2) % 2] += sc[i];
+      }
+#pragma unroll
+      for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i / 2) % 2];
+
+      // O += P V: P's 16-key slabs as A registers, V's rows (keys) as k and its columns (d) as N.
+      uint32_t pa[BN / 16][4];
+#pragma unroll
+      for (int ks = 0; ks < BN / 16; ++ks) {
+        pa[ks][0] = pack2<T>(sc[8 * ks + 0], sc[8 * ks + 1]);
+        pa[ks][1] = pack2<T>(sc[8 * ks + 2], sc[8 * ks + 3]);
+        pa[ks][2] = pack2<T>(sc[8 * ks + 4], sc[8 * ks + 5]);
+        pa[ks][3] = pack2<T>(sc[8 * ks + 6], sc[8 * ks + 7]);
+      }
+      mbarrier_wait(&v_full[stage], parity);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < BN / 16; ++ks)
+        wgmma_rs<T, D, true>(o, pa[ks], mn_major_descriptor(v_stage + ks * 16 * 128, BN * 128), true);
+      wgmma_commit();
+      wgmma_wait<0>();
+      if (lane == 0) mbarrier_arrive(&v_empty[stage]);
+    };
+    int j = 0;
+    for (; j < plain_tiles; ++j) step(j, std::false_type{});
+    for (; j < tiles; ++j) step(j, std::true_type{});
+
+    // Normalise and write this thread's pairs of columns; the log-sum-exp per row.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int query = query0 + 8 * r;
+      const float l = quad_sum(l_row[r]);
+      if (query >= s.t_q) continue;
+      const float inv = __fdividef(1.f, l);  // every query sees key 0, so l >= 1
+      T* out = static_cast<T*>(a.out) + (int64_t(blockIdx.x) * s.t_q + query) * D;  // blockIdx.x = b * heads + h
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt)
+        *reinterpret_cast<uint32_t*>(out + 8 * dt + 2 * c) = pack2<T>(o[4 * dt + 2 * r] * inv, o[4 * dt + 2 * r + 1] * inv);
+      if (c == 0) a.lse[int64_t(blockIdx.x) * s.t_q + query] = (m_row[r] * scale2 + log2f(l)) * kLn2;
+    }
+  }
+#endif
+}
+
+// A rank-4 map over [B][H][T][D] (D innermost) with the tensor's element strides: 64-column
+// boxes of `rows` rows, 128-byte swizzle.
+const char* attention_tensor_map(CUtensorMap* map, const void* base, Strides st, int batch, int heads, int t, int d,
+                                 int rows) {
+  const uint64_t dims[4] = {uint64_t(d), uint64_t(t), uint64_t(heads), uint64_t(batch)};
+  const uint64_t strides[3] = {uint64_t(st.time) * 2, uint64_t(st.head) * 2, uint64_t(st.batch) * 2};
+  const uint32_t box[4] = {uint32_t(kPanel), uint32_t(rows), 1, 1};
+  return make_tensor_map(map, base, 2, 4, dims, strides, box, TmaSwizzle::k128B);
+}
+
+}  // namespace
+
+// Whether the current device runs this build's sm_90a image (asked once per device and process).
+bool hopper_kernels_usable() {
+  static int usable[64];  // 0: not asked yet, 1: yes, 2: no
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= 64) return false;
+  if (!usable[device]) {
+    int image = 0;
+    const bool yes = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+                     major == 9 && cudaMemcpyFromSymbol(&image, hopper_image, sizeof(image)) == cudaSuccess && image == 1;
+    cudaGetLastError();  // a device without a loadable image leaves an error behind: not the caller's
+    usable[device] = yes ? 1 : 2;
+  }
+  return usable[device] == 1;
+}
+
+template <typename T, int D>
+bool forward_hopper(const AttentionForward& a, cudaStream_t stream) {
+  if constexpr (D != 64 && D != 128) {
+    return false;
+  } else {
+    if (!hopper_kernels_usable()) return false;
+    const AttentionShape& s = a.shape;
+    CUtensorMap q_map, k_map, v_map;
+    if (attention_tensor_map(&q_map, a.q, a.q_stride, s.batch, s.heads, s.t_q, D, kHopperBlockM) ||
+        attention_tensor_map(&k_map, a.k, a.k_stride, s.batch, s.kv_heads, s.t_k, D, kHopperBlockN) ||
+        attention_tensor_map(&v_map, a.v, a.v_stride, s.batch, s.kv_heads, s.t_k, D, kHopperBlockN))
+      return false;  // alignment or strides the copy engine does not take: the mma.sync kernel does
+    constexpr int bytes = hopper_shared_bytes<D>();
+    if (cudaFuncSetAttribute(hopper_forward_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
+      return false;
+    const HopperParams p{s, a.scale, a.out, a.lse};
+    const dim3 grid(s.batch * s.heads, (s.t_q + kHopperBlockM - 1) / kHopperBlockM);
+    hopper_forward_kernel<T, D><<<grid, kHopperThreads, bytes, stream>>>(q_map, k_map, v_map, p);
+    return true;
+  }
+}
+
+#define SCRATCHFORMER_HOPPER_FORWARD(T, D) template bool forward_hopper<T, D>(const AttentionForward&, cudaStream_t);
+SCRATCHFORMER_FOR_EACH_TENSOR_CORE_TYPE(SCRATCHFORMER_HOPPER_FORWARD)
+
+}  // namespace scratchformer
