@@ -40,9 +40,9 @@ def reference_run(q, k, v, dout, dtype):
     return [out.detach(), lse.detach()] + [t.grad for t in leaves]
 
 
-def emulated_run(kernels, q, k, v, dout):
+def emulated_run(kernels, q, k, v, dout, arch=80):
     scale = q.shape[-1] ** -0.5
-    out, lse, splits = kernels.forward(q, k, v, scale)
+    out, lse, splits = kernels.forward(q, k, v, scale, arch=arch)
     return [out, lse, *kernels.backward(dout, q, k, v, out, lse, scale)], splits
 
 
@@ -229,12 +229,11 @@ def test_emulated_hopper_forward_reads_strided_inputs_in_place(kernels):
 
 HOPPER_MISTAKES = {
     # Each edit is a bug a GPU would punish; the emulator must catch each one.
-    "no wait for the P V products": ("      wgmma_commit();\n      wgmma_wait<0>();\n      if (lane == 0) mbarrier_arrive(&v_empty[stage]);",
-                                     "      wgmma_commit();\n      if (lane == 0) mbarrier_arrive(&v_empty[stage]);"),
+    "no wait for the P V products": ("      wgmma_wait<0>();\n      wgmma_fence_operand(o);\n", "      wgmma_fence_operand(o);\n"),
     "no wait for K to land": ("      mbarrier_wait(&k_full[stage], parity);\n", ""),
     "64-byte swizzle described": ("uint64_t(1024 >> 4) << 32 | uint64_t(1) << 62;\n}", "uint64_t(1024 >> 4) << 32 | uint64_t(2) << 62;\n}"),
-    "K released before S is done": ("      wgmma_wait<0>();\n      if (lane == 0) mbarrier_arrive(&k_empty[stage]);",
-                                    "      if (lane == 0) mbarrier_arrive(&k_empty[stage]);\n      wgmma_wait<0>();"),
+    "K released before S is done": ("      wgmma_wait<0>();\n      wgmma_fence_operand(sc);\n      if (lane == 0) mbarrier_arrive(&k_empty[stage]);",
+                                    "      if (lane == 0) mbarrier_arrive(&k_empty[stage]);\n      wgmma_wait<0>();\n      wgmma_fence_operand(sc);"),
 }
 # A mutated kernel may stop the emulator (abort), so it runs in a process of its own.
 RUN_ONE = """

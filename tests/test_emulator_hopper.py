@@ -139,7 +139,8 @@ def test_missing_full_barrier_wait_is_refused(hopper_tests):
 def test_missing_empty_barrier_wait_is_refused(hopper_tests):
     result = run(hopper_tests, "pipeline", skip_empty_wait=1)
     assert result.returncode != 0
-    assert "still filling" in result.stderr or "changed before its wait_group" in result.stderr, result.stderr
+    refusals = ("still filling", "changed before its wait_group", "more arrivals on an mbarrier")
+    assert any(r in result.stderr for r in refusals), result.stderr
 
 
 def test_mbarrier_needs_init_and_its_fence(hopper_tests):
@@ -154,3 +155,29 @@ def test_warpgroup_rules(hopper_tests):
 
 def test_deadlock_on_a_phase_that_never_completes(hopper_tests):
     refused(hopper_tests, "turns", "deadlock", mode=1)
+
+
+def test_registers_written_after_the_wgmma_fence_are_refused(hopper_tests):
+    refused(hopper_tests, "gemm", "written after the wgmma.fence", write_after_fence=1)
+
+
+def test_a_registers_changed_under_a_pending_wgmma_are_refused(hopper_tests):
+    refused(hopper_tests, "gemm", "A registers changed", a="regs", touch_a=1)
+
+
+def test_a_copy_no_one_expects_is_not_waited_for(hopper_tests):
+    """A plain arrive (no expect_tx) completes the phase at once: the wait returns before the copy
+    lands, and what the block then reads is garbage, as on a GPU."""
+    result = run(hopper_tests, "copy", swizzle=128, plain_arrive=1)
+    assert result.returncode == 1 and "mismatch" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("mode, message", [
+    (3, "setmaxnreg.inc below, or .dec above"),
+    (4, "different counts or directions"),
+    (5, "arrives twice at a named barrier"),
+    (6, "already initialised"),
+    (7, "more arrivals on an mbarrier than its phase expects"),
+])
+def test_more_rules(hopper_tests, mode, message):
+    refused(hopper_tests, "rules", message, mode=mode)

@@ -68,3 +68,15 @@ def test_console_script_is_installed():
     assert str(scratchformer.build_info()) in result.stdout
     bad = subprocess.run([str(script), "nonsense"], capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice: 'nonsense'" in bad.stderr
+
+
+def test_the_arch_list_builds_hopper_as_sm_90a(monkeypatch):
+    """wgmma needs the sm_90a target: the default list has it, and a bare 9.0 becomes 9.0a (same GPUs)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import cuda_toolkit
+
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert cuda_toolkit.arch_list() == "8.0;9.0a;10.0;12.0+PTX"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0 9.0;12.0+PTX")
+    assert cuda_toolkit.arch_list() == "8.0;9.0a;12.0+PTX"
+    assert cuda_toolkit.ptx_arch("8.0;9.0a+PTX") == 90 and cuda_toolkit.ptx_arch("9.0a") == 0

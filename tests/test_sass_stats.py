@@ -89,3 +89,25 @@ def test_check_fails_on_a_passed_ceiling_unless_it_is_known():
     assert "0.56 ldmatrix per HMMA" in found and "split of D across warps" in sass_stats.known(found)
     [found] = sass_stats.violations([spilling])
     assert "spills" in found and sass_stats.known(found) is None
+
+
+@pytest.mark.skipif(_tools_and_kernels() is not None, reason=str(_tools_and_kernels()))
+def test_the_hopper_forward_runs_wgmma_in_its_loop():
+    """The sm_90a image: HGMMA (not HMMA) in the steady-state loop, per 128-key tile and consumer
+    warpgroup D / 16 for S = Q K^T and 128 / 16 for P V; no spills; 12 warps, one block per SM."""
+    rows = sass_stats.profile(sass_stats.default_library(), ["sm_90"], r"^attention_hopper:")
+    assert {r["kernel"] for r in rows} == {f"hopper_forward_kernel<{t}, {d}>" for t in ("__half", "__nv_bfloat16") for d in (64, 128)}
+    for r in rows:
+        d = int(r["kernel"].split(", ")[1].rstrip(">"))
+        per_tile = d // 16 + 128 // 16
+        assert r["loop"].hmma == 0 and r["loop"].hgmma % per_tile == 0 and r["loop"].hgmma > 0
+        assert r["local"] == 0 and (r["blocks"], r["warps"]) == (1, 12)
+    assert sass_stats.violations(rows) == []
+
+
+def test_check_fails_when_the_hopper_loop_has_no_wgmma():
+    loop = sass_stats.Loop(instructions=900, hmma=64, ldsm=20)
+    row = {"file": "attention_hopper", "kernel": "hopper_forward_kernel<__half, 64>", "arch": "sm_90", "local": 0,
+           "warps": 12, "blocks": 1, "loop": loop}
+    [found] = sass_stats.violations([row])
+    assert "no HGMMA" in found and sass_stats.known(found) is None

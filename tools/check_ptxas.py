@@ -1,9 +1,10 @@
-"""Compile every CUDA kernel with `-Xptxas -v` and fail on register spills.
+"""Compile every CUDA kernel with `-Xptxas -v` and fail on register spills, and on the ptxas
+warnings that undo the Hopper kernel (setmaxnreg ignored, wgmma serialised).
 
 Runs without a GPU: it only needs the CUDA toolkit. Prints one markdown table row per kernel and
-architecture (registers, stack frame, spill bytes) and exits 1 if any kernel spills.
+architecture (registers, stack frame, spill bytes) and exits 1 if any kernel spills or warns so.
 
-    python tools/check_ptxas.py [--arch-list "8.0;9.0"]
+    python tools/check_ptxas.py [--arch-list "8.0;9.0a"]
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ BUILD_FLAGS = [
 ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\w+)'")
 FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 REGS = re.compile(r"Used (\d+) registers")
+# ptxas warnings that undo the Hopper kernel's design: setmaxnreg ignored (C7508), wgmma serialised
+# (C7510 and its kin: "Potential Performance Loss: wgmma.mma_async instructions are serialized").
+HOPPER_WARNING = re.compile(r"warning.*\((C7508|C751\d)\)|wgmma.mma_async instructions are serialized")
+
+
+WARNINGS: list[str] = []  # the Hopper warnings seen, over all sources
 
 
 def gencode(arch_list: str) -> list[str]:
@@ -55,6 +62,7 @@ def report(source: Path, nvcc: str, arch_list: str) -> list[dict]:
     if result.returncode != 0:
         sys.exit(f"nvcc failed on {source.name}:\n{result.stderr}")
     rows, current = [], None
+    warnings = WARNINGS
     for line in result.stderr.splitlines():
         if m := ENTRY.search(line):
             current = {"file": source.name, "kernel": m.group(1), "arch": m.group(2)}
@@ -63,6 +71,8 @@ def report(source: Path, nvcc: str, arch_list: str) -> list[dict]:
             current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
         elif current and (m := REGS.search(line)):
             current["registers"] = int(m.group(1))
+        if HOPPER_WARNING.search(line):
+            warnings.append(f"{source.name}: {line.strip()}")
     for row, name in zip(rows, demangle([r["kernel"] for r in rows])):
         name = name.replace("(anonymous namespace)::", "").replace("scratchformer::", "")
         row["kernel"] = re.sub(r"^void |\(.*", "", name)  # drop the return type and the arguments
@@ -86,8 +96,10 @@ def main() -> int:
     spilling = [r for r in rows if r.get("spill_stores", 1) or r.get("spill_loads", 1)]
     for r in spilling:
         print(f"SPILL: {r['kernel']} on {r['arch']} ({r['file']})", file=sys.stderr)
-    print(f"{len(rows)} kernel builds checked, {len(spilling)} with spills")
-    return 1 if spilling or not rows else 0
+    for w in WARNINGS:
+        print(f"HOPPER: {w}", file=sys.stderr)
+    print(f"{len(rows)} kernel builds checked, {len(spilling)} with spills, {len(WARNINGS)} Hopper warnings")
+    return 1 if spilling or WARNINGS or not rows else 0
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ import re
 import shutil
 import subprocess
 
-# A100 (and sm_86/89 through it), H100, Blackwell datacenter and desktop, and PTX of the newest
-# so that a later GPU can compile the kernels when it first loads them.
-DEFAULT_ARCH_LIST = "8.0;9.0;10.0;12.0+PTX"
+# A100 (and sm_86/89 through it), H100 (as sm_90a: wgmma and setmaxnreg need the
+# architecture-specific target), Blackwell datacenter and desktop, and PTX of the newest so that a
+# later GPU can compile the kernels when it first loads them.
+DEFAULT_ARCH_LIST = "8.0;9.0a;10.0;12.0+PTX"
 
 
 def is_toolkit(path: str | None) -> bool:
@@ -59,11 +60,14 @@ def nvcc_version(cuda_home: str) -> str | None:
 
 
 def arch_list() -> str:
-    """TORCH_CUDA_ARCH_LIST if set, else DEFAULT_ARCH_LIST (also when no GPU is present)."""
-    return os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
+    """TORCH_CUDA_ARCH_LIST if set, else DEFAULT_ARCH_LIST (also when no GPU is present). A bare
+    9.0 becomes 9.0a: its machine code runs on the same GPUs (H100, H200) and holds the wgmma
+    kernels, which plain sm_90 cannot."""
+    given = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
+    return ";".join("9.0a" if a == "9.0" else a for a in re.split(r"[;\s]+", given.strip()) if a)
 
 
 def ptx_arch(arch_list: str) -> int:
     """The compute capability whose PTX an arch list embeds ("12.0+PTX" -> 120), or 0."""
     with_ptx = [a for a in re.split(r"[;\s]+", arch_list) if a.endswith("+PTX")]
-    return max((int(a.removesuffix("+PTX").replace(".", "")) for a in with_ptx), default=0)
+    return max((int(a.removesuffix("+PTX").rstrip("a").replace(".", "")) for a in with_ptx), default=0)

@@ -1,6 +1,6 @@
 """A static profile of the compiled kernels: resources, occupancy and each kernel's hot loop.
 
-    python tools/sass_stats.py                       # the installed scratchformer's kernels, sm_80 and sm_90
+    python tools/sass_stats.py                       # the installed scratchformer's kernels, sm_80 and sm_90(a)
     python tools/sass_stats.py --arch sm_90 --lib build/.../_kernels.abi3.so --filter "attention_fwd:.*bfloat16"
     python tools/sass_stats.py --check               # exit 1 when a kernel passes the ceilings below
 
@@ -12,7 +12,8 @@ For every kernel instantiation compiled for an architecture: registers, static s
 warps one SM holds. Then the hot loop: the loop (a backward branch and the code it jumps back
 over) holding the most tensor-core instructions (of several such, the leanest: the masked copy
 of a loop body that only the tiles on the causal diagonal run is not the steady state), or, for
-kernels without them, the most instructions. In it: instructions, HMMA, LDSM (ldmatrix), other shared loads, MUFU (exp2, rcp),
+kernels without them, the most instructions. In it: instructions, HMMA (mma.sync), HGMMA (Hopper's wgmma, each
+a whole warpgroup's 64 x N x 16 product), LDSM (ldmatrix), other shared loads, MUFU (exp2, rcp),
 block barriers, and integer divisions (their SASS expansion starts with I2F.U32.RP). Counts are
 static, per iteration: an inner loop inside the hot one counts once. These are facts of the
 compiled code, not timings; they predict where a kernel spends issue slots.
@@ -109,7 +110,10 @@ def demangle(names: list[str]) -> dict[str, str]:
 def dynamic_shared_bytes(file: str, kernel: str) -> int:
     """The dynamic shared memory a launcher requests; mirrors forward_shared_bytes(),
     dkv_shared_bytes(), dq_shared_bytes() and forward_simt_shared_bytes() in the attention .cu
-    files: keep them in step."""
+    files, and hopper_shared_bytes() in attention_hopper.cu: keep them in step."""
+    if m := re.match(r"hopper_forward_kernel<\w+, (\d+)>", kernel):  # hopper_shared_bytes() in attention_hopper.cu
+        d = int(m.group(1))
+        return 2048 + 128 * d * 2 + 2 * 2 * 128 * d * 2  # barriers and alignment, Q, two stages of K and V
     m = re.match(r"(dkv|dq|forward)_kernel<(\w+), (\d+)>", kernel)
     if file not in ("attention_fwd", "attention_bwd", "attention_simt") or not m:
         return 0
@@ -128,6 +132,7 @@ def dynamic_shared_bytes(file: str, kernel: str) -> int:
 class Loop:
     instructions: int = 0
     hmma: int = 0
+    hgmma: int = 0
     ldsm: int = 0
     lds: int = 0
     mufu: int = 0
@@ -158,6 +163,7 @@ def hot_loop(sass: str) -> Loop | None:
         loop = Loop(instructions=sum(1 for o, _ in body if o != "NOP"))
         for o, _ in body:
             loop.hmma += o.startswith("HMMA")
+            loop.hgmma += o.startswith("HGMMA")
             loop.ldsm += o.startswith("LDSM")
             loop.lds += o.startswith("LDS") and not o.startswith("LDSM")
             loop.mufu += o.startswith("MUFU")
@@ -165,7 +171,8 @@ def hot_loop(sass: str) -> Loop | None:
             loop.idiv += o.startswith("I2F.U32.RP") or o.startswith("I2F.RP")
         # Among loops with equally many HMMA, a kernel's steady state is the leanest: tiles on the
         # causal diagonal run a masked copy of the loop body, a few iterations per block.
-        key = (loop.hmma, -loop.instructions if loop.hmma else loop.instructions)
+        tensor = loop.hmma + loop.hgmma
+        key = (tensor, -loop.instructions if tensor else loop.instructions)
         if best_key is None or key > best_key:
             best, best_key = loop, key
     return best
@@ -217,7 +224,9 @@ def profile(library: str, archs: list[str], pattern: str | None) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch in archs:
-            cubins = re.findall(rf"ELF file\s+\d+: (\S+\.{arch}\.cubin)", listing)
+            # sm_90 means the H100 image: sm_90a where the build has it (the default), else sm_90.
+            wanted = "sm_90a?" if arch == "sm_90" else re.escape(arch)
+            cubins = re.findall(rf"ELF file\s+\d+: (\S+\.{wanted}\.cubin)", listing)
             if not cubins:
                 sys.exit(f"sass_stats: {library} has no code for {arch}")
             for cubin in cubins:
@@ -229,8 +238,10 @@ def profile(library: str, archs: list[str], pattern: str | None) -> list[dict]:
                     kernel, file = names[mangled], cubin.split(".")[0]
                     if pattern and not re.search(pattern, f"{file}:{kernel}"):
                         continue
+                    if file == "attention_hopper" and arch != "sm_90":
+                        continue  # elsewhere its body is a trap the launcher never reaches
                     shared = res["shared"] + dynamic_shared_bytes(file, kernel)
-                    number = int(arch.removeprefix("sm_"))
+                    number = int(arch.removeprefix("sm_").rstrip("a"))
                     occ = occupancy(number, res["regs"], shared, res["threads"])
                     rows.append({"file": file, "kernel": kernel, "arch": arch, **res, "shared": shared,
                                  "blocks": occ[0] if occ else None, "warps": occ[1] if occ else None,
@@ -244,7 +255,7 @@ def ratio(a: int, b: int) -> str:
 
 def table(rows: list[dict]) -> str:
     head = ("| file | kernel | arch | regs | smem KB | threads | blocks/SM | warps/SM | loop instr | HMMA | instr/HMMA "
-            "| LDSM | LDSM/HMMA | LDS | MUFU | BAR | int div |")
+            "| LDSM | LDSM/HMMA | HGMMA | LDS | MUFU | BAR | int div |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in rows:
         loop = r["loop"] or Loop()
@@ -252,7 +263,7 @@ def table(rows: list[dict]) -> str:
             f"| {r['file']} | `{r['kernel']}` | {r['arch']} | {r['regs']} | {r['shared'] / 1024:.1f} | {r['threads'] or '?'} "
             f"| {r['blocks'] if r['blocks'] is not None else '?'} | {r['warps'] if r['warps'] is not None else '?'} "
             f"| {loop.instructions} | {loop.hmma} | {ratio(loop.instructions, loop.hmma)} | {loop.ldsm} "
-            f"| {ratio(loop.ldsm, loop.hmma)} | {loop.lds} | {loop.mufu} | {loop.bar} | {loop.idiv} |"
+            f"| {ratio(loop.ldsm, loop.hmma)} | {loop.hgmma} | {loop.lds} | {loop.mufu} | {loop.bar} | {loop.idiv} |"
         )
     return "\n".join(lines)
 
@@ -266,6 +277,8 @@ def violations(rows: list[dict]) -> list[str]:
             found.append(f"{where}: {r['local']} bytes of local memory (spills)")
         if r["warps"] is not None and r["warps"] < CEILINGS["min_warps_per_sm"]:
             found.append(f"{where}: {r['warps']} warps per SM, fewer than {CEILINGS['min_warps_per_sm']}")
+        if r["file"] == "attention_hopper" and r["arch"] == "sm_90" and not (loop and loop.hgmma):
+            found.append(f"{where}: no HGMMA in its loop (the wgmma path compiled to something else)")
         if not loop or not loop.hmma:
             continue
         kind = {"attention_fwd": "forward", "attention_bwd": "backward"}.get(r["file"])

@@ -47,6 +47,7 @@ __host__ __device__ constexpr int hopper_shared_bytes() {
   return 2048 + hopper_tile_bytes<D>(kHopperBlockM) + 2 * kStages * hopper_tile_bytes<D>(kHopperBlockN);
 }
 
+#if !defined(__CUDA_ARCH__) || defined(SCRATCHFORMER_SM90A)
 // Matrix descriptors (PTX ISA, "Matrix Descriptor Format"), 128-byte swizzle, addresses in
 // 16-byte units. K-major: rows 128 bytes apart, 8-row groups 1024 apart (stride byte offset);
 // the leading byte offset is unused there (1 by convention).
@@ -59,6 +60,7 @@ __device__ __forceinline__ uint64_t mn_major_descriptor(uint32_t address, uint32
   return uint64_t((address >> 4) & 0x3fff) | uint64_t((panel_bytes >> 4) & 0x3fff) << 16 | uint64_t(1024 >> 4) << 32 |
          uint64_t(1) << 62;
 }
+#endif
 
 // 1 in the sm_90a image of this file, 0 in any other GPU image: which one the device loaded
 // says whether the wgmma kernel can run there.
@@ -159,6 +161,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
       // S = Q K^T: 64 x 128 fp32 in registers. Register i: row g + 8 ((i / 2) % 2), key 8 (i / 4) + 2c + i % 2.
       float sc[BN / 2];
       mbarrier_wait(&k_full[stage], parity);
+      wgmma_fence_operand(sc);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < KSLABS; ++kk) {
@@ -168,6 +171,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
       }
       wgmma_commit();
       wgmma_wait<0>();
+      wgmma_fence_operand(sc);
       if (lane == 0) mbarrier_arrive(&k_empty[stage]);
 
       // Online softmax over this tile's keys.
@@ -208,12 +212,16 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
         pa[ks][3] = pack2<T>(sc[8 * ks + 6], sc[8 * ks + 7]);
       }
       mbarrier_wait(&v_full[stage], parity);
+      wgmma_fence_operand(o);
+#pragma unroll
+      for (int ks = 0; ks < BN / 16; ++ks) wgmma_fence_operand(pa[ks]);
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < BN / 16; ++ks)
         wgmma_rs<T, D, true>(o, pa[ks], mn_major_descriptor(v_stage + ks * 16 * 128, BN * 128), true);
       wgmma_commit();
       wgmma_wait<0>();
+      wgmma_fence_operand(o);
       if (lane == 0) mbarrier_arrive(&v_empty[stage]);
     };
     int j = 0;

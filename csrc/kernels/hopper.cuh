@@ -4,8 +4,8 @@
 // tests/emulator/hopper.cuh can swap in CPU versions with the same names and semantics.
 //
 // Targets: mbarrier, cp.async.bulk.tensor and fence.proxy.async need sm_90; wgmma and setmaxnreg
-// need sm_90a (built as -gencode=arch=compute_90a,code=sm_90a). Elsewhere they trap, and the
-// launchers never take a path that reaches them.
+// need sm_90a (built as -gencode=arch=compute_90a,code=sm_90a). Compiled for an older GPU each
+// traps, and the launchers never take a path that reaches them there.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap and its enums (the type only: no driver library is linked)
@@ -62,6 +62,8 @@ inline const char* make_tensor_map(CUtensorMap* map, const void* base, int elem_
 __device__ __forceinline__ void mbarrier_init(uint64_t* bar, int count) {
 #ifdef SCRATCHFORMER_SM90
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count));
+#elif defined(__CUDA_ARCH__)
+  __trap();
 #endif
 }
 
@@ -69,12 +71,16 @@ __device__ __forceinline__ void mbarrier_init(uint64_t* bar, int count) {
 __device__ __forceinline__ void fence_mbarrier_init() {
 #ifdef SCRATCHFORMER_SM90
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
 #endif
 }
 
 __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
 #ifdef SCRATCHFORMER_SM90
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
 #endif
 }
 
@@ -82,6 +88,8 @@ __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
 __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
 #ifdef SCRATCHFORMER_SM90
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
 #endif
 }
 
@@ -98,6 +106,8 @@ __device__ __forceinline__ bool mbarrier_try_wait(uint64_t* bar, uint32_t parity
       : "=r"(done)
       : "r"(smem_addr(bar)), "r"(parity)
       : "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
 #endif
   return done != 0;
 }
@@ -123,6 +133,8 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
 __device__ __forceinline__ void fence_proxy_async() {
 #ifdef SCRATCHFORMER_SM90
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
 #endif
 }
 
@@ -138,6 +150,8 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, u
           smem_addr(dst)),
       "l"(map), "r"(smem_addr(bar)), "r"(c0), "r"(c1)
       : "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
 #endif
 }
 __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2) {
@@ -147,6 +161,8 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, u
       "[%2];\n" ::"r"(smem_addr(dst)),
       "l"(map), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2)
       : "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
 #endif
 }
 __device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2,
@@ -157,6 +173,8 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, u
       "[%2];\n" ::"r"(smem_addr(dst)),
       "l"(map), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
       : "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
 #endif
 }
 
@@ -174,17 +192,33 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, u
   "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
 #define SCRATCHFORMER_F32(i) SCRATCHFORMER_F8(i), SCRATCHFORMER_F8(i + 8), SCRATCHFORMER_F8(i + 16), SCRATCHFORMER_F8(i + 24)
 
+// An empty asm that reads and writes these registers: the compiler may not move their other
+// accesses across it. Around wgmma_fence and wgmma_wait, so that no access to accumulators or A
+// registers drifts into the span where a wgmma owns them (PTX ISA: undefined behaviour).
+template <int K>
+__device__ __forceinline__ void wgmma_fence_operand(float (&r)[K]) {
+#pragma unroll
+  for (int i = 0; i < K; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int K>
+__device__ __forceinline__ void wgmma_fence_operand(uint32_t (&r)[K]) {
+#pragma unroll
+  for (int i = 0; i < K; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
 // wgmma.fence: registers written by other instructions may be read by the wgmma that follow.
 __device__ __forceinline__ void wgmma_fence() {
 #ifdef SCRATCHFORMER_SM90A
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#else
+#elif defined(__CUDA_ARCH__)
   __trap();
 #endif
 }
 __device__ __forceinline__ void wgmma_commit() {
 #ifdef SCRATCHFORMER_SM90A
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
 #endif
 }
 // Every group but the newest N has completed: their accumulators may be read.
@@ -192,6 +226,8 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
 #ifdef SCRATCHFORMER_SM90A
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
 #endif
 }
 
@@ -210,6 +246,7 @@ __device__ __forceinline__ void wgmma_wait() {
 template <typename T, int N, bool TRANS_B>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
   static_assert(N == 64 || N == 128, "wgmma_ss: N of 64 or 128");
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, "wgmma: fp16 or bf16 inputs");
 #ifdef SCRATCHFORMER_SM90A
   constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
   if constexpr (N == 64 && bf16)
@@ -228,7 +265,7 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uin
     asm volatile(SCRATCHFORMER_WGMMA("128", "f16", SCRATCHFORMER_ACC64, "%64", "65", "66", "67", "0, ")
                  : SCRATCHFORMER_F32(0), SCRATCHFORMER_F32(32)
                  : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)), "n"(int(TRANS_B)));
-#else
+#elif defined(__CUDA_ARCH__)
   __trap();
 #endif
 }
@@ -238,6 +275,7 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uin
 template <typename T, int N, bool TRANS_B>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b, bool accumulate) {
   static_assert(N == 64 || N == 128, "wgmma_rs: N of 64 or 128");
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, "wgmma: fp16 or bf16 inputs");
 #ifdef SCRATCHFORMER_SM90A
   constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
   if constexpr (N == 64 && bf16)
@@ -256,7 +294,7 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
     asm volatile(SCRATCHFORMER_WGMMA("128", "f16", SCRATCHFORMER_ACC64, "{%64, %65, %66, %67}", "68", "69", "70", "")
                  : SCRATCHFORMER_F32(0), SCRATCHFORMER_F32(32)
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(int(accumulate)), "n"(int(TRANS_B)));
-#else
+#elif defined(__CUDA_ARCH__)
   __trap();
 #endif
 }
@@ -271,6 +309,8 @@ __device__ __forceinline__ void setmaxnreg_inc() {
   static_assert(REGS >= 24 && REGS <= 256 && REGS % 8 == 0, "setmaxnreg takes 24 to 256 registers, a multiple of 8");
 #ifdef SCRATCHFORMER_SM90A
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
+#elif defined(__CUDA_ARCH__)
+  __trap();
 #endif
 }
 template <int REGS>
@@ -278,6 +318,8 @@ __device__ __forceinline__ void setmaxnreg_dec() {
   static_assert(REGS >= 24 && REGS <= 256 && REGS % 8 == 0, "setmaxnreg takes 24 to 256 registers, a multiple of 8");
 #ifdef SCRATCHFORMER_SM90A
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS));
+#elif defined(__CUDA_ARCH__)
+  __trap();
 #endif
 }
 

@@ -85,7 +85,10 @@ def check_attention(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
             key = f"{name} (Tq={t_q}, Tk={t_k}, {4 // kv_heads} queries per kv head)"
             errors[key] = (err, err_ref)
             passed &= ok
-    return Result("causal_attention", f"{str(dtype).removeprefix('torch.')} D={head_dim}", str(device), errors, passed)
+    config = f"{str(dtype).removeprefix('torch.')} D={head_dim}"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0) and dtype != torch.float32 and head_dim in (64, 128):
+        config += ", wgmma forward"  # the prefill shapes take the Hopper kernel there (attention_hopper.cu)
+    return Result("causal_attention", config, str(device), errors, passed)
 
 
 def check_layer_norm(device: torch.device, dtype: torch.dtype, weight_dtype: torch.dtype) -> Result:

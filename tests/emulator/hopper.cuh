@@ -102,11 +102,13 @@ struct Mbarrier {
   long tx = 0, phase = 0;
   bool fenced = false;  // fence.mbarrier_init (or fence.proxy.async) by its initialising thread
   int init_thread = -1;
+  long init_generation = 0;  // the block barrier generation at init: others may use it after the next
   std::vector<BulkCopy> copies;  // issued, not landed
 };
 
 struct NamedBarrier {
   int arrived = 0, expected = 0;
+  uint64_t warps = 0;  // which warps have arrived in this round
   long generation = 0;
 };
 
@@ -125,6 +127,8 @@ struct PendingWgmma {
   std::shared_ptr<WgmmaOp> op;
   float* d;
   std::vector<float> result;
+  const uint32_t* a = nullptr;  // A registers (wgmma_rs), which must hold still until the wait
+  uint32_t a_values[4] = {};
 };
 
 struct State {
@@ -132,6 +136,10 @@ struct State {
   NamedBarrier named[16];
   std::map<std::pair<int, long>, std::shared_ptr<WgmmaOp>> building;  // (warpgroup, issue number)
   std::vector<long> issued;                                           // wgmma issues per thread
+  // Per thread: registers wgmma has used (address -> 32-bit words) and their values at the last
+  // wgmma.fence; a wgmma finding them changed since was not fenced against that write.
+  std::vector<std::map<const void*, std::vector<uint32_t>>> fenced;
+  std::map<int, int> registers;  // warpgroup -> its setmaxnreg count, once set
 };
 inline State state;
 
@@ -142,13 +150,26 @@ inline bool in_flight(uint32_t window, long bytes) {  // overlaps a bulk copy no
   return false;
 }
 
+constexpr uint64_t kMbarrierBits = 0x5eed5eed5eed5eedull;  // what an initialised mbarrier's word holds here
+
 inline Mbarrier& mbarrier(const void* bar) {
   auto it = state.mbarriers.find(bar);
   if (it == state.mbarriers.end()) emu::fail("an mbarrier used before mbarrier.init");
-  return it->second;
+  if (*static_cast<const uint64_t*>(bar) != kMbarrierBits) emu::fail("an mbarrier's word overwritten by an ordinary store");
+  Mbarrier& m = it->second;
+  if (emu::linear_thread != m.init_thread && emu::block_generation == m.init_generation)
+    emu::fail("an mbarrier used by another thread before a block barrier followed its init");
+  return m;
+}
+
+// PTX ISA, mbarrier contents: pending arrivals in [0, 2^20 - 1], tx-count in [-(2^20 - 1), 2^20 - 1].
+inline void check_ranges(const Mbarrier& m) {
+  if (m.pending < 0) emu::fail("more arrivals on an mbarrier than its phase expects");
+  if (m.tx > (1 << 20) - 1 || m.tx < -((1 << 20) - 1)) emu::fail("an mbarrier's transaction count out of range");
 }
 
 inline void complete_phase_if_done(Mbarrier& m) {
+  check_ranges(m);
   if (m.pending == 0 && m.tx == 0) {
     ++m.phase;
     m.pending = m.count;
@@ -189,6 +210,20 @@ inline void reset_block() {
   for (NamedBarrier& b : state.named) b = NamedBarrier{};
   state.building.clear();
   state.issued.assign(emu::block_dim.x * emu::block_dim.y * emu::block_dim.z, 0);
+  state.fenced.assign(state.issued.size(), {});
+  state.registers.clear();
+}
+
+// Registers a wgmma reads or writes must not change between the wgmma.fence and the wgmma.
+inline void check_fenced(const void* regs, int words) {
+  auto& mine = state.fenced[emu::linear_thread];
+  auto it = mine.find(regs);
+  if (it != mine.end() && (int(it->second.size()) != words || std::memcmp(it->second.data(), regs, 4 * words)))
+    emu::fail("registers a wgmma uses were written after the wgmma.fence before it");
+}
+inline void note_fenced(const void* regs, int words) {
+  const auto* w = static_cast<const uint32_t*>(regs);
+  state.fenced[emu::linear_thread][regs].assign(w, w + words);
 }
 inline const bool registered = (emu::hopper_block_start = reset_block, true);
 
@@ -199,11 +234,13 @@ inline const bool registered = (emu::hopper_block_start = reset_block, true);
 inline void mbarrier_init(uint64_t* bar, int count) {
   if (count < 1 || count > (1 << 20) - 1) emu::fail("mbarrier.init count out of range");
   if (reinterpret_cast<uintptr_t>(bar) % 8) emu::fail("an mbarrier must be 8-byte aligned");
+  if (emulated::state.mbarriers.count(bar)) emu::fail("mbarrier.init on an mbarrier already initialised");
   emulated::Mbarrier m;
   m.count = m.pending = count;
   m.init_thread = emu::linear_thread;
+  m.init_generation = emu::block_generation;
   emulated::state.mbarriers[bar] = m;
-  *bar = 0x5eed5eed5eed5eedull;  // the object's bits are the hardware's own, not the program's
+  *bar = emulated::kMbarrierBits;  // the object's bits are the hardware's own, not the program's
 }
 
 // fence.mbarrier_init: this thread's mbarrier.init become visible to the async proxy.
@@ -228,6 +265,8 @@ inline void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
 namespace emulated {
 inline bool phase_done(uint64_t* bar, uint32_t parity) {
   Mbarrier& m = mbarrier(bar);
+  // A phase completed without waiting for a copy (no expect_tx for it) does not deliver it.
+  if (uint32_t(m.phase & 1) != (parity & 1)) return true;
   if (!m.copies.empty()) land(m);
   return uint32_t(m.phase & 1) != (parity & 1);
 }
@@ -258,10 +297,19 @@ inline emulated::NamedBarrier& named_barrier(int id, int threads) {
   return b;
 }
 
+// bar.arrive / bar.sync are .aligned: a whole warp arrives at once and counts 32 threads; a warp
+// arriving twice before the barrier completes is an error.
 inline void named_barrier_arrive(int id, int threads) {
+  for (int other : emu::warp_all(id))
+    if (other != id) emu::fail("a warp's lanes arrive at different named barriers");
   emulated::NamedBarrier& b = named_barrier(id, threads);
-  if (++b.arrived == b.expected) {
+  if (emu::lane_of() != 0) return;
+  const uint64_t bit = uint64_t(1) << emu::warp_of();
+  if (b.warps & bit) emu::fail("a warp arrives twice at a named barrier before it completes");
+  b.warps |= bit;
+  if ((b.arrived += 32) == b.expected) {
     b.arrived = 0;
+    b.warps = 0;
     ++b.generation;
     ++emu::progress;
   }
@@ -424,14 +472,24 @@ void issue(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64_t de
   std::shared_ptr<WgmmaOp> op = slot;
   if (++op->fetched == 128) state.building.erase({group, number});
 
+  check_fenced(d, n / 2);
+  if (a_regs) check_fenced(a_regs, 4);
   // The accumulator's input: the newest pending result for d, or the registers as they are.
   std::vector<float> in(d, d + n / 2);
   const PendingWgmma* newest = nullptr;
+  auto consider = [&](const std::shared_ptr<void>& p) {
+    auto* q = static_cast<PendingWgmma*>(p.get());
+    const long qn = long(q->result.size());
+    if (q->d == d) {
+      if (q->op->n != n) emu::fail("a wgmma of another shape on accumulators a pending wgmma holds");
+      newest = q;
+    } else if (q->d < d + n / 2 && d < q->d + qn) {
+      emu::fail("a wgmma's accumulators overlap part of a pending wgmma's");
+    }
+  };
   for (const auto& g : f.wgmma_groups)
-    for (const auto& p : g)
-      if (static_cast<PendingWgmma*>(p.get())->d == d) newest = static_cast<PendingWgmma*>(p.get());
-  for (const auto& p : f.wgmma_open)
-    if (static_cast<PendingWgmma*>(p.get())->d == d) newest = static_cast<PendingWgmma*>(p.get());
+    for (const auto& p : g) consider(p);
+  for (const auto& p : f.wgmma_open) consider(p);
   if (newest) {
     for (int i = 0; i < n / 2; ++i)
       if (!is_poison(d[i])) emu::fail("wgmma accumulators written while a wgmma on them is pending");
@@ -450,6 +508,12 @@ void issue(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64_t de
     pending->result[i] = (accumulate ? in[i] : 0.f) + sum;
   }
   for (int i = 0; i < n / 2; ++i) d[i] = poison_float();
+  if (a_regs) {
+    pending->a = a_regs;
+    std::memcpy(pending->a_values, a_regs, sizeof(pending->a_values));
+    note_fenced(a_regs, 4);
+  }
+  note_fenced(d, n / 2);  // this wgmma's own write (the poison) is no unfenced change
   f.wgmma_open.push_back(pending);
 }
 
@@ -459,7 +523,16 @@ void issue(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64_t de
 inline void wgmma_fence() {
   emu::group_all(0);  // .sync.aligned: the whole warpgroup
   emu::fibers[emu::current].wgmma_fenced = true;
+  for (auto& [regs, words] : emulated::state.fenced[emu::linear_thread])
+    std::memcpy(words.data(), regs, 4 * words.size());
 }
+
+// Keeps the compiler from moving accesses to these registers across a wgmma fence or wait (on
+// the GPU an empty asm that reads and writes them); nothing to do here.
+template <int K>
+inline void wgmma_fence_operand(float (&)[K]) {}
+template <int K>
+inline void wgmma_fence_operand(uint32_t (&)[K]) {}
 
 inline void wgmma_commit() {
   emu::Fiber& f = emu::fibers[emu::current];
@@ -489,6 +562,8 @@ inline void wgmma_wait() {
           emulated::read_operand(op.desc_b, op.trans_b, op.n) != op.b_bits)
         emu::fail("shared memory read by a wgmma changed before its wait_group");
     }
+    if (pending.a && std::memcmp(pending.a, pending.a_values, sizeof(pending.a_values)))
+      emu::fail("a pending wgmma's A registers changed before its wait_group");
     bool chained = false;  // a later wgmma on the same registers carries this result on
     for (size_t j = i + 1; j < order.size(); ++j) chained |= order[j]->d == pending.d;
     if (chained) continue;
@@ -517,20 +592,27 @@ inline void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b,
 
 // ---- setmaxnreg -------------------------------------------------------------------------------
 
-// setmaxnreg.{inc,dec}.sync.aligned.u32: the whole warpgroup, one count in [24, 256], a multiple of 8.
+// setmaxnreg.{inc,dec}.sync.aligned.u32: the whole warpgroup, one action and one count in [24,
+// 256], a multiple of 8; inc may not lower the warpgroup's count, dec may not raise it.
 template <int REGS>
-inline void setmaxnreg() {
+inline void setmaxnreg(int increase) {
   static_assert(REGS >= 24 && REGS <= 256 && REGS % 8 == 0, "setmaxnreg takes 24 to 256 registers, a multiple of 8");
-  for (int r : emu::group_all(REGS))
-    if (r != REGS) emu::fail("a warpgroup's threads ask setmaxnreg for different counts");
+  for (int r : emu::group_all(REGS * 2 + increase))
+    if (r != REGS * 2 + increase) emu::fail("a warpgroup's threads ask setmaxnreg for different counts or directions");
+  auto [it, first] = emulated::state.registers.emplace(emu::warp_of() / 4, REGS);
+  if (!first && emu::linear_thread % 128 == 0) {
+    if (increase ? it->second > REGS : it->second < REGS) emu::fail("setmaxnreg.inc below, or .dec above, the current count");
+  }
+  emu::group_all(0);  // every thread has checked before the count changes
+  it->second = REGS;
 }
 template <int REGS>
 inline void setmaxnreg_inc() {
-  setmaxnreg<REGS>();
+  setmaxnreg<REGS>(1);
 }
 template <int REGS>
 inline void setmaxnreg_dec() {
-  setmaxnreg<REGS>();
+  setmaxnreg<REGS>(0);
 }
 
 }  // namespace scratchformer

@@ -84,7 +84,7 @@ struct GemmParams {
   int k, groups, swizzle, desc_swizzle;
   bool b_mn_major, a_in_registers;
   // Deliberate mistakes.
-  bool skip_proxy_fence, skip_wgmma_fence, skip_wait, touch_smem, touch_accumulators;
+  bool skip_proxy_fence, skip_wgmma_fence, skip_wait, touch_smem, touch_accumulators, touch_a, write_after_fence;
 };
 
 uint64_t with_swizzle_field(uint64_t desc, int swizzle) {  // the layout field alone replaced
@@ -109,20 +109,22 @@ void gemm_kernel(GemmParams p) {
 
   const int g = tid / 128, t = tid % 128;
   float d[N / 2];
+  // A in registers: written before the fence, held until the wait (a pending wgmma reads them).
+  uint32_t a_regs[8][4];  // K <= 128
+  for (int ks = 0; p.a_in_registers && ks < K / 16; ++ks)
+    for (int reg = 0; reg < 4; ++reg) {
+      a_regs[ks][reg] = 0;
+      for (int half = 0; half < 2; ++half) {
+        int row, k;
+        ref::a_fragment_position(t, reg, half, &row, &k);
+        a_regs[ks][reg] |= uint32_t(p.a[(64 * g + row) * K + 16 * ks + k]) << (16 * half);
+      }
+    }
   if (!p.skip_wgmma_fence) wgmma_fence();
   for (int ks = 0; ks < K / 16; ++ks) {
     const uint64_t db = with_swizzle_field(ref::descriptor(b_major, swz, N, K, smem_addr(b_tile), 0, 16 * ks), p.desc_swizzle);
     if (p.a_in_registers) {
-      uint32_t a[4];
-      for (int reg = 0; reg < 4; ++reg) {
-        a[reg] = 0;
-        for (int half = 0; half < 2; ++half) {
-          int row, k;
-          ref::a_fragment_position(t, reg, half, &row, &k);
-          a[reg] |= uint32_t(p.a[(64 * g + row) * K + 16 * ks + k]) << (16 * half);
-        }
-      }
-      wgmma_rs<T, N, TRANS_B>(d, a, db, ks > 0);
+      wgmma_rs<T, N, TRANS_B>(d, a_regs[ks], db, ks > 0);
     } else {
       const uint64_t da =
           with_swizzle_field(ref::descriptor(ref::Major::kK, swz, M, K, smem_addr(a_tile), 64 * g, 16 * ks), p.desc_swizzle);
@@ -135,7 +137,16 @@ void gemm_kernel(GemmParams p) {
     fence_proxy_async();
   }
   if (p.touch_accumulators) d[0] = 0.f;
+  if (p.touch_a) a_regs[0][0] ^= 1;
   if (!p.skip_wait) wgmma_wait<0>();
+  if (p.write_after_fence) {  // accumulators written between the fence and the wgmma that adds to them
+    wgmma_fence();
+    d[0] = 1.f;
+    wgmma_ss<T, N, TRANS_B>(d, ref::descriptor(ref::Major::kK, swz, M, K, smem_addr(a_tile), 64 * g, 0),
+                            ref::descriptor(b_major, swz, N, K, smem_addr(b_tile), 0, 0), true);
+    wgmma_commit();
+    wgmma_wait<0>();
+  }
   for (int i = 0; i < N / 2; ++i) {
     int row, col;
     ref::accumulator_position(N, t, i, &row, &col);
@@ -152,6 +163,7 @@ int run_gemm() {
   p.b_mn_major = opt_s("b", "k") == "mn", p.a_in_registers = opt_s("a", "smem") == "regs";
   p.skip_proxy_fence = opt("skip_proxy_fence", 0), p.skip_wgmma_fence = opt("skip_wgmma_fence", 0);
   p.skip_wait = opt("skip_wait", 0), p.touch_smem = opt("touch_smem", 0), p.touch_accumulators = opt("touch_accumulators", 0);
+  p.touch_a = opt("touch_a", 0), p.write_after_fence = opt("write_after_fence", 0);
   const int M = 64 * p.groups, K = p.k;
   const auto a = random_bits<T>(size_t(M) * K, 1), b = random_bits<T>(size_t(N) * K, 2);
   std::vector<float> out(size_t(M) * N, -1.f);
@@ -246,7 +258,7 @@ struct CopyParams {
   int coords[4];
   long bytes;
   unsigned char* out;  // the shared-memory image of the destination
-  bool read_early, skip_fence;
+  bool read_early, skip_fence, plain_arrive;
 };
 
 void copy_kernel(CopyParams p) {
@@ -258,7 +270,10 @@ void copy_kernel(CopyParams p) {
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    mbarrier_arrive_expect_tx(bar, uint32_t(p.bytes));
+    if (p.plain_arrive)  // the phase completes at once: nothing waits for the copy
+      mbarrier_arrive(bar);
+    else
+      mbarrier_arrive_expect_tx(bar, uint32_t(p.bytes));
     emulated::tma_load(dst, &p.map, bar, p.map.rank, p.coords);
   }
   if (!p.read_early) mbarrier_wait(bar, 0);
@@ -291,7 +306,7 @@ int test_copy() {
   for (int i = 0; i < rank; ++i) p.coords[i] = coords[i], p.bytes *= box[i];
   std::vector<unsigned char> out(p.bytes);
   p.out = out.data();
-  p.read_early = opt("read_early", 0), p.skip_fence = opt("skip_fence", 0);
+  p.read_early = opt("read_early", 0), p.skip_fence = opt("skip_fence", 0), p.plain_arrive = opt("plain_arrive", 0);
   emu::launch(copy_kernel, dim3(1), dim3(64), p.bytes + 2048, nullptr, p);
   if (p.read_early) {
     long garbage = 0;
@@ -466,6 +481,37 @@ void rules_kernel(SyncParams p) {
         setmaxnreg_inc<240>();
       break;
     case 2: mbarrier_arrive(reinterpret_cast<uint64_t*>(emu::dynamic_smem())); break;
+    case 3:  // up, then "down" to more
+      setmaxnreg_inc<232>();
+      setmaxnreg_dec<240>();
+      break;
+    case 4:  // half the warpgroup up, half down
+      if (threadIdx.x < 64)
+        setmaxnreg_inc<232>();
+      else
+        setmaxnreg_dec<232>();
+      break;
+    case 5:  // warp 0 arrives twice at a barrier of 64 threads that warp 1 never reaches
+      if (threadIdx.x < 32) {
+        named_barrier_arrive(1, 64);
+        named_barrier_arrive(1, 64);
+      }
+      break;
+    case 6:
+      if (threadIdx.x == 0) {
+        mbarrier_init(reinterpret_cast<uint64_t*>(emu::dynamic_smem()), 1);
+        mbarrier_init(reinterpret_cast<uint64_t*>(emu::dynamic_smem()), 1);
+      }
+      break;
+    case 7: {  // one arrival too many in a phase still waiting for bytes
+      auto* bar = reinterpret_cast<uint64_t*>(emu::dynamic_smem());
+      if (threadIdx.x == 0) {
+        mbarrier_init(bar, 1);
+        mbarrier_arrive_expect_tx(bar, 64);
+        mbarrier_arrive(bar);
+      }
+      break;
+    }
   }
 }
 
