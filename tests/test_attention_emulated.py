@@ -229,11 +229,12 @@ def test_emulated_hopper_forward_reads_strided_inputs_in_place(kernels):
 
 HOPPER_MISTAKES = {
     # Each edit is a bug a GPU would punish; the emulator must catch each one.
-    "no wait for the P V products": ("      wgmma_wait<0>();\n      wgmma_fence_operand(o);\n", "      wgmma_fence_operand(o);\n"),
-    "no wait for K to land": ("      mbarrier_wait(&k_full[stage], parity);\n", ""),
+    "no wait for the last P V": ("    issue_pv(tiles - 1);\n    hand_over();\n    wgmma_wait<0>();", "    issue_pv(tiles - 1);\n    hand_over();"),
+    "P V not waited for before O is rescaled": ("      softmax(j, masked, alpha);\n      wgmma_wait<0>();", "      softmax(j, masked, alpha);"),
+    "no wait for K to land": ("      wait_full(k_full, j);\n", ""),
     "64-byte swizzle described": ("uint64_t(1024 >> 4) << 32 | uint64_t(1) << 62;\n}", "uint64_t(1024 >> 4) << 32 | uint64_t(2) << 62;\n}"),
-    "K released before S is done": ("      wgmma_wait<0>();\n      wgmma_fence_operand(sc);\n      if (lane == 0) mbarrier_arrive(&k_empty[stage]);",
-                                    "      if (lane == 0) mbarrier_arrive(&k_empty[stage]);\n      wgmma_wait<0>();\n      wgmma_fence_operand(sc);"),
+    "V released before P V is done": ("      wgmma_wait<0>();\n      wgmma_fence_operand(o);\n      release(v_empty, j - 1);",
+                                      "      release(v_empty, j - 1);\n      wgmma_wait<0>();\n      wgmma_fence_operand(o);"),
 }
 # A mutated kernel may stop the emulator (abort), so it runs in a process of its own.
 RUN_ONE = """

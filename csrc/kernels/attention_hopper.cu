@@ -16,8 +16,10 @@
 // copy engine, so loads need no bounds code. Shared tiles are 64-column panels (128 bytes per
 // row, the swizzle's span) side by side: one copy box each, and a descriptor start address
 // that steps 32 bytes per 16 columns inside a panel.
-// Not yet here (FlashAttention-3 has them): the two consumers' ping-pong over named barriers and
-// the next tile's S issued before this tile's softmax; the output leaves through ordinary stores.
+// Within a consumer, S(j) is issued together with P(j - 1) V(j - 1), and the softmax of S(j)
+// runs while the tensor cores finish P(j - 1) V(j - 1); the two consumers take turns issuing
+// (named barriers: ping-pong), so that one's softmax also overlaps the other's products. The
+// output leaves through ordinary stores (FlashAttention-3 stages it for a bulk copy).
 #include <cuda_runtime.h>
 
 #include <type_traits>
@@ -153,16 +155,14 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.f, 0.f};
     mbarrier_wait(q_full, 0);
 
-    auto step = [&](int j, auto masked) {
-      const int stage = j % kStages;
-      const uint32_t parity = (j / kStages) & 1;
-      const uint32_t k_stage = smem_addr(k_tiles + stage * KV_BYTES), v_stage = smem_addr(v_tiles + stage * KV_BYTES);
-
-      // S = Q K^T: 64 x 128 fp32 in registers. Register i: row g + 8 ((i / 2) % 2), key 8 (i / 4) + 2c + i % 2.
-      float sc[BN / 2];
-      mbarrier_wait(&k_full[stage], parity);
-      wgmma_fence_operand(sc);
-      wgmma_fence();
+    // S(j) = Q K(j)^T into sc: 64 x 128 fp32. Register i: row g + 8 ((i / 2) % 2), key 8 (i / 4) + 2c + i % 2.
+    float sc[BN / 2];
+    uint32_t pa[BN / 16][4];  // P(j - 1) as A registers: 16-key slabs
+    // The waits for K(j) and V(j) come before the wgmma.fence: a spin loop between the fence and
+    // the products would make ptxas fence again inside it and serialise the wgmma (C7520).
+    auto wait_full = [&](uint64_t* full, int j) { mbarrier_wait(&full[j % kStages], (j / kStages) & 1); };
+    auto issue_s = [&](int j) {
+      const uint32_t k_stage = smem_addr(k_tiles + j % kStages * KV_BYTES);
 #pragma unroll
       for (int kk = 0; kk < KSLABS; ++kk) {
         const uint32_t step_bytes = (kk % 4) * 32;  // 16 columns further inside the panel
@@ -170,11 +170,36 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
                                k_major_descriptor(k_stage + (kk / 4) * BN * 128 + step_bytes), kk > 0);
       }
       wgmma_commit();
-      wgmma_wait<0>();
+    };
+    // O += P(j) V(j): V's rows (keys) as k, its columns (d) as N, MN-major.
+    auto issue_pv = [&](int j) {
+      const uint32_t v_stage = smem_addr(v_tiles + j % kStages * KV_BYTES);
+#pragma unroll
+      for (int ks = 0; ks < BN / 16; ++ks)
+        wgmma_rs<T, D, true>(o, pa[ks], mn_major_descriptor(v_stage + ks * 16 * 128, BN * 128), true);
+      wgmma_commit();
+    };
+    auto fence_registers = [&] {  // before the products' issue
       wgmma_fence_operand(sc);
-      if (lane == 0) mbarrier_arrive(&k_empty[stage]);
+      wgmma_fence_operand(o);
+#pragma unroll
+      for (int ks = 0; ks < BN / 16; ++ks) wgmma_fence_operand(pa[ks]);
+      wgmma_fence();
+    };
+    // Ping-pong: the two consumers take turns issuing their products (named barriers 1 and 2), so
+    // one's softmax runs while the other's products keep the tensor cores busy. Consumer 0 goes
+    // first; every turn but consumer 1's last hands over, so the barriers balance.
+    const int turns = tiles + 1;
+    int turn = 0;
+    auto take_turn = [&] { named_barrier_sync(1 + group, 256); };
+    auto hand_over = [&] {
+      if (++turn < turns || group == 0) named_barrier_arrive(2 - group, 256);
+    };
+    if (group == 1) named_barrier_arrive(1, 256);
 
-      // Online softmax over this tile's keys.
+    // Online softmax of S(j) in place (sc becomes P(j), unnormalised); returns O's factor per row.
+    // `masked`: keys past a query's diagonal or past the end count as -inf.
+    auto softmax = [&](int j, auto masked, float (&alpha)[2]) {
       const int n0 = j * BN;
       float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -185,7 +210,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
         }
         tile_max[(i / 2) % 2] = fmaxf(tile_max[(i / 2) % 2], sc[i]);
       }
-      float alpha[2], shift[2];
+      float shift[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const float m_new = fmaxf(m_row[r], quad_max(tile_max[r]));  // finite: key 0 is in tile 0
@@ -199,11 +224,10 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
         sc[i] = exp2_approx(fmaf(sc[i], scale2, -shift[(i / 2) % 2]));
         l_row[(i / 2) % 2] += sc[i];
       }
+    };
+    auto rescale_and_pack = [&](const float (&alpha)[2]) {
 #pragma unroll
       for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i / 2) % 2];
-
-      // O += P V: P's 16-key slabs as A registers, V's rows (keys) as k and its columns (d) as N.
-      uint32_t pa[BN / 16][4];
 #pragma unroll
       for (int ks = 0; ks < BN / 16; ++ks) {
         pa[ks][0] = pack2<T>(sc[8 * ks + 0], sc[8 * ks + 1]);
@@ -211,22 +235,58 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
         pa[ks][2] = pack2<T>(sc[8 * ks + 4], sc[8 * ks + 5]);
         pa[ks][3] = pack2<T>(sc[8 * ks + 6], sc[8 * ks + 7]);
       }
-      mbarrier_wait(&v_full[stage], parity);
-      wgmma_fence_operand(o);
-#pragma unroll
-      for (int ks = 0; ks < BN / 16; ++ks) wgmma_fence_operand(pa[ks]);
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < BN / 16; ++ks)
-        wgmma_rs<T, D, true>(o, pa[ks], mn_major_descriptor(v_stage + ks * 16 * 128, BN * 128), true);
-      wgmma_commit();
+    };
+    auto release = [&](uint64_t* empty, int j) {
+      if (lane == 0) mbarrier_arrive(&empty[j % kStages]);
+    };
+
+    // Tile 0 alone; then each step issues S(j) with P(j - 1) V(j - 1) and runs the softmax of S(j)
+    // while the tensor cores finish P(j - 1) V(j - 1); the last P V closes.
+    {
+      wait_full(k_full, 0);
+      take_turn();
+      fence_registers();
+      issue_s(0);
+      hand_over();
+      wgmma_wait<0>();
+      wgmma_fence_operand(sc);
+      release(k_empty, 0);
+      float alpha[2];
+      if (plain_tiles > 0)
+        softmax(0, std::false_type{}, alpha);
+      else
+        softmax(0, std::true_type{}, alpha);
+      rescale_and_pack(alpha);
+    }
+    auto step = [&](int j, auto masked) {
+      wait_full(k_full, j);
+      wait_full(v_full, j - 1);
+      take_turn();
+      fence_registers();
+      issue_s(j);
+      issue_pv(j - 1);
+      hand_over();
+      wgmma_wait<1>();  // S(j) done; P(j - 1) V(j - 1) may still run
+      wgmma_fence_operand(sc);
+      release(k_empty, j);
+      float alpha[2];
+      softmax(j, masked, alpha);
       wgmma_wait<0>();
       wgmma_fence_operand(o);
-      if (lane == 0) mbarrier_arrive(&v_empty[stage]);
+      release(v_empty, j - 1);
+      rescale_and_pack(alpha);
     };
-    int j = 0;
+    int j = 1;
     for (; j < plain_tiles; ++j) step(j, std::false_type{});
     for (; j < tiles; ++j) step(j, std::true_type{});
+    wait_full(v_full, tiles - 1);
+    take_turn();
+    fence_registers();
+    issue_pv(tiles - 1);
+    hand_over();
+    wgmma_wait<0>();
+    wgmma_fence_operand(o);
+    release(v_empty, tiles - 1);
 
     // Normalise and write this thread's pairs of columns; the log-sum-exp per row.
 #pragma unroll

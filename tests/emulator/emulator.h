@@ -112,6 +112,7 @@ alignas(16) inline unsigned char group_exchange[8][128][64];
 inline std::vector<unsigned char> async_view;
 // Per-block state of the Hopper instructions (mbarriers, named barriers), reset for each block.
 inline std::function<void()> hopper_block_start = [] {};
+inline std::function<void()> hopper_block_end = [] {};
 
 // Called by every thread at a static __shared__ declaration: the first call of each block fills
 // the array with 0xff bytes, before any thread of the block can have written it.
@@ -280,6 +281,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem, 
           }
           if (remaining > 0 && progress == before) fail("deadlock: threads wait at barriers that never complete");
         }
+        hopper_block_end();
       }
 }
 

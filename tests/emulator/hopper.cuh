@@ -225,7 +225,14 @@ inline void note_fenced(const void* regs, int words) {
   const auto* w = static_cast<const uint32_t*>(regs);
   state.fenced[emu::linear_thread][regs].assign(w, w + words);
 }
-inline const bool registered = (emu::hopper_block_start = reset_block, true);
+// A block ends with no bulk copy in flight and no named barrier half-arrived.
+inline void end_block() {
+  for (const auto& [bar, m] : state.mbarriers)
+    if (!m.copies.empty()) emu::fail("a block exits with bulk copies in flight (no thread waited for them)");
+  for (const NamedBarrier& b : state.named)
+    if (b.arrived) emu::fail("a block exits with a named barrier partly arrived (unbalanced arrive/sync)");
+}
+inline const bool registered = (emu::hopper_block_start = reset_block, emu::hopper_block_end = end_block, true);
 
 }  // namespace emulated
 

@@ -503,6 +503,9 @@ void rules_kernel(SyncParams p) {
         mbarrier_init(reinterpret_cast<uint64_t*>(emu::dynamic_smem()), 1);
       }
       break;
+    case 8:  // an arrival nobody syncs on
+      if (threadIdx.x < 32) named_barrier_arrive(2, 64);
+      break;
     case 7: {  // one arrival too many in a phase still waiting for bytes
       auto* bar = reinterpret_cast<uint64_t*>(emu::dynamic_smem());
       if (threadIdx.x == 0) {
