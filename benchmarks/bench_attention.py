@@ -8,7 +8,9 @@ median time of forward and of forward+backward over CUDA-event-timed reps (L2 fl
 each), TFLOP/s (4*B*H*T*T*D/2 for the causal forward, 2.5x that for the backward), the peak
 memory each implementation allocates, and the fused kernels' speedups over
 F.scaled_dot_product_attention with its flash backend, with cuDNN where present, and over the
-reference (run up to T = 2048; beyond that its T x T scores take too much memory).
+reference (run up to T = 2048; beyond that its T x T scores take too much memory). On an H100
+"fused" runs the wgmma forward (attention_hopper.cu); the "mma.sync" column is the same op with
+SCRATCHFORMER_WGMMA=0, the kernels every other GPU runs.
 
 Decoding: one query per sequence against a KV cache of 256..32768 positions (H=16, D=128), batch
 1 and 32: tokens per second of one attention call, fused (split-key kernel) against SDPA on the
@@ -18,6 +20,7 @@ same cache. Writes DIR/bench_attention.md and DIR/bench_attention.png.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -60,9 +63,20 @@ def available(fn, q, k, v) -> bool:
         return False
 
 
+def fused_mma_sync(q, k, v):
+    """The fused op with the Hopper kernel switched off (what runs on an A100)."""
+    os.environ["SCRATCHFORMER_WGMMA"] = "0"
+    try:
+        return ops.causal_attention(q, k, v, backend="fused")
+    finally:
+        del os.environ["SCRATCHFORMER_WGMMA"]
+
+
 def training_rows(reps, flush, plot):
+    hopper = torch.cuda.get_device_capability() == (9, 0)
     impls = {
         "fused": lambda q, k, v: ops.causal_attention(q, k, v, backend="fused"),
+        **({"mma.sync": fused_mma_sync} if hopper else {}),
         "flash": sdpa(SDPBackend.FLASH_ATTENTION),
         "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
         "reference": lambda q, k, v: ops.causal_attention(q, k, v, backend="reference"),
@@ -94,7 +108,7 @@ def training_rows(reps, flush, plot):
             cell = lambda n: f"{tflops[n]:.0f}" if n in ms else "—"  # noqa: E731
             memory = lambda n: f"{mem[n]:.0f}" if n in mem else "—"  # noqa: E731
             rows.append(
-                f"| {batch}x{heads}x{t}x{d} | {pass_name} | {ms['fused']:.3f} | {cell('fused')} | {cell('flash')} | "
+                f"| {batch}x{heads}x{t}x{d} | {pass_name} | {ms['fused']:.3f} | {cell('fused')} | {cell('mma.sync')} | {cell('flash')} | "
                 f"{cell('cudnn')} | {ratio('flash')} | {ratio('cudnn')} | {ratio('reference')} | "
                 f"{memory('fused')} | {memory('reference')} | {diff:.1e} |"
             )
@@ -178,8 +192,8 @@ def main() -> int:
     table = "\n".join([
         f"Causal attention on {torch.cuda.get_device_name()}, torch {torch.__version__}; bf16, median of {args.reps} reps, L2 flushed.",
         "",
-        "| B x H x T x D | pass | fused ms | fused TFLOP/s | flash TFLOP/s | cuDNN TFLOP/s | vs flash | vs cuDNN | vs reference | fused MiB | reference MiB | max abs diff to flash |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| B x H x T x D | pass | fused ms | fused TFLOP/s | mma.sync TFLOP/s | flash TFLOP/s | cuDNN TFLOP/s | vs flash | vs cuDNN | vs reference | fused MiB | reference MiB | max abs diff to flash |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *train,
         "",
         "Decoding (one query against the cache, H=16, D=128):",

@@ -300,3 +300,21 @@ def test_the_compiled_model_on_fused_kernels_matches_the_reference(kv_heads):
     ref_loss, ref_grads = loss_and_grads("reference", compiled=False)
     assert abs(fused_loss - ref_loss) < 1e-2 * ref_loss
     assert (fused_grads - ref_grads).norm() < 5e-2 * ref_grads.norm()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t_q, t_k, kv_heads", [(17, 17, 8), (255, 255, 2), (257, 1000, 1), (2048, 2048, 8)])
+def test_hopper_forward_and_the_mma_sync_kernel_both_within_twice_the_reference(monkeypatch, dim, dtype, t_q, t_k, kv_heads):
+    """On an H100 the forward takes the wgmma kernel (attention_hopper.cu); SCRATCHFORMER_WGMMA=0
+    gives the mma.sync one. Both against the truth; elsewhere both runs are the mma.sync kernel."""
+    q, k, v, dout = make_inputs(1, 8, kv_heads, t_q, t_k, dim, dtype)
+    truth, low = run("truth", q, k, v, dout), run("reference", q, k, v, dout)
+    hopper = run("fused", q, k, v, dout)
+    monkeypatch.setenv("SCRATCHFORMER_WGMMA", "0")
+    mma_sync = run("fused", q, k, v, dout)
+    for got in (hopper, mma_sync):
+        assert_within_twice_the_reference(got, low, truth)
+    if torch.cuda.get_device_capability() == (9, 0) and t_q >= 255:
+        assert not torch.equal(hopper[0], mma_sync[0])  # two kernels ran, summing in different orders

@@ -140,26 +140,30 @@ class Loop:
     idiv: int = 0
 
 
-INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*?);")
+INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*?);")
 LABEL = re.compile(r"^(\.L_x_\d+):")
 BRANCH = re.compile(r"`\((\.L_x_\d+)\)")
 
 
 def hot_loop(sass: str) -> Loop | None:
-    """The loop with the most HMMA (the leanest of those, see below; else the most instructions)
-    in one function's SASS."""
+    """The loop with the most tensor-core instructions (the leanest of those, see below; else the
+    most instructions) in one function's SASS."""
     instructions, labels = [], {}
     for line in sass.splitlines():
         if m := LABEL.match(line.strip()):
             labels[m.group(1)] = len(instructions)
         elif m := INSTRUCTION.search(line):
-            instructions.append((m.group(2), m.group(3)))
+            instructions.append((m.group(3), m.group(4), bool(m.group(2))))
+    # Cold blocks (an mbarrier wait's retry) sit after the function's last unconditional EXIT and
+    # branch back into it: those branches close no loop.
+    last_exit = max((i for i, (op, _, predicated) in enumerate(instructions) if op == "EXIT" and not predicated),
+                    default=len(instructions))
     best, best_key = None, None
-    for end, (op, rest) in enumerate(instructions):
+    for end, (op, rest, _) in enumerate(instructions):
         target = BRANCH.search(rest)
-        if op != "BRA" or not target or labels.get(target.group(1), end + 1) > end:
+        if op != "BRA" or end > last_exit or not target or labels.get(target.group(1), end + 1) > end:
             continue
-        body = instructions[labels[target.group(1)] : end + 1]
+        body = [(o, r) for o, r, _ in instructions[labels[target.group(1)] : end + 1]]
         loop = Loop(instructions=sum(1 for o, _ in body if o != "NOP"))
         for o, _ in body:
             loop.hmma += o.startswith("HMMA")

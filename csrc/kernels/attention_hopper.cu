@@ -22,6 +22,7 @@
 // output leaves through ordinary stores (FlashAttention-3 stages it for a bulk copy).
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <type_traits>
 
 #include "attention.cuh"
@@ -317,8 +318,12 @@ const char* attention_tensor_map(CUtensorMap* map, const void* base, Strides st,
 
 }  // namespace
 
-// Whether the current device runs this build's sm_90a image (asked once per device and process).
+// Whether the current device runs this build's sm_90a image (asked once per device and process),
+// unless SCRATCHFORMER_WGMMA=0 asks for the mma.sync kernels (read at every call: benchmarks
+// compare the two in one process).
 bool hopper_kernels_usable() {
+  const char* wanted = std::getenv("SCRATCHFORMER_WGMMA");
+  if (wanted && wanted[0] == '0') return false;
   static int usable[64];  // 0: not asked yet, 1: yes, 2: no
   int device = 0, major = 0;
   if (cudaGetDevice(&device) != cudaSuccess || device >= 64) return false;
