@@ -80,3 +80,18 @@ def test_the_arch_list_builds_hopper_as_sm_90a(monkeypatch):
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0 9.0;12.0+PTX")
     assert cuda_toolkit.arch_list() == "8.0;9.0a;12.0+PTX"
     assert cuda_toolkit.ptx_arch("8.0;9.0a+PTX") == 90 and cuda_toolkit.ptx_arch("9.0a") == 0
+
+
+def test_check_ptxas_fails_on_the_notes_that_undo_the_hopper_kernel():
+    """ptxas prints these as info lines; each means setmaxnreg or the wgmma overlap is lost."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import check_ptxas
+
+    seen = [
+        "ptxas info    : (C7508) Potential Performance Loss: 'setmaxnreg' ignored; unable to determine register count at entry.",
+        "ptxas info    : (C7519) warpgroup.arrive is injected in around line 10608 by compiler to allow use of registers in GMMA",
+        "ptxas info    : (C7520) Potential Performance Loss: wgmma.mma_async instructions are serialized due to program "
+        "dependence on compiler-inserted WG.AR in divergent path",
+    ]
+    assert all(check_ptxas.HOPPER_WARNING.search(line) for line in seen)
+    assert not check_ptxas.HOPPER_WARNING.search("ptxas info    : Used 168 registers, used 16 barriers")

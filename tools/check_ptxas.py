@@ -30,9 +30,9 @@ BUILD_FLAGS = [
 ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\w+)'")
 FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 REGS = re.compile(r"Used (\d+) registers")
-# ptxas warnings that undo the Hopper kernel's design: setmaxnreg ignored (C7508), wgmma serialised
-# (C7510 and its kin: "Potential Performance Loss: wgmma.mma_async instructions are serialized").
-HOPPER_WARNING = re.compile(r"warning.*\((C7508|C751\d)\)|wgmma.mma_async instructions are serialized")
+# ptxas notes (printed as info) that undo the Hopper kernel's design: setmaxnreg ignored (C7508),
+# a compiler-injected warpgroup fence (C7519), wgmma serialised (C7520 and kin).
+HOPPER_WARNING = re.compile(r"\((C7508|C751\d|C752\d)\)|wgmma.mma_async instructions are serialized")
 
 
 WARNINGS: list[str] = []  # the Hopper warnings seen, over all sources
