@@ -112,7 +112,7 @@ class EmulatedKernels:
         assert err is None, err.decode()
         return out, lse, splits.value
 
-    def backward(self, dout, q, k, v, out, lse, scale, dlse=None, sm_count=8):
+    def backward(self, dout, q, k, v, out, lse, scale, dlse=None, sm_count=8, arch=80):
         """(dq, dk, dv); dlse: the gradient reaching the log-sum-exp, if any. `self.dkv_splits` is
         how many sets the launcher cut each kv group's query heads into for this GPU size."""
         out, lse = out.contiguous(), lse.contiguous()
@@ -126,7 +126,7 @@ class EmulatedKernels:
             ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(lse.data_ptr()),
             ctypes.c_void_p(dlse.data_ptr() if dlse is not None else None), ctypes.c_float(scale),
             ctypes.c_void_p(dq.data_ptr()), ctypes.c_void_p(dk.data_ptr()), ctypes.c_void_p(dv.data_ptr()),
-            sm_count, ctypes.byref(splits))
+            sm_count, arch, ctypes.byref(splits))
         assert err is None, err.decode()
         self.dkv_splits = splits.value
         return dq, dk, dv

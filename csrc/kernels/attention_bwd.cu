@@ -397,12 +397,14 @@ int attention_backward_dkv_splits(const AttentionShape& s, DType dtype) {
 template <typename T, int D>
 cudaError_t backward_tensor_cores(const AttentionBackward& a, cudaStream_t stream) {
   const AttentionShape& s = a.shape;
-  constexpr int bytes = dkv_shared_bytes<T, D>();
-  // Above 48 KB of dynamic shared memory a kernel must opt in.
-  const cudaError_t err = cudaFuncSetAttribute(dkv_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err != cudaSuccess) return err;
-  const dim3 dkv_grid(s.batch * s.kv_heads, (s.t_k + kBlock - 1) / kBlock, a.dkv_splits);
-  dkv_kernel<T, D><<<dkv_grid, kThreads, bytes, stream>>>(a);
+  if (!backward_dkv_hopper<T, D>(a, stream)) {
+    constexpr int bytes = dkv_shared_bytes<T, D>();
+    // Above 48 KB of dynamic shared memory a kernel must opt in.
+    const cudaError_t err = cudaFuncSetAttribute(dkv_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (err != cudaSuccess) return err;
+    const dim3 dkv_grid(s.batch * s.kv_heads, (s.t_k + kBlock - 1) / kBlock, a.dkv_splits);
+    dkv_kernel<T, D><<<dkv_grid, kThreads, bytes, stream>>>(a);
+  }
   if (a.dkv_splits > 1) {
     const int64_t n = int64_t(s.batch) * s.kv_heads * s.t_k * D;
     const int blocks = int((n + 255) / 256 < 4096 ? (n + 255) / 256 : 4096);

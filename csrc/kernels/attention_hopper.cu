@@ -306,6 +306,235 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
 #endif
 }
 
+// ---- backward: dk and dv -------------------------------------------------------------------------
+//
+// A block of three warpgroups owns 128 keys of one kv head (64 per consumer), with K and V in
+// shared memory for the whole walk. The producer streams 64-query tiles of Q and dO (bulk tensor
+// copies) and of the log-sum-exp and delta (its second warp, ordinary stores) through a
+// two-stage ring, over every query head of the kv group (or the block's share of them) from the
+// first query that sees the block's first key. Per tile and consumer:
+//   S^T = K Q^T, dP^T = V dO^T      wgmma m64n64k16, all from shared memory (K-major)
+//   P^T, dS^T = P^T (dP^T - delta)   in registers, masking only on diagonal and end tiles
+//   dV += P^T dO, dK += dS^T Q       wgmma m64nDk16, P^T and dS^T from registers, dO and Q MN-major
+// The kv group's sum stays in the accumulators: no atomics, gradients bitwise reproducible.
+constexpr int kBwdKeys = 64 * kConsumers;  // keys per dkv block
+constexpr int kBwdQueries = 64;            // queries per tile
+
+template <int D>
+__host__ __device__ constexpr int hopper_dkv_shared_bytes() {
+  // Barriers and alignment, K and V, two stages of Q and dO, two of lse and delta.
+  return 2048 + 2 * hopper_tile_bytes<D>(kBwdKeys) + 2 * kStages * hopper_tile_bytes<D>(kBwdQueries) +
+         2 * kStages * kBwdQueries * 4;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kHopperThreads, 1)
+    hopper_dkv_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap do_map,
+                      const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap v_map,
+                      AttentionBackward a) {
+#if defined(__CUDA_ARCH__) && !defined(SCRATCHFORMER_SM90A)
+  __trap();
+#else
+  constexpr int PANELS = D / kPanel, KSLABS = D / 16, QSLABS = kBwdQueries / 16;
+  constexpr int KV_BYTES = hopper_tile_bytes<D>(kBwdKeys), Q_BYTES = hopper_tile_bytes<D>(kBwdQueries);
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint64_t* kv_full = reinterpret_cast<uint64_t*>(smem);
+  uint64_t* q_full = kv_full + 1;  // [kStages]: Q, dO, lse and delta of a tile landed
+  uint64_t* q_empty = q_full + kStages;
+  const uint32_t base = smem_addr(smem);
+  unsigned char* k_tile = smem + 1024 + (1024 - base % 1024) % 1024;  // [PANELS][kBwdKeys][128 bytes]
+  unsigned char* v_tile = k_tile + KV_BYTES;
+  unsigned char* q_tiles = v_tile + KV_BYTES;  // [kStages][PANELS][kBwdQueries][128 bytes]
+  unsigned char* do_tiles = q_tiles + kStages * Q_BYTES;
+  float* lse_s = reinterpret_cast<float*>(do_tiles + kStages * Q_BYTES);  // [kStages][kBwdQueries], log2 units
+  float* delta_s = lse_s + kStages * kBwdQueries;
+
+  const AttentionShape& s = a.shape;
+  const int group = s.heads / s.kv_heads, heads = group / a.dkv_splits, first_head = blockIdx.z * heads;
+  const int n0 = blockIdx.y * kBwdKeys;  // key tile 0 sees every query: the longest block first
+  const int b = blockIdx.x / s.kv_heads, kv_head = blockIdx.x % s.kv_heads;
+  const int offset = s.t_k - s.t_q;
+  const int first_query = max(0, n0 - offset);
+  const int tiles_per_head = (s.t_q - first_query + kBwdQueries - 1) / kBwdQueries, tiles = heads * tiles_per_head;
+
+  if (threadIdx.x == 0) {
+    mbarrier_init(kv_full, 1);
+    for (int i = 0; i < kStages; ++i) {
+      mbarrier_init(&q_full[i], 2);              // the copies' thread and the lse/delta warp
+      mbarrier_init(&q_empty[i], 4 * kConsumers);  // one arrival per consumer warp
+    }
+    fence_mbarrier_init();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < 128) {  // the producer
+    setmaxnreg_dec<24>();
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (warp > 1) return;
+    int h = kv_head * group + first_head, i0 = first_query;  // the next tile's head and first query
+    if (threadIdx.x == 0) {
+      mbarrier_arrive_expect_tx(kv_full, 2 * KV_BYTES);
+      for (int p = 0; p < PANELS; ++p) {
+        tma_load_4d(k_tile + p * kBwdKeys * 128, &k_map, kv_full, p * kPanel, n0, kv_head, b);
+        tma_load_4d(v_tile + p * kBwdKeys * 128, &v_map, kv_full, p * kPanel, n0, kv_head, b);
+      }
+    }
+    for (int it = 0; it < tiles; ++it) {
+      const int stage = it % kStages;
+      mbarrier_wait(&q_empty[stage], ((it / kStages) & 1) ^ 1);
+      if (warp == 0) {
+        if (lane == 0) {
+          mbarrier_arrive_expect_tx(&q_full[stage], 2 * Q_BYTES);
+          for (int p = 0; p < PANELS; ++p) {
+            tma_load_4d(q_tiles + stage * Q_BYTES + p * kBwdQueries * 128, &q_map, &q_full[stage], p * kPanel, i0, h, b);
+            tma_load_4d(do_tiles + stage * Q_BYTES + p * kBwdQueries * 128, &do_map, &q_full[stage], p * kPanel, i0, h, b);
+          }
+        }
+      } else {  // lse (in log2 units; +inf past the end, so P = 0 there) and delta
+        for (int r = lane; r < kBwdQueries; r += 32) {
+          const int query = i0 + r;
+          const int64_t row = (int64_t(b) * s.heads + h) * s.t_q + query;
+          lse_s[stage * kBwdQueries + r] = query < s.t_q ? a.lse[row] * kLog2e : INFINITY;
+          delta_s[stage * kBwdQueries + r] = query < s.t_q ? a.delta[row] : 0.f;
+        }
+        __syncwarp();
+        if (lane == 0) mbarrier_arrive(&q_full[stage]);
+      }
+      i0 += kBwdQueries;
+      if (i0 >= s.t_q) i0 = first_query, ++h;
+    }
+  } else {  // a consumer: 64 keys
+    setmaxnreg_inc<240>();
+    const int t = threadIdx.x % 128, cgroup = threadIdx.x / 128 - 1;
+    const int warp = t / 32, lane = t % 32, g = lane / 4, c = lane % 4;
+    const int key0 = n0 + 64 * cgroup + 16 * warp + g;  // this thread's rows: key0 and key0 + 8
+    const float scale2 = a.scale * kLog2e;
+    const uint32_t k_rows = smem_addr(k_tile) + 64 * cgroup * 128, v_rows = smem_addr(v_tile) + 64 * cgroup * 128;
+
+    float dk[D / 2], dv[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
+    float st[kBwdQueries / 2], dpt[kBwdQueries / 2];  // S^T and dP^T: register i holds key row g + 8 ((i / 2) % 2), query 8 (i / 4) + 2c + i % 2
+    uint32_t pa[QSLABS][4], dsa[QSLABS][4];
+    mbarrier_wait(kv_full, 0);
+
+    // One query tile: `masked` zeroes P where a query does not see a key (diagonal and end tiles).
+    auto step = [&](int it, int i0, auto masked) {
+      const int stage = it % kStages;
+      const uint32_t q_stage = smem_addr(q_tiles + stage * Q_BYTES), do_stage = smem_addr(do_tiles + stage * Q_BYTES);
+      mbarrier_wait(&q_full[stage], (it / kStages) & 1);
+      wgmma_fence_operand(st);
+      wgmma_fence_operand(dpt);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < KSLABS; ++kk) {
+        const uint32_t step_bytes = (kk % 4) * 32;  // 16 columns further inside the panel
+        wgmma_ss<T, kBwdQueries, false>(st, k_major_descriptor(k_rows + (kk / 4) * kBwdKeys * 128 + step_bytes),
+                                        k_major_descriptor(q_stage + (kk / 4) * kBwdQueries * 128 + step_bytes), kk > 0);
+      }
+#pragma unroll
+      for (int kk = 0; kk < KSLABS; ++kk) {
+        const uint32_t step_bytes = (kk % 4) * 32;
+        wgmma_ss<T, kBwdQueries, false>(dpt, k_major_descriptor(v_rows + (kk / 4) * kBwdKeys * 128 + step_bytes),
+                                        k_major_descriptor(do_stage + (kk / 4) * kBwdQueries * 128 + step_bytes), kk > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operand(st);
+      wgmma_fence_operand(dpt);
+
+      // P^T = 2^(S^T scale log2e - lse') and dS^T = P^T (dP^T - delta), packed as A registers.
+      const float* lse = lse_s + stage * kBwdQueries;
+      const float* delta = delta_s + stage * kBwdQueries;
+#pragma unroll
+      for (int i = 0; i < kBwdQueries / 2; i += 2) {
+        const int col = 8 * (i / 4) + 2 * c;
+        const float2 l2 = *reinterpret_cast<const float2*>(&lse[col]);
+        const float2 d2 = *reinterpret_cast<const float2*>(&delta[col]);
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float p = exp2_approx(fmaf(st[i + e], scale2, -(e ? l2.y : l2.x)));
+          if constexpr (decltype(masked)::value) {
+            const int key = key0 + 8 * ((i / 2) % 2), query = i0 + col + e;
+            if (key > query + offset || key >= s.t_k) p = 0.f;
+          }
+          st[i + e] = p;
+          dpt[i + e] = p * (dpt[i + e] - (e ? d2.y : d2.x));
+        }
+      }
+#pragma unroll
+      for (int ks = 0; ks < QSLABS; ++ks) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          pa[ks][r] = pack2<T>(st[8 * ks + 2 * r], st[8 * ks + 2 * r + 1]);
+          dsa[ks][r] = pack2<T>(dpt[8 * ks + 2 * r], dpt[8 * ks + 2 * r + 1]);
+        }
+      }
+
+      // dV += P^T dO and dK += dS^T Q: the tile's queries as k, D as N (dO and Q MN-major).
+      wgmma_fence_operand(dk);
+      wgmma_fence_operand(dv);
+#pragma unroll
+      for (int ks = 0; ks < QSLABS; ++ks) {
+        wgmma_fence_operand(pa[ks]);
+        wgmma_fence_operand(dsa[ks]);
+      }
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < QSLABS; ++ks) {
+        wgmma_rs<T, D, true>(dv, pa[ks], mn_major_descriptor(do_stage + ks * 16 * 128, kBwdQueries * 128), true);
+        wgmma_rs<T, D, true>(dk, dsa[ks], mn_major_descriptor(q_stage + ks * 16 * 128, kBwdQueries * 128), true);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operand(dk);
+      wgmma_fence_operand(dv);
+      if (lane == 0) mbarrier_arrive(&q_empty[stage]);
+    };
+    // A tile needs no mask when every query in it sees every key of the block and all exist.
+    auto plain = [&](int i0) {
+      return i0 + offset >= n0 + kBwdKeys - 1 && i0 + kBwdQueries <= s.t_q && n0 + kBwdKeys <= s.t_k;
+    };
+    int i0 = first_query;
+    for (int it = 0; it < tiles; ++it) {
+      if (plain(i0))
+        step(it, i0, std::false_type{});
+      else
+        step(it, i0, std::true_type{});
+      i0 += kBwdQueries;
+      if (i0 >= s.t_q) i0 = first_query;
+    }
+
+    // dK (times the scale) and dV, or this block's fp32 share of the group when split.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int key = key0 + 8 * r;
+      if (key >= s.t_k) continue;
+      const int64_t row = (int64_t(b) * s.kv_heads + kv_head) * s.t_k + key;
+      if (a.dkv_splits > 1) {
+        const int64_t rows = int64_t(s.batch) * s.kv_heads * s.t_k;
+        float* dk_part = a.dkv_partial + ((2 * int64_t(blockIdx.z)) * rows + row) * D;
+        float* dv_part = dk_part + rows * D;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+          *reinterpret_cast<float2*>(dk_part + 8 * dt + 2 * c) = make_float2(dk[4 * dt + 2 * r], dk[4 * dt + 2 * r + 1]);
+          *reinterpret_cast<float2*>(dv_part + 8 * dt + 2 * c) = make_float2(dv[4 * dt + 2 * r], dv[4 * dt + 2 * r + 1]);
+        }
+        continue;
+      }
+      T* dk_out = static_cast<T*>(a.dk) + row * D;
+      T* dv_out = static_cast<T*>(a.dv) + row * D;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        *reinterpret_cast<uint32_t*>(dk_out + 8 * dt + 2 * c) =
+            pack2<T>(dk[4 * dt + 2 * r] * a.scale, dk[4 * dt + 2 * r + 1] * a.scale);
+        *reinterpret_cast<uint32_t*>(dv_out + 8 * dt + 2 * c) = pack2<T>(dv[4 * dt + 2 * r], dv[4 * dt + 2 * r + 1]);
+      }
+    }
+  }
+#endif
+}
+
 // A rank-4 map over [B][H][T][D] (D innermost) with the tensor's element strides: 64-column
 // boxes of `rows` rows, 128-byte swizzle.
 const char* attention_tensor_map(CUtensorMap* map, const void* base, Strides st, int batch, int heads, int t, int d,
@@ -361,5 +590,30 @@ bool forward_hopper(const AttentionForward& a, cudaStream_t stream) {
 
 #define SCRATCHFORMER_HOPPER_FORWARD(T, D) template bool forward_hopper<T, D>(const AttentionForward&, cudaStream_t);
 SCRATCHFORMER_FOR_EACH_TENSOR_CORE_TYPE(SCRATCHFORMER_HOPPER_FORWARD)
+
+template <typename T, int D>
+bool backward_dkv_hopper(const AttentionBackward& a, cudaStream_t stream) {
+  if constexpr (D != 64 && D != 128) {
+    return false;
+  } else {
+    if (!hopper_kernels_usable()) return false;
+    const AttentionShape& s = a.shape;
+    CUtensorMap q_map, do_map, k_map, v_map;
+    if (attention_tensor_map(&q_map, a.q, a.q_stride, s.batch, s.heads, s.t_q, D, kBwdQueries) ||
+        attention_tensor_map(&do_map, a.dout, a.dout_stride, s.batch, s.heads, s.t_q, D, kBwdQueries) ||
+        attention_tensor_map(&k_map, a.k, a.k_stride, s.batch, s.kv_heads, s.t_k, D, kBwdKeys) ||
+        attention_tensor_map(&v_map, a.v, a.v_stride, s.batch, s.kv_heads, s.t_k, D, kBwdKeys))
+      return false;
+    constexpr int bytes = hopper_dkv_shared_bytes<D>();
+    if (cudaFuncSetAttribute(hopper_dkv_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
+      return false;
+    const dim3 grid(s.batch * s.kv_heads, (s.t_k + kBwdKeys - 1) / kBwdKeys, a.dkv_splits);
+    hopper_dkv_kernel<T, D><<<grid, kHopperThreads, bytes, stream>>>(q_map, do_map, k_map, v_map, a);
+    return true;
+  }
+}
+
+#define SCRATCHFORMER_HOPPER_DKV(T, D) template bool backward_dkv_hopper<T, D>(const AttentionBackward&, cudaStream_t);
+SCRATCHFORMER_FOR_EACH_TENSOR_CORE_TYPE(SCRATCHFORMER_HOPPER_DKV)
 
 }  // namespace scratchformer

@@ -44,8 +44,9 @@ const char* emulated_attention_backward(int dtype, const int* shape, const void*
                                         const void* k, const long long* k_stride, const void* v,
                                         const long long* v_stride, const void* dout, const long long* dout_stride,
                                         const void* out, const float* lse, const float* dlse, float scale, void* dq,
-                                        void* dk, void* dv, int sm_count, int* dkv_splits) {
+                                        void* dk, void* dv, int sm_count, int arch, int* dkv_splits) {
   emu::sm_count = sm_count;
+  emu::compute_capability = arch;
   AttentionBackward a{};
   a.dtype = DType(dtype);
   a.shape = shape_of(shape);
@@ -63,7 +64,9 @@ const char* emulated_attention_backward(int dtype, const int* shape, const void*
   const size_t dk_size = size_t(a.shape.batch) * a.shape.kv_heads * a.shape.t_k * a.shape.head_dim;
   std::vector<float> partial(a.dkv_splits > 1 ? 2 * a.dkv_splits * dk_size : 0);
   a.dkv_partial = partial.data();
-  return launch_attention_backward(a, nullptr);
+  const char* err = launch_attention_backward(a, nullptr);
+  emu::compute_capability = 80;
+  return err;
 }
 }
 
