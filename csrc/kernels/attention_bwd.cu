@@ -411,6 +411,7 @@ cudaError_t backward_tensor_cores(const AttentionBackward& a, cudaStream_t strea
     dkv_reduce_kernel<T><<<blocks, 256, 0, stream>>>(a.dkv_partial, a.dkv_splits, n, a.scale, static_cast<T*>(a.dk),
                                                       static_cast<T*>(a.dv));
   }
+  if (backward_dq_hopper<T, D>(a, stream)) return cudaSuccess;
   constexpr int dq_bytes = dq_shared_bytes<T, D>(), dq_rows = 4 * 16 * dq_row_tiles<D>();
   const cudaError_t dq_err = cudaFuncSetAttribute(dq_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, dq_bytes);
   if (dq_err != cudaSuccess) return dq_err;

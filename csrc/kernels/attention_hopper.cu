@@ -1,7 +1,8 @@
-// Causal attention forward on Hopper (sm_90a, fp16/bf16, D 64 and 128): wgmma, bulk tensor
-// copies and warp specialisation, after FlashAttention-3's design.
+// Causal attention on Hopper (sm_90a, fp16/bf16, D 64 and 128): wgmma, bulk tensor copies and
+// warp specialisation, after FlashAttention-3's design. The forward first, then the backward's
+// dk/dv and dq kernels (further down, each with its own tiling note).
 //
-// A block of three warpgroups owns 128 queries of one head. Warpgroup 0 is the producer: one of
+// Forward. A block of three warpgroups owns 128 queries of one head. Warpgroup 0 is the producer: one of
 // its threads issues the bulk tensor copies (TMA) of the Q tile and of each 128-key K and V tile
 // into a ring of kStages shared-memory stages, each completing on its "full" mbarrier; it gives
 // its registers to the others (setmaxnreg). Warpgroups 1 and 2 are the consumers, 64 query rows
@@ -535,6 +536,173 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
 #endif
 }
 
+// ---- backward: dq --------------------------------------------------------------------------------
+//
+// A block of three warpgroups owns 128 queries of one head (64 per consumer), with Q and dO in
+// shared memory; the producer streams 64-key tiles of K and V through a two-stage ring up to the
+// block's last visible key. Per tile and consumer:
+//   S = Q K^T, dP = dO V^T       wgmma m64n64k16 from shared memory (K-major)
+//   dS = P (dP - delta)          in registers, masking only on diagonal and end tiles
+//   dQ += dS K                   wgmma m64nDk16, dS from registers, K MN-major
+constexpr int kDqKeys = 64;  // keys per tile
+
+template <int D>
+__host__ __device__ constexpr int hopper_dq_shared_bytes() {
+  return 2048 + 2 * hopper_tile_bytes<D>(kHopperBlockM) + 2 * kStages * hopper_tile_bytes<D>(kDqKeys);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kHopperThreads, 1)
+    hopper_dq_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap do_map,
+                     const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap v_map,
+                     AttentionBackward a) {
+#if defined(__CUDA_ARCH__) && !defined(SCRATCHFORMER_SM90A)
+  __trap();
+#else
+  constexpr int BN = kDqKeys, PANELS = D / kPanel, KSLABS = D / 16, NSLABS = BN / 16;
+  constexpr int Q_BYTES = hopper_tile_bytes<D>(kHopperBlockM), KV_BYTES = hopper_tile_bytes<D>(BN);
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint64_t* q_full = reinterpret_cast<uint64_t*>(smem);
+  uint64_t* kv_full = q_full + 1;  // [kStages]: K and V of a tile landed
+  uint64_t* kv_empty = kv_full + kStages;
+  const uint32_t base = smem_addr(smem);
+  unsigned char* q_tile = smem + 1024 + (1024 - base % 1024) % 1024;  // [PANELS][128 rows][128 bytes]
+  unsigned char* do_tile = q_tile + Q_BYTES;
+  unsigned char* k_tiles = do_tile + Q_BYTES;  // [kStages][PANELS][BN][128 bytes]
+  unsigned char* v_tiles = k_tiles + kStages * KV_BYTES;
+
+  const AttentionShape& s = a.shape;
+  const int m0 = (gridDim.y - 1 - blockIdx.y) * kHopperBlockM;  // longest rows first, over the whole grid
+  const int b = blockIdx.x / s.heads, h = blockIdx.x % s.heads;
+  const int kv_head = h / (s.heads / s.kv_heads);
+  const int offset = s.t_k - s.t_q;
+  const int key_end = min(s.t_k, min(m0 + kHopperBlockM, s.t_q) + offset);
+  const int tiles = (key_end + BN - 1) / BN;
+  const int plain_tiles = min(key_end, m0 + offset + 1) / BN;  // tiles every query of the block sees whole
+
+  if (threadIdx.x == 0) {
+    mbarrier_init(q_full, 1);
+    for (int i = 0; i < kStages; ++i) {
+      mbarrier_init(&kv_full[i], 1);
+      mbarrier_init(&kv_empty[i], 4 * kConsumers);
+    }
+    fence_mbarrier_init();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < 128) {  // the producer
+    setmaxnreg_dec<24>();
+    if (threadIdx.x == 0) {
+      mbarrier_arrive_expect_tx(q_full, 2 * Q_BYTES);
+      for (int p = 0; p < PANELS; ++p) {
+        tma_load_4d(q_tile + p * kHopperBlockM * 128, &q_map, q_full, p * kPanel, m0, h, b);
+        tma_load_4d(do_tile + p * kHopperBlockM * 128, &do_map, q_full, p * kPanel, m0, h, b);
+      }
+      for (int j = 0; j < tiles; ++j) {
+        const int stage = j % kStages;
+        mbarrier_wait(&kv_empty[stage], ((j / kStages) & 1) ^ 1);
+        mbarrier_arrive_expect_tx(&kv_full[stage], 2 * KV_BYTES);
+        for (int p = 0; p < PANELS; ++p) {
+          tma_load_4d(k_tiles + stage * KV_BYTES + p * BN * 128, &k_map, &kv_full[stage], p * kPanel, j * BN, kv_head, b);
+          tma_load_4d(v_tiles + stage * KV_BYTES + p * BN * 128, &v_map, &kv_full[stage], p * kPanel, j * BN, kv_head, b);
+        }
+      }
+    }
+  } else {  // a consumer: 64 queries
+    setmaxnreg_inc<240>();
+    const int t = threadIdx.x % 128, cgroup = threadIdx.x / 128 - 1;
+    const int warp = t / 32, lane = t % 32, g = lane / 4, c = lane % 4;
+    const int query0 = m0 + 64 * cgroup + 16 * warp + g;  // this thread's rows: query0 and query0 + 8
+    const float scale2 = a.scale * kLog2e;
+    const uint32_t q_rows = smem_addr(q_tile) + 64 * cgroup * 128, do_rows = smem_addr(do_tile) + 64 * cgroup * 128;
+    float lse2[2], delta[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int query = query0 + 8 * r;
+      const int64_t row = (int64_t(b) * s.heads + h) * s.t_q + query;
+      lse2[r] = query < s.t_q ? a.lse[row] * kLog2e : INFINITY;  // P = 0 past the end
+      delta[r] = query < s.t_q ? a.delta[row] : 0.f;
+    }
+
+    float dq[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) dq[i] = 0.f;
+    float sc[BN / 2], dp[BN / 2];  // register i: query row g + 8 ((i / 2) % 2), key 8 (i / 4) + 2c + i % 2
+    uint32_t dsa[NSLABS][4];
+    mbarrier_wait(q_full, 0);
+
+    auto step = [&](int j, auto masked) {
+      const int stage = j % kStages;
+      const uint32_t k_stage = smem_addr(k_tiles + stage * KV_BYTES), v_stage = smem_addr(v_tiles + stage * KV_BYTES);
+      mbarrier_wait(&kv_full[stage], (j / kStages) & 1);
+      wgmma_fence_operand(sc);
+      wgmma_fence_operand(dp);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < KSLABS; ++kk) {
+        const uint32_t step_bytes = (kk % 4) * 32;  // 16 columns further inside the panel
+        wgmma_ss<T, BN, false>(sc, k_major_descriptor(q_rows + (kk / 4) * kHopperBlockM * 128 + step_bytes),
+                               k_major_descriptor(k_stage + (kk / 4) * BN * 128 + step_bytes), kk > 0);
+      }
+#pragma unroll
+      for (int kk = 0; kk < KSLABS; ++kk) {
+        const uint32_t step_bytes = (kk % 4) * 32;
+        wgmma_ss<T, BN, false>(dp, k_major_descriptor(do_rows + (kk / 4) * kHopperBlockM * 128 + step_bytes),
+                               k_major_descriptor(v_stage + (kk / 4) * BN * 128 + step_bytes), kk > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operand(sc);
+      wgmma_fence_operand(dp);
+
+      // dS = P (dP - delta), P = 2^(S scale log2e - lse'); masked tiles zero unseen keys.
+      const int n0 = j * BN;
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) {
+        const int r = (i / 2) % 2;
+        float p = exp2_approx(fmaf(sc[i], scale2, -lse2[r]));
+        if constexpr (decltype(masked)::value) {
+          const int key = n0 + 8 * (i / 4) + 2 * c + i % 2;
+          if (key >= key_end || key > query0 + 8 * r + offset) p = 0.f;
+        }
+        sc[i] = p * (dp[i] - delta[r]);
+      }
+#pragma unroll
+      for (int ks = 0; ks < NSLABS; ++ks)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) dsa[ks][q] = pack2<T>(sc[8 * ks + 2 * q], sc[8 * ks + 2 * q + 1]);
+
+      // dQ += dS K: the tile's keys as k, D as N (K MN-major).
+      wgmma_fence_operand(dq);
+#pragma unroll
+      for (int ks = 0; ks < NSLABS; ++ks) wgmma_fence_operand(dsa[ks]);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < NSLABS; ++ks)
+        wgmma_rs<T, D, true>(dq, dsa[ks], mn_major_descriptor(k_stage + ks * 16 * 128, BN * 128), true);
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operand(dq);
+      if (lane == 0) mbarrier_arrive(&kv_empty[stage]);
+    };
+    int j = 0;
+    for (; j < plain_tiles; ++j) step(j, std::false_type{});
+    for (; j < tiles; ++j) step(j, std::true_type{});
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int query = query0 + 8 * r;
+      if (query >= s.t_q) continue;
+      T* out = static_cast<T*>(a.dq) + ((int64_t(b) * s.heads + h) * s.t_q + query) * D;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt)
+        *reinterpret_cast<uint32_t*>(out + 8 * dt + 2 * c) =
+            pack2<T>(dq[4 * dt + 2 * r] * a.scale, dq[4 * dt + 2 * r + 1] * a.scale);
+    }
+  }
+#endif
+}
+
 // A rank-4 map over [B][H][T][D] (D innermost) with the tensor's element strides: 64-column
 // boxes of `rows` rows, 128-byte swizzle.
 const char* attention_tensor_map(CUtensorMap* map, const void* base, Strides st, int batch, int heads, int t, int d,
@@ -615,5 +783,30 @@ bool backward_dkv_hopper(const AttentionBackward& a, cudaStream_t stream) {
 
 #define SCRATCHFORMER_HOPPER_DKV(T, D) template bool backward_dkv_hopper<T, D>(const AttentionBackward&, cudaStream_t);
 SCRATCHFORMER_FOR_EACH_TENSOR_CORE_TYPE(SCRATCHFORMER_HOPPER_DKV)
+
+template <typename T, int D>
+bool backward_dq_hopper(const AttentionBackward& a, cudaStream_t stream) {
+  if constexpr (D != 64 && D != 128) {
+    return false;
+  } else {
+    if (!hopper_kernels_usable()) return false;
+    const AttentionShape& s = a.shape;
+    CUtensorMap q_map, do_map, k_map, v_map;
+    if (attention_tensor_map(&q_map, a.q, a.q_stride, s.batch, s.heads, s.t_q, D, kHopperBlockM) ||
+        attention_tensor_map(&do_map, a.dout, a.dout_stride, s.batch, s.heads, s.t_q, D, kHopperBlockM) ||
+        attention_tensor_map(&k_map, a.k, a.k_stride, s.batch, s.kv_heads, s.t_k, D, kDqKeys) ||
+        attention_tensor_map(&v_map, a.v, a.v_stride, s.batch, s.kv_heads, s.t_k, D, kDqKeys))
+      return false;
+    constexpr int bytes = hopper_dq_shared_bytes<D>();
+    if (cudaFuncSetAttribute(hopper_dq_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
+      return false;
+    const dim3 grid(s.batch * s.heads, (s.t_q + kHopperBlockM - 1) / kHopperBlockM);
+    hopper_dq_kernel<T, D><<<grid, kHopperThreads, bytes, stream>>>(q_map, do_map, k_map, v_map, a);
+    return true;
+  }
+}
+
+#define SCRATCHFORMER_HOPPER_DQ(T, D) template bool backward_dq_hopper<T, D>(const AttentionBackward&, cudaStream_t);
+SCRATCHFORMER_FOR_EACH_TENSOR_CORE_TYPE(SCRATCHFORMER_HOPPER_DQ)
 
 }  // namespace scratchformer

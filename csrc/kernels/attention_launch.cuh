@@ -40,8 +40,9 @@ template <typename T, int D> cudaError_t backward_tensor_cores(const AttentionBa
 // GPU, head dim, or strides the copy engine does not take) and leaves it to the mma.sync kernel.
 bool hopper_kernels_usable();
 template <typename T, int D> bool forward_hopper(const AttentionForward& a, cudaStream_t stream);
-// The backward's dk/dv on Hopper (same conditions); false: the mma.sync dkv kernel runs instead.
+// The backward's dk/dv and dq on Hopper (same conditions); false: the mma.sync kernel runs instead.
 template <typename T, int D> bool backward_dkv_hopper(const AttentionBackward& a, cudaStream_t stream);
+template <typename T, int D> bool backward_dq_hopper(const AttentionBackward& a, cudaStream_t stream);
 
 // Calls f(T{}, std::integral_constant<int, D>{}) for the dtype and head dim; false if unsupported.
 template <typename F>
