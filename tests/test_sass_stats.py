@@ -116,16 +116,19 @@ def test_check_fails_on_a_passed_ceiling_unless_it_is_known():
 
 
 @pytest.mark.skipif(_tools_and_kernels() is not None, reason=str(_tools_and_kernels()))
-def test_the_hopper_forward_runs_wgmma_in_its_loop():
-    """The sm_90a image: HGMMA (not HMMA) in the steady-state loop, per 128-key tile and consumer
-    warpgroup D / 16 for S = Q K^T and 128 / 16 for P V (the loop found is the tile loop, not the
-    span the mbarrier waits' cold retry blocks jump back over); no spills; 12 warps, one block per SM."""
+def test_the_hopper_kernels_run_wgmma_in_their_loops():
+    """The sm_90a image: HGMMA (not HMMA) in each steady-state loop, per tile and consumer
+    warpgroup: forward D / 16 for S = Q K^T and 128 / 16 for P V; dk/dv 2 D / 16 for S^T and dP^T
+    and 2 x 64 / 16 for dV and dK; dq 2 D / 16 for S and dP and 64 / 16 for dQ (the loop found is
+    the tile loop, not the span the mbarrier waits' cold retry blocks jump back over); no spills;
+    12 warps, one block per SM."""
     rows = sass_stats.profile(sass_stats.default_library(), ["sm_90"], r"^attention_hopper:")
-    assert {r["kernel"] for r in rows} == {f"hopper_forward_kernel<{t}, {d}>" for t in ("__half", "__nv_bfloat16") for d in (64, 128)}
+    kinds = ("forward", "dkv", "dq")
+    assert {r["kernel"] for r in rows} == {f"hopper_{k}_kernel<{t}, {d}>" for k in kinds for t in ("__half", "__nv_bfloat16") for d in (64, 128)}
     for r in rows:
-        d = int(r["kernel"].split(", ")[1].rstrip(">"))
-        per_tile = d // 16 + 128 // 16
-        assert r["loop"].hmma == 0 and r["loop"].hgmma == per_tile
+        kind, d = r["kernel"].split("_")[1], int(r["kernel"].split(", ")[1].rstrip(">"))
+        per_tile = {"forward": d // 16 + 128 // 16, "dkv": 2 * d // 16 + 2 * 64 // 16, "dq": 2 * d // 16 + 64 // 16}[kind]
+        assert r["loop"].hmma == 0 and r["loop"].hgmma == per_tile, r["kernel"]
         assert r["local"] == 0 and (r["blocks"], r["warps"]) == (1, 12)
     assert sass_stats.violations(rows) == []
 

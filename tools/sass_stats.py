@@ -110,10 +110,14 @@ def demangle(names: list[str]) -> dict[str, str]:
 def dynamic_shared_bytes(file: str, kernel: str) -> int:
     """The dynamic shared memory a launcher requests; mirrors forward_shared_bytes(),
     dkv_shared_bytes(), dq_shared_bytes() and forward_simt_shared_bytes() in the attention .cu
-    files, and hopper_shared_bytes() in attention_hopper.cu: keep them in step."""
-    if m := re.match(r"hopper_forward_kernel<\w+, (\d+)>", kernel):  # hopper_shared_bytes() in attention_hopper.cu
-        d = int(m.group(1))
-        return 2048 + 128 * d * 2 + 2 * 2 * 128 * d * 2  # barriers and alignment, Q, two stages of K and V
+    files, and the hopper_*shared_bytes() in attention_hopper.cu: keep them in step."""
+    if m := re.match(r"hopper_(forward|dkv|dq)_kernel<\w+, (\d+)>", kernel):  # attention_hopper.cu
+        kind, d = m.group(1), int(m.group(2))
+        if kind == "forward":  # hopper_shared_bytes(): barriers and alignment, Q, two stages of K and V
+            return 2048 + 128 * d * 2 + 2 * 2 * 128 * d * 2
+        if kind == "dkv":  # hopper_dkv_shared_bytes(): K and V, two stages of Q, dO, lse and delta
+            return 2048 + 2 * 128 * d * 2 + 2 * 2 * 64 * d * 2 + 2 * 2 * 64 * 4
+        return 2048 + 2 * 128 * d * 2 + 2 * 2 * 64 * d * 2  # hopper_dq_shared_bytes(): Q and dO, two stages of K and V
     m = re.match(r"(dkv|dq|forward)_kernel<(\w+), (\d+)>", kernel)
     if file not in ("attention_fwd", "attention_bwd", "attention_simt") or not m:
         return 0
@@ -158,12 +162,13 @@ def hot_loop(sass: str) -> Loop | None:
     # branch back into it: those branches close no loop.
     last_exit = max((i for i, (op, _, predicated) in enumerate(instructions) if op == "EXIT" and not predicated),
                     default=len(instructions))
-    best, best_key = None, None
+    loops = []  # (start, end, Loop)
     for end, (op, rest, _) in enumerate(instructions):
         target = BRANCH.search(rest)
         if op != "BRA" or end > last_exit or not target or labels.get(target.group(1), end + 1) > end:
             continue
-        body = [(o, r) for o, r, _ in instructions[labels[target.group(1)] : end + 1]]
+        start = labels[target.group(1)]
+        body = [(o, r) for o, r, _ in instructions[start : end + 1]]
         loop = Loop(instructions=sum(1 for o, _ in body if o != "NOP"))
         for o, _ in body:
             loop.hmma += o.startswith("HMMA")
@@ -173,9 +178,15 @@ def hot_loop(sass: str) -> Loop | None:
             loop.mufu += o.startswith("MUFU")
             loop.bar += o.startswith("BAR.SYNC") or o == "BAR"
             loop.idiv += o.startswith("I2F.U32.RP") or o.startswith("I2F.RP")
-        # Among loops with equally many HMMA, a kernel's steady state is the leanest: tiles on the
-        # causal diagonal run a masked copy of the loop body, a few iterations per block.
+        loops.append((start, end, loop))
+    best, best_key = None, None
+    for start, end, loop in loops:
         tensor = loop.hmma + loop.hgmma
+        # A loop around loops with tensor work (runs of masked and plain tiles) is not the hot one.
+        if tensor and any(s >= start and e <= end and (s, e) != (start, end) and l.hmma + l.hgmma for s, e, l in loops):
+            continue
+        # Among loops with equally many tensor instructions, a kernel's steady state is the leanest:
+        # tiles on the causal diagonal run a masked copy of the loop body, a few iterations per block.
         key = (tensor, -loop.instructions if tensor else loop.instructions)
         if best_key is None or key > best_key:
             best, best_key = loop, key

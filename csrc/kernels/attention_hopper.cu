@@ -496,14 +496,12 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     auto plain = [&](int i0) {
       return i0 + offset >= n0 + kBwdKeys - 1 && i0 + kBwdQueries <= s.t_q && n0 + kBwdKeys <= s.t_k;
     };
+    auto advance = [&](int i0) { return i0 + kBwdQueries < s.t_q ? i0 + kBwdQueries : first_query; };  // next head: start over
+    // Runs of masked and of plain tiles, each its own loop (the plain one carries no masking code).
     int i0 = first_query;
-    for (int it = 0; it < tiles; ++it) {
-      if (plain(i0))
-        step(it, i0, std::false_type{});
-      else
-        step(it, i0, std::true_type{});
-      i0 += kBwdQueries;
-      if (i0 >= s.t_q) i0 = first_query;
+    for (int it = 0; it < tiles;) {
+      for (; it < tiles && !plain(i0); ++it, i0 = advance(i0)) step(it, i0, std::true_type{});
+      for (; it < tiles && plain(i0); ++it, i0 = advance(i0)) step(it, i0, std::false_type{});
     }
 
     // dK (times the scale) and dV, or this block's fp32 share of the group when split.
