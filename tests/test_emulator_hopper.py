@@ -110,21 +110,16 @@ def test_copy_destination_is_garbage_until_the_wait(hopper_tests):
     assert "were garbage" in out
 
 
-def test_missing_fence_proxy_async_is_refused(hopper_tests):
-    refused(hopper_tests, "gemm", "no fence.proxy.async", skip_proxy_fence=1)
-
-
-def test_missing_wgmma_fence_is_refused(hopper_tests):
-    refused(hopper_tests, "gemm", "no wgmma.fence", skip_wgmma_fence=1)
-
-
-def test_shared_memory_changed_under_a_pending_wgmma_is_refused(hopper_tests):
-    refused(hopper_tests, "gemm", "changed before its wait_group", touch_smem=1)
-
-
-def test_accumulators_written_while_pending_are_refused(hopper_tests):
-    refused(hopper_tests, "gemm", "written while a wgmma on them is pending", touch_accumulators=1)
-
+@pytest.mark.parametrize("message, options", [
+    ("no fence.proxy.async", {"skip_proxy_fence": 1}),  # ordinary stores, then a wgmma reads them
+    ("no wgmma.fence", {"skip_wgmma_fence": 1}),
+    ("changed before its wait_group", {"touch_smem": 1}),  # shared memory a pending wgmma reads
+    ("written while a wgmma on them is pending", {"touch_accumulators": 1}),
+    ("written after the wgmma.fence", {"write_after_fence": 1}),
+    ("A registers changed", {"a": "regs", "touch_a": 1}),  # under a pending wgmma_rs
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_wgmma_misuse_is_refused(hopper_tests, message, options):
+    refused(hopper_tests, "gemm", message, **options)
 
 @pytest.mark.parametrize("stored,described", [(128, 64), (64, 32), (32, 128)])
 def test_wrong_swizzle_gives_wrong_products(hopper_tests, stored, described):
@@ -155,14 +150,6 @@ def test_warpgroup_rules(hopper_tests):
 
 def test_deadlock_on_a_phase_that_never_completes(hopper_tests):
     refused(hopper_tests, "turns", "deadlock", mode=1)
-
-
-def test_registers_written_after_the_wgmma_fence_are_refused(hopper_tests):
-    refused(hopper_tests, "gemm", "written after the wgmma.fence", write_after_fence=1)
-
-
-def test_a_registers_changed_under_a_pending_wgmma_are_refused(hopper_tests):
-    refused(hopper_tests, "gemm", "A registers changed", a="regs", touch_a=1)
 
 
 def test_a_copy_no_one_expects_is_not_waited_for(hopper_tests):

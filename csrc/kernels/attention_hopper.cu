@@ -757,25 +757,31 @@ bool forward_hopper(const AttentionForward& a, cudaStream_t stream) {
 #define SCRATCHFORMER_HOPPER_FORWARD(T, D) template bool forward_hopper<T, D>(const AttentionForward&, cudaStream_t);
 SCRATCHFORMER_FOR_EACH_TENSOR_CORE_TYPE(SCRATCHFORMER_HOPPER_FORWARD)
 
+// The backward kernels' launch: Q and dO boxes of q_rows rows, K and V boxes of kv_rows rows.
+template <typename Kernel>
+bool launch_backward(Kernel kernel, int bytes, dim3 grid, int q_rows, int kv_rows, const AttentionBackward& a,
+                     cudaStream_t stream) {
+  const AttentionShape& s = a.shape;
+  const int d = s.head_dim;
+  CUtensorMap q_map, do_map, k_map, v_map;
+  if (!hopper_kernels_usable() || attention_tensor_map(&q_map, a.q, a.q_stride, s.batch, s.heads, s.t_q, d, q_rows) ||
+      attention_tensor_map(&do_map, a.dout, a.dout_stride, s.batch, s.heads, s.t_q, d, q_rows) ||
+      attention_tensor_map(&k_map, a.k, a.k_stride, s.batch, s.kv_heads, s.t_k, d, kv_rows) ||
+      attention_tensor_map(&v_map, a.v, a.v_stride, s.batch, s.kv_heads, s.t_k, d, kv_rows) ||
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
+    return false;
+  kernel<<<grid, kHopperThreads, bytes, stream>>>(q_map, do_map, k_map, v_map, a);
+  return true;
+}
+
 template <typename T, int D>
 bool backward_dkv_hopper(const AttentionBackward& a, cudaStream_t stream) {
   if constexpr (D != 64 && D != 128) {
     return false;
   } else {
-    if (!hopper_kernels_usable()) return false;
     const AttentionShape& s = a.shape;
-    CUtensorMap q_map, do_map, k_map, v_map;
-    if (attention_tensor_map(&q_map, a.q, a.q_stride, s.batch, s.heads, s.t_q, D, kBwdQueries) ||
-        attention_tensor_map(&do_map, a.dout, a.dout_stride, s.batch, s.heads, s.t_q, D, kBwdQueries) ||
-        attention_tensor_map(&k_map, a.k, a.k_stride, s.batch, s.kv_heads, s.t_k, D, kBwdKeys) ||
-        attention_tensor_map(&v_map, a.v, a.v_stride, s.batch, s.kv_heads, s.t_k, D, kBwdKeys))
-      return false;
-    constexpr int bytes = hopper_dkv_shared_bytes<D>();
-    if (cudaFuncSetAttribute(hopper_dkv_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
-      return false;
     const dim3 grid(s.batch * s.kv_heads, (s.t_k + kBwdKeys - 1) / kBwdKeys, a.dkv_splits);
-    hopper_dkv_kernel<T, D><<<grid, kHopperThreads, bytes, stream>>>(q_map, do_map, k_map, v_map, a);
-    return true;
+    return launch_backward(hopper_dkv_kernel<T, D>, hopper_dkv_shared_bytes<D>(), grid, kBwdQueries, kBwdKeys, a, stream);
   }
 }
 
@@ -787,20 +793,9 @@ bool backward_dq_hopper(const AttentionBackward& a, cudaStream_t stream) {
   if constexpr (D != 64 && D != 128) {
     return false;
   } else {
-    if (!hopper_kernels_usable()) return false;
     const AttentionShape& s = a.shape;
-    CUtensorMap q_map, do_map, k_map, v_map;
-    if (attention_tensor_map(&q_map, a.q, a.q_stride, s.batch, s.heads, s.t_q, D, kHopperBlockM) ||
-        attention_tensor_map(&do_map, a.dout, a.dout_stride, s.batch, s.heads, s.t_q, D, kHopperBlockM) ||
-        attention_tensor_map(&k_map, a.k, a.k_stride, s.batch, s.kv_heads, s.t_k, D, kDqKeys) ||
-        attention_tensor_map(&v_map, a.v, a.v_stride, s.batch, s.kv_heads, s.t_k, D, kDqKeys))
-      return false;
-    constexpr int bytes = hopper_dq_shared_bytes<D>();
-    if (cudaFuncSetAttribute(hopper_dq_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
-      return false;
     const dim3 grid(s.batch * s.heads, (s.t_q + kHopperBlockM - 1) / kHopperBlockM);
-    hopper_dq_kernel<T, D><<<grid, kHopperThreads, bytes, stream>>>(q_map, do_map, k_map, v_map, a);
-    return true;
+    return launch_backward(hopper_dq_kernel<T, D>, hopper_dq_shared_bytes<D>(), grid, kHopperBlockM, kDqKeys, a, stream);
   }
 }
 
