@@ -64,6 +64,26 @@ __device__ __forceinline__ uint64_t mn_major_descriptor(uint32_t address, uint32
   return uint64_t((address >> 4) & 0x3fff) | uint64_t((panel_bytes >> 4) & 0x3fff) << 16 | uint64_t(1024 >> 4) << 32 |
          uint64_t(1) << 62;
 }
+
+// acc (64 x N) = A B^T over D columns: A's 64 rows start at shared address a in panels of a_rows
+// rows, B's N rows at b in panels of b_rows rows (both K-major). Issued, not waited for.
+template <typename T, int N, int D>
+__device__ __forceinline__ void product_over_d(float (&acc)[N / 2], uint32_t a, int a_rows, uint32_t b, int b_rows) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint32_t step = (kk % 4) * 32;  // 16 columns further inside the panel
+    wgmma_ss<T, N, false>(acc, k_major_descriptor(a + (kk / 4) * a_rows * 128 + step),
+                          k_major_descriptor(b + (kk / 4) * b_rows * 128 + step), kk > 0);
+  }
+}
+
+// acc (64 x D) += A B: A's 16-column slabs in registers, B's rows (as many as A has columns) at
+// shared address b, MN-major in panels of `rows` rows. Issued, not waited for.
+template <typename T, int D, int SLABS>
+__device__ __forceinline__ void accumulate_product(float (&acc)[D / 2], const uint32_t (&a)[SLABS][4], uint32_t b, int rows) {
+#pragma unroll
+  for (int ks = 0; ks < SLABS; ++ks) wgmma_rs<T, D, true>(acc, a[ks], mn_major_descriptor(b + ks * 16 * 128, rows * 128), true);
+}
 #endif
 
 // 1 in the sm_90a image of this file, 0 in any other GPU image: which one the device loaded
@@ -88,7 +108,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
 #if defined(__CUDA_ARCH__) && !defined(SCRATCHFORMER_SM90A)
   __trap();  // built for another GPU: the launcher takes this kernel only on sm_90a builds
 #else
-  constexpr int BN = kHopperBlockN, PANELS = D / kPanel, KSLABS = D / 16;
+  constexpr int BN = kHopperBlockN, PANELS = D / kPanel;
   constexpr int Q_BYTES = hopper_tile_bytes<D>(kHopperBlockM), KV_BYTES = hopper_tile_bytes<D>(BN);
   extern __shared__ __align__(16) unsigned char smem[];
   uint64_t* q_full = reinterpret_cast<uint64_t*>(smem);
@@ -164,21 +184,12 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     // the products would make ptxas fence again inside it and serialise the wgmma (C7520).
     auto wait_full = [&](uint64_t* full, int j) { mbarrier_wait(&full[j % kStages], (j / kStages) & 1); };
     auto issue_s = [&](int j) {
-      const uint32_t k_stage = smem_addr(k_tiles + j % kStages * KV_BYTES);
-#pragma unroll
-      for (int kk = 0; kk < KSLABS; ++kk) {
-        const uint32_t step_bytes = (kk % 4) * 32;  // 16 columns further inside the panel
-        wgmma_ss<T, BN, false>(sc, k_major_descriptor(q_rows + (kk / 4) * kHopperBlockM * 128 + step_bytes),
-                               k_major_descriptor(k_stage + (kk / 4) * BN * 128 + step_bytes), kk > 0);
-      }
+      product_over_d<T, BN, D>(sc, q_rows, kHopperBlockM, smem_addr(k_tiles + j % kStages * KV_BYTES), BN);
       wgmma_commit();
     };
     // O += P(j) V(j): V's rows (keys) as k, its columns (d) as N, MN-major.
     auto issue_pv = [&](int j) {
-      const uint32_t v_stage = smem_addr(v_tiles + j % kStages * KV_BYTES);
-#pragma unroll
-      for (int ks = 0; ks < BN / 16; ++ks)
-        wgmma_rs<T, D, true>(o, pa[ks], mn_major_descriptor(v_stage + ks * 16 * 128, BN * 128), true);
+      accumulate_product<T, D>(o, pa, smem_addr(v_tiles + j % kStages * KV_BYTES), BN);
       wgmma_commit();
     };
     auto fence_registers = [&] {  // before the products' issue
@@ -336,7 +347,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
 #if defined(__CUDA_ARCH__) && !defined(SCRATCHFORMER_SM90A)
   __trap();
 #else
-  constexpr int PANELS = D / kPanel, KSLABS = D / 16, QSLABS = kBwdQueries / 16;
+  constexpr int PANELS = D / kPanel, QSLABS = kBwdQueries / 16;
   constexpr int KV_BYTES = hopper_tile_bytes<D>(kBwdKeys), Q_BYTES = hopper_tile_bytes<D>(kBwdQueries);
   extern __shared__ __align__(16) unsigned char smem[];
   uint64_t* kv_full = reinterpret_cast<uint64_t*>(smem);
@@ -427,18 +438,8 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
       wgmma_fence_operand(st);
       wgmma_fence_operand(dpt);
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < KSLABS; ++kk) {
-        const uint32_t step_bytes = (kk % 4) * 32;  // 16 columns further inside the panel
-        wgmma_ss<T, kBwdQueries, false>(st, k_major_descriptor(k_rows + (kk / 4) * kBwdKeys * 128 + step_bytes),
-                                        k_major_descriptor(q_stage + (kk / 4) * kBwdQueries * 128 + step_bytes), kk > 0);
-      }
-#pragma unroll
-      for (int kk = 0; kk < KSLABS; ++kk) {
-        const uint32_t step_bytes = (kk % 4) * 32;
-        wgmma_ss<T, kBwdQueries, false>(dpt, k_major_descriptor(v_rows + (kk / 4) * kBwdKeys * 128 + step_bytes),
-                                        k_major_descriptor(do_stage + (kk / 4) * kBwdQueries * 128 + step_bytes), kk > 0);
-      }
+      product_over_d<T, kBwdQueries, D>(st, k_rows, kBwdKeys, q_stage, kBwdQueries);
+      product_over_d<T, kBwdQueries, D>(dpt, v_rows, kBwdKeys, do_stage, kBwdQueries);
       wgmma_commit();
       wgmma_wait<0>();
       wgmma_fence_operand(st);
@@ -481,11 +482,8 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
         wgmma_fence_operand(dsa[ks]);
       }
       wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < QSLABS; ++ks) {
-        wgmma_rs<T, D, true>(dv, pa[ks], mn_major_descriptor(do_stage + ks * 16 * 128, kBwdQueries * 128), true);
-        wgmma_rs<T, D, true>(dk, dsa[ks], mn_major_descriptor(q_stage + ks * 16 * 128, kBwdQueries * 128), true);
-      }
+      accumulate_product<T, D>(dv, pa, do_stage, kBwdQueries);
+      accumulate_product<T, D>(dk, dsa, q_stage, kBwdQueries);
       wgmma_commit();
       wgmma_wait<0>();
       wgmma_fence_operand(dk);
@@ -557,7 +555,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
 #if defined(__CUDA_ARCH__) && !defined(SCRATCHFORMER_SM90A)
   __trap();
 #else
-  constexpr int BN = kDqKeys, PANELS = D / kPanel, KSLABS = D / 16, NSLABS = BN / 16;
+  constexpr int BN = kDqKeys, PANELS = D / kPanel, NSLABS = BN / 16;
   constexpr int Q_BYTES = hopper_tile_bytes<D>(kHopperBlockM), KV_BYTES = hopper_tile_bytes<D>(BN);
   extern __shared__ __align__(16) unsigned char smem[];
   uint64_t* q_full = reinterpret_cast<uint64_t*>(smem);
@@ -636,18 +634,8 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
       wgmma_fence_operand(sc);
       wgmma_fence_operand(dp);
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < KSLABS; ++kk) {
-        const uint32_t step_bytes = (kk % 4) * 32;  // 16 columns further inside the panel
-        wgmma_ss<T, BN, false>(sc, k_major_descriptor(q_rows + (kk / 4) * kHopperBlockM * 128 + step_bytes),
-                               k_major_descriptor(k_stage + (kk / 4) * BN * 128 + step_bytes), kk > 0);
-      }
-#pragma unroll
-      for (int kk = 0; kk < KSLABS; ++kk) {
-        const uint32_t step_bytes = (kk % 4) * 32;
-        wgmma_ss<T, BN, false>(dp, k_major_descriptor(do_rows + (kk / 4) * kHopperBlockM * 128 + step_bytes),
-                               k_major_descriptor(v_stage + (kk / 4) * BN * 128 + step_bytes), kk > 0);
-      }
+      product_over_d<T, BN, D>(sc, q_rows, kHopperBlockM, k_stage, BN);
+      product_over_d<T, BN, D>(dp, do_rows, kHopperBlockM, v_stage, BN);
       wgmma_commit();
       wgmma_wait<0>();
       wgmma_fence_operand(sc);
@@ -675,9 +663,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
 #pragma unroll
       for (int ks = 0; ks < NSLABS; ++ks) wgmma_fence_operand(dsa[ks]);
       wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < NSLABS; ++ks)
-        wgmma_rs<T, D, true>(dq, dsa[ks], mn_major_descriptor(k_stage + ks * 16 * 128, BN * 128), true);
+      accumulate_product<T, D>(dq, dsa, k_stage, BN);
       wgmma_commit();
       wgmma_wait<0>();
       wgmma_fence_operand(dq);
