@@ -224,7 +224,7 @@ def test_emulated_hopper_kernels_read_strided_inputs_in_place(kernels):
 
 HOPPER_MISTAKES = {
     # Each edit is a bug a GPU would punish; the emulator must catch each one.
-    "no wait for the last P V": ("    issue_pv(tiles - 1);\n    hand_over();\n    wgmma_wait<0>();", "    issue_pv(tiles - 1);\n    hand_over();"),
+    "no wait for the last P V": ("    issue_pv(tiles - 1);\n    turns.hand_over();\n    wgmma_wait<0>();", "    issue_pv(tiles - 1);\n    turns.hand_over();"),
     "P V not waited for before O is rescaled": ("      softmax(j, masked, alpha);\n      wgmma_wait<0>();", "      softmax(j, masked, alpha);"),
     "no wait for K to land": ("      wait_full(k_full, j);\n", ""),
     "64-byte swizzle described": ("uint64_t(1024 >> 4) << 32 | uint64_t(1) << 62;\n}", "uint64_t(1024 >> 4) << 32 | uint64_t(2) << 62;\n}"),

@@ -84,6 +84,21 @@ __device__ __forceinline__ void accumulate_product(float (&acc)[D / 2], const ui
 #pragma unroll
   for (int ks = 0; ks < SLABS; ++ks) wgmma_rs<T, D, true>(acc, a[ks], mn_major_descriptor(b + ks * 16 * 128, rows * 128), true);
 }
+
+// Ping-pong: the two consumer warpgroups take turns issuing products (named barriers 1 and 2), so
+// that while one works on registers (softmax, gradients of the scores) the other's products keep
+// the tensor cores busy. Consumer 0 goes first; every turn but consumer 1's last hands over, so
+// the barriers balance.
+struct PingPong {
+  int group, turns, turn = 0;
+  __device__ PingPong(int group_, int turns_) : group(group_), turns(turns_) {
+    if (group == 1) named_barrier_arrive(1, 256);
+  }
+  __device__ void take() { named_barrier_sync(1 + group, 256); }
+  __device__ void hand_over() {
+    if (++turn < turns || group == 0) named_barrier_arrive(2 - group, 256);
+  }
+};
 #endif
 
 // 1 in the sm_90a image of this file, 0 in any other GPU image: which one the device loaded
@@ -199,16 +214,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
       for (int ks = 0; ks < BN / 16; ++ks) wgmma_fence_operand(pa[ks]);
       wgmma_fence();
     };
-    // Ping-pong: the two consumers take turns issuing their products (named barriers 1 and 2), so
-    // one's softmax runs while the other's products keep the tensor cores busy. Consumer 0 goes
-    // first; every turn but consumer 1's last hands over, so the barriers balance.
-    const int turns = tiles + 1;
-    int turn = 0;
-    auto take_turn = [&] { named_barrier_sync(1 + group, 256); };
-    auto hand_over = [&] {
-      if (++turn < turns || group == 0) named_barrier_arrive(2 - group, 256);
-    };
-    if (group == 1) named_barrier_arrive(1, 256);
+    PingPong turns(group, tiles + 1);  // tile 0's S, the tiles' S(j) with P(j - 1) V(j - 1), the last P V
 
     // Online softmax of S(j) in place (sc becomes P(j), unnormalised); returns O's factor per row.
     // `masked`: keys past a query's diagonal or past the end count as -inf.
@@ -257,10 +263,10 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     // while the tensor cores finish P(j - 1) V(j - 1); the last P V closes.
     {
       wait_full(k_full, 0);
-      take_turn();
+      turns.take();
       fence_registers();
       issue_s(0);
-      hand_over();
+      turns.hand_over();
       wgmma_wait<0>();
       wgmma_fence_operand(sc);
       release(k_empty, 0);
@@ -274,11 +280,11 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     auto step = [&](int j, auto masked) {
       wait_full(k_full, j);
       wait_full(v_full, j - 1);
-      take_turn();
+      turns.take();
       fence_registers();
       issue_s(j);
       issue_pv(j - 1);
-      hand_over();
+      turns.hand_over();
       wgmma_wait<1>();  // S(j) done; P(j - 1) V(j - 1) may still run
       wgmma_fence_operand(sc);
       release(k_empty, j);
@@ -293,10 +299,10 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     for (; j < plain_tiles; ++j) step(j, std::false_type{});
     for (; j < tiles; ++j) step(j, std::true_type{});
     wait_full(v_full, tiles - 1);
-    take_turn();
+    turns.take();
     fence_registers();
     issue_pv(tiles - 1);
-    hand_over();
+    turns.hand_over();
     wgmma_wait<0>();
     wgmma_fence_operand(o);
     release(v_empty, tiles - 1);
@@ -328,7 +334,8 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
 //   S^T = K Q^T, dP^T = V dO^T      wgmma m64n64k16, all from shared memory (K-major)
 //   P^T, dS^T = P^T (dP^T - delta)   in registers, masking only on diagonal and end tiles
 //   dV += P^T dO, dK += dS^T Q       wgmma m64nDk16, P^T and dS^T from registers, dO and Q MN-major
-// The kv group's sum stays in the accumulators: no atomics, gradients bitwise reproducible.
+// The two consumers take turns issuing S^T and dP^T (ping-pong). The kv group's sum stays in the
+// accumulators: no atomics, gradients bitwise reproducible.
 constexpr int kBwdKeys = 64 * kConsumers;  // keys per dkv block
 constexpr int kBwdQueries = 64;            // queries per tile
 
@@ -428,6 +435,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
     float st[kBwdQueries / 2], dpt[kBwdQueries / 2];  // S^T and dP^T: register i holds key row g + 8 ((i / 2) % 2), query 8 (i / 4) + 2c + i % 2
     uint32_t pa[QSLABS][4], dsa[QSLABS][4];
+    PingPong turns(cgroup, tiles);  // around each tile's S^T and dP^T
     mbarrier_wait(kv_full, 0);
 
     // One query tile: `masked` zeroes P where a query does not see a key (diagonal and end tiles).
@@ -435,12 +443,14 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
       const int stage = it % kStages;
       const uint32_t q_stage = smem_addr(q_tiles + stage * Q_BYTES), do_stage = smem_addr(do_tiles + stage * Q_BYTES);
       mbarrier_wait(&q_full[stage], (it / kStages) & 1);
+      turns.take();
       wgmma_fence_operand(st);
       wgmma_fence_operand(dpt);
       wgmma_fence();
       product_over_d<T, kBwdQueries, D>(st, k_rows, kBwdKeys, q_stage, kBwdQueries);
       product_over_d<T, kBwdQueries, D>(dpt, v_rows, kBwdKeys, do_stage, kBwdQueries);
       wgmma_commit();
+      turns.hand_over();
       wgmma_wait<0>();
       wgmma_fence_operand(st);
       wgmma_fence_operand(dpt);
@@ -540,6 +550,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
 //   S = Q K^T, dP = dO V^T       wgmma m64n64k16 from shared memory (K-major)
 //   dS = P (dP - delta)          in registers, masking only on diagonal and end tiles
 //   dQ += dS K                   wgmma m64nDk16, dS from registers, K MN-major
+// The two consumers take turns issuing S and dP (ping-pong).
 constexpr int kDqKeys = 64;  // keys per tile
 
 template <int D>
@@ -625,18 +636,21 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     for (int i = 0; i < D / 2; ++i) dq[i] = 0.f;
     float sc[BN / 2], dp[BN / 2];  // register i: query row g + 8 ((i / 2) % 2), key 8 (i / 4) + 2c + i % 2
     uint32_t dsa[NSLABS][4];
+    PingPong turns(cgroup, tiles);  // around each tile's S and dP
     mbarrier_wait(q_full, 0);
 
     auto step = [&](int j, auto masked) {
       const int stage = j % kStages;
       const uint32_t k_stage = smem_addr(k_tiles + stage * KV_BYTES), v_stage = smem_addr(v_tiles + stage * KV_BYTES);
       mbarrier_wait(&kv_full[stage], (j / kStages) & 1);
+      turns.take();
       wgmma_fence_operand(sc);
       wgmma_fence_operand(dp);
       wgmma_fence();
       product_over_d<T, BN, D>(sc, q_rows, kHopperBlockM, k_stage, BN);
       product_over_d<T, BN, D>(dp, do_rows, kHopperBlockM, v_stage, BN);
       wgmma_commit();
+      turns.hand_over();
       wgmma_wait<0>();
       wgmma_fence_operand(sc);
       wgmma_fence_operand(dp);
