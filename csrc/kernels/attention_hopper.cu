@@ -23,6 +23,7 @@
 // output leaves through ordinary stores (FlashAttention-3 stages it for a bulk copy).
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <type_traits>
 
@@ -292,6 +293,8 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
       softmax(j, masked, alpha);
       wgmma_wait<0>();
       wgmma_fence_operand(o);
+#pragma unroll
+      for (int ks = 0; ks < BN / 16; ++ks) wgmma_fence_operand(pa[ks]);  // P(j - 1) is free to overwrite
       release(v_empty, j - 1);
       rescale_and_pack(alpha);
     };
@@ -498,6 +501,12 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
       wgmma_wait<0>();
       wgmma_fence_operand(dk);
       wgmma_fence_operand(dv);
+#pragma unroll
+      for (int ks = 0; ks < QSLABS; ++ks) {
+        wgmma_fence_operand(pa[ks]);
+        wgmma_fence_operand(dsa[ks]);
+      }
+      __syncwarp();  // every lane has read this stage's lse and delta before its release
       if (lane == 0) mbarrier_arrive(&q_empty[stage]);
     };
     // A tile needs no mask when every query in it sees every key of the block and all exist.
@@ -681,6 +690,8 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
       wgmma_commit();
       wgmma_wait<0>();
       wgmma_fence_operand(dq);
+#pragma unroll
+      for (int ks = 0; ks < NSLABS; ++ks) wgmma_fence_operand(dsa[ks]);
       if (lane == 0) mbarrier_arrive(&kv_empty[stage]);
     };
     int j = 0;
@@ -705,8 +716,13 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
 // boxes of `rows` rows, 128-byte swizzle.
 const char* attention_tensor_map(CUtensorMap* map, const void* base, Strides st, int batch, int heads, int t, int d,
                                  int rows) {
+  // A dimension of extent 1 may carry any stride (a view's); the copy engine wants multiples of
+  // 16 bytes everywhere, so such a stride is replaced by one that is (it is never stepped along).
+  const uint64_t time = t == 1 ? uint64_t(d) * 2 : uint64_t(st.time) * 2;
+  const uint64_t head = heads == 1 ? time * t : uint64_t(st.head) * 2;
+  const uint64_t whole = batch == 1 ? head * heads : uint64_t(st.batch) * 2;
   const uint64_t dims[4] = {uint64_t(d), uint64_t(t), uint64_t(heads), uint64_t(batch)};
-  const uint64_t strides[3] = {uint64_t(st.time) * 2, uint64_t(st.head) * 2, uint64_t(st.batch) * 2};
+  const uint64_t strides[3] = {time, head, whole};
   const uint32_t box[4] = {uint32_t(kPanel), uint32_t(rows), 1, 1};
   return make_tensor_map(map, base, 2, 4, dims, strides, box, TmaSwizzle::k128B);
 }
@@ -716,20 +732,34 @@ const char* attention_tensor_map(CUtensorMap* map, const void* base, Strides st,
 // Whether the current device runs this build's sm_90a image (asked once per device and process),
 // unless SCRATCHFORMER_WGMMA=0 asks for the mma.sync kernels (read at every call: benchmarks
 // compare the two in one process).
-bool hopper_kernels_usable() {
+bool hopper_kernels_usable(cudaStream_t stream) {
   const char* wanted = std::getenv("SCRATCHFORMER_WGMMA");
   if (wanted && wanted[0] == '0') return false;
-  static int usable[64];  // 0: not asked yet, 1: yes, 2: no
+  static std::atomic<int> usable[64];  // 0: not asked yet, 1: yes, 2: no
   int device = 0, major = 0;
   if (cudaGetDevice(&device) != cudaSuccess || device >= 64) return false;
-  if (!usable[device]) {
+  if (!usable[device].load()) {
+    // Reading the flag is a synchronous copy, which a stream being captured into a CUDA graph
+    // refuses: then this call takes the mma.sync kernels and the question waits for a later one.
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream, &capturing) != cudaSuccess || capturing != cudaStreamCaptureStatusNone) return false;
     int image = 0;
-    const bool yes = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
-                     major == 9 && cudaMemcpyFromSymbol(&image, hopper_image, sizeof(image)) == cudaSuccess && image == 1;
-    cudaGetLastError();  // a device without a loadable image leaves an error behind: not the caller's
-    usable[device] = yes ? 1 : 2;
+    bool yes = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major == 9;
+    if (yes && cudaMemcpyFromSymbol(&image, hopper_image, sizeof(image)) != cudaSuccess) {
+      cudaGetLastError();  // no loadable image for this device: the error is this probe's, not the caller's
+      yes = false;
+    }
+    usable[device] = yes && image == 1 ? 1 : 2;
   }
-  return usable[device] == 1;
+  return usable[device].load() == 1;
+}
+
+// cudaFuncSetAttribute, leaving no error behind when it fails (the caller then takes another kernel).
+template <typename Kernel>
+bool allow_shared_bytes(Kernel kernel, int bytes) {
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) == cudaSuccess) return true;
+  cudaGetLastError();
+  return false;
 }
 
 template <typename T, int D>
@@ -737,7 +767,7 @@ bool forward_hopper(const AttentionForward& a, cudaStream_t stream) {
   if constexpr (D != 64 && D != 128) {
     return false;
   } else {
-    if (!hopper_kernels_usable()) return false;
+    if (!hopper_kernels_usable(stream)) return false;
     const AttentionShape& s = a.shape;
     CUtensorMap q_map, k_map, v_map;
     if (attention_tensor_map(&q_map, a.q, a.q_stride, s.batch, s.heads, s.t_q, D, kHopperBlockM) ||
@@ -745,8 +775,7 @@ bool forward_hopper(const AttentionForward& a, cudaStream_t stream) {
         attention_tensor_map(&v_map, a.v, a.v_stride, s.batch, s.kv_heads, s.t_k, D, kHopperBlockN))
       return false;  // alignment or strides the copy engine does not take: the mma.sync kernel does
     constexpr int bytes = hopper_shared_bytes<D>();
-    if (cudaFuncSetAttribute(hopper_forward_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
-      return false;
+    if (!allow_shared_bytes(hopper_forward_kernel<T, D>, bytes)) return false;
     const HopperParams p{s, a.scale, a.out, a.lse};
     const dim3 grid(s.batch * s.heads, (s.t_q + kHopperBlockM - 1) / kHopperBlockM);
     hopper_forward_kernel<T, D><<<grid, kHopperThreads, bytes, stream>>>(q_map, k_map, v_map, p);
@@ -764,11 +793,11 @@ bool launch_backward(Kernel kernel, int bytes, dim3 grid, int q_rows, int kv_row
   const AttentionShape& s = a.shape;
   const int d = s.head_dim;
   CUtensorMap q_map, do_map, k_map, v_map;
-  if (!hopper_kernels_usable() || attention_tensor_map(&q_map, a.q, a.q_stride, s.batch, s.heads, s.t_q, d, q_rows) ||
+  if (!hopper_kernels_usable(stream) || attention_tensor_map(&q_map, a.q, a.q_stride, s.batch, s.heads, s.t_q, d, q_rows) ||
       attention_tensor_map(&do_map, a.dout, a.dout_stride, s.batch, s.heads, s.t_q, d, q_rows) ||
       attention_tensor_map(&k_map, a.k, a.k_stride, s.batch, s.kv_heads, s.t_k, d, kv_rows) ||
       attention_tensor_map(&v_map, a.v, a.v_stride, s.batch, s.kv_heads, s.t_k, d, kv_rows) ||
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
+      !allow_shared_bytes(kernel, bytes))
     return false;
   kernel<<<grid, kHopperThreads, bytes, stream>>>(q_map, do_map, k_map, v_map, a);
   return true;

@@ -38,7 +38,7 @@ template <typename T, int D> cudaError_t backward_tensor_cores(const AttentionBa
 // Hopper (attention_hopper.cu): wgmma and bulk tensor copies, where the device is sm_90 and this
 // build has its sm_90a image. forward_hopper launches and returns true, or returns false (other
 // GPU, head dim, or strides the copy engine does not take) and leaves it to the mma.sync kernel.
-bool hopper_kernels_usable();
+bool hopper_kernels_usable(cudaStream_t stream);
 template <typename T, int D> bool forward_hopper(const AttentionForward& a, cudaStream_t stream);
 // The backward's dk/dv and dq on Hopper (same conditions); false: the mma.sync kernel runs instead.
 template <typename T, int D> bool backward_dkv_hopper(const AttentionBackward& a, cudaStream_t stream);

@@ -340,6 +340,11 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, 
   *value = attribute == cudaDevAttrComputeCapabilityMajor ? emu::compute_capability / 10 : emu::sm_count;
   return cudaSuccess;
 }
+enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone, cudaStreamCaptureStatusActive };
+inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* status) {
+  *status = cudaStreamCaptureStatusNone;  // no CUDA graphs here
+  return cudaSuccess;
+}
 // __device__ variables are host variables here.
 template <typename V>
 inline cudaError_t cudaMemcpyFromSymbol(void* dst, const V& symbol, std::size_t bytes) {
