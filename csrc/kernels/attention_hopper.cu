@@ -66,6 +66,15 @@ __device__ __forceinline__ uint64_t mn_major_descriptor(uint32_t address, uint32
          uint64_t(1) << 62;
 }
 
+// A tile of `rows` rows (from row0 of a head of a batch) and D columns into 64-column panels at
+// dst, one bulk copy per panel, completing on bar.
+template <int D>
+__device__ __forceinline__ void load_panels(unsigned char* dst, const CUtensorMap* map, uint64_t* bar, int rows, int row0,
+                                            int head, int batch) {
+#pragma unroll
+  for (int p = 0; p < D / kPanel; ++p) tma_load_4d(dst + p * rows * 128, map, bar, p * kPanel, row0, head, batch);
+}
+
 // acc (64 x N) = A B^T over D columns: A's 64 rows start at shared address a in panels of a_rows
 // rows, B's N rows at b in panels of b_rows rows (both K-major). Issued, not waited for.
 template <typename T, int N, int D>
@@ -100,6 +109,24 @@ struct PingPong {
     if (++turn < turns || group == 0) named_barrier_arrive(2 - group, 256);
   }
 };
+
+// The backward's score products: x = A1 B1^T and y = A2 B2^T over D (as product_over_d; A's in
+// panels of a_rows rows, B's of b_rows), issued in this warpgroup's turn and waited for.
+template <typename T, int N, int D>
+__device__ __forceinline__ void score_products(PingPong& turns, float (&x)[N / 2], uint32_t a1, uint32_t b1,
+                                               float (&y)[N / 2], uint32_t a2, uint32_t b2, int a_rows, int b_rows) {
+  turns.take();
+  wgmma_fence_operand(x);
+  wgmma_fence_operand(y);
+  wgmma_fence();
+  product_over_d<T, N, D>(x, a1, a_rows, b1, b_rows);
+  product_over_d<T, N, D>(y, a2, a_rows, b2, b_rows);
+  wgmma_commit();
+  turns.hand_over();
+  wgmma_wait<0>();
+  wgmma_fence_operand(x);
+  wgmma_fence_operand(y);
+}
 #endif
 
 // 1 in the sm_90a image of this file, 0 in any other GPU image: which one the device loaded
@@ -124,7 +151,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
 #if defined(__CUDA_ARCH__) && !defined(SCRATCHFORMER_SM90A)
   __trap();  // built for another GPU: the launcher takes this kernel only on sm_90a builds
 #else
-  constexpr int BN = kHopperBlockN, PANELS = D / kPanel;
+  constexpr int BN = kHopperBlockN;
   constexpr int Q_BYTES = hopper_tile_bytes<D>(kHopperBlockM), KV_BYTES = hopper_tile_bytes<D>(BN);
   extern __shared__ __align__(16) unsigned char smem[];
   uint64_t* q_full = reinterpret_cast<uint64_t*>(smem);
@@ -135,7 +162,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
   // The swizzle is a function of the shared address: tiles start on a 1024-byte boundary.
   const uint32_t base = smem_addr(smem);
   unsigned char* q_tile = smem + 1024 + (1024 - base % 1024) % 1024;
-  unsigned char* k_tiles = q_tile + Q_BYTES;  // [kStages][PANELS][BN][128 bytes]
+  unsigned char* k_tiles = q_tile + Q_BYTES;  // [kStages][D / 64][BN][128 bytes]
   unsigned char* v_tiles = k_tiles + kStages * KV_BYTES;
 
   const AttentionShape& s = a.shape;
@@ -164,19 +191,16 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     setmaxnreg_dec<24>();
     if (threadIdx.x == 0) {
       mbarrier_arrive_expect_tx(q_full, Q_BYTES);
-      for (int p = 0; p < PANELS; ++p)
-        tma_load_4d(q_tile + p * kHopperBlockM * 128, &q_map, q_full, p * kPanel, m0, h, b);
+      load_panels<D>(q_tile, &q_map, q_full, kHopperBlockM, m0, h, b);
       for (int j = 0; j < tiles; ++j) {
         const int stage = j % kStages;
         const uint32_t parity = ((j / kStages) & 1) ^ 1;  // the first pass finds every stage empty
         mbarrier_wait(&k_empty[stage], parity);
         mbarrier_arrive_expect_tx(&k_full[stage], KV_BYTES);
-        for (int p = 0; p < PANELS; ++p)
-          tma_load_4d(k_tiles + stage * KV_BYTES + p * BN * 128, &k_map, &k_full[stage], p * kPanel, j * BN, kv_head, b);
+        load_panels<D>(k_tiles + stage * KV_BYTES, &k_map, &k_full[stage], BN, j * BN, kv_head, b);
         mbarrier_wait(&v_empty[stage], parity);
         mbarrier_arrive_expect_tx(&v_full[stage], KV_BYTES);
-        for (int p = 0; p < PANELS; ++p)
-          tma_load_4d(v_tiles + stage * KV_BYTES + p * BN * 128, &v_map, &v_full[stage], p * kPanel, j * BN, kv_head, b);
+        load_panels<D>(v_tiles + stage * KV_BYTES, &v_map, &v_full[stage], BN, j * BN, kv_head, b);
       }
     }
   } else {  // a consumer: 64 query rows
@@ -357,16 +381,16 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
 #if defined(__CUDA_ARCH__) && !defined(SCRATCHFORMER_SM90A)
   __trap();
 #else
-  constexpr int PANELS = D / kPanel, QSLABS = kBwdQueries / 16;
+  constexpr int QSLABS = kBwdQueries / 16;
   constexpr int KV_BYTES = hopper_tile_bytes<D>(kBwdKeys), Q_BYTES = hopper_tile_bytes<D>(kBwdQueries);
   extern __shared__ __align__(16) unsigned char smem[];
   uint64_t* kv_full = reinterpret_cast<uint64_t*>(smem);
   uint64_t* q_full = kv_full + 1;  // [kStages]: Q, dO, lse and delta of a tile landed
   uint64_t* q_empty = q_full + kStages;
   const uint32_t base = smem_addr(smem);
-  unsigned char* k_tile = smem + 1024 + (1024 - base % 1024) % 1024;  // [PANELS][kBwdKeys][128 bytes]
+  unsigned char* k_tile = smem + 1024 + (1024 - base % 1024) % 1024;  // [D / 64][kBwdKeys][128 bytes]
   unsigned char* v_tile = k_tile + KV_BYTES;
-  unsigned char* q_tiles = v_tile + KV_BYTES;  // [kStages][PANELS][kBwdQueries][128 bytes]
+  unsigned char* q_tiles = v_tile + KV_BYTES;  // [kStages][D / 64][kBwdQueries][128 bytes]
   unsigned char* do_tiles = q_tiles + kStages * Q_BYTES;
   float* lse_s = reinterpret_cast<float*>(do_tiles + kStages * Q_BYTES);  // [kStages][kBwdQueries], log2 units
   float* delta_s = lse_s + kStages * kBwdQueries;
@@ -396,10 +420,8 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     int h = kv_head * group + first_head, i0 = first_query;  // the next tile's head and first query
     if (threadIdx.x == 0) {
       mbarrier_arrive_expect_tx(kv_full, 2 * KV_BYTES);
-      for (int p = 0; p < PANELS; ++p) {
-        tma_load_4d(k_tile + p * kBwdKeys * 128, &k_map, kv_full, p * kPanel, n0, kv_head, b);
-        tma_load_4d(v_tile + p * kBwdKeys * 128, &v_map, kv_full, p * kPanel, n0, kv_head, b);
-      }
+      load_panels<D>(k_tile, &k_map, kv_full, kBwdKeys, n0, kv_head, b);
+      load_panels<D>(v_tile, &v_map, kv_full, kBwdKeys, n0, kv_head, b);
     }
     for (int it = 0; it < tiles; ++it) {
       const int stage = it % kStages;
@@ -407,10 +429,8 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
       if (warp == 0) {
         if (lane == 0) {
           mbarrier_arrive_expect_tx(&q_full[stage], 2 * Q_BYTES);
-          for (int p = 0; p < PANELS; ++p) {
-            tma_load_4d(q_tiles + stage * Q_BYTES + p * kBwdQueries * 128, &q_map, &q_full[stage], p * kPanel, i0, h, b);
-            tma_load_4d(do_tiles + stage * Q_BYTES + p * kBwdQueries * 128, &do_map, &q_full[stage], p * kPanel, i0, h, b);
-          }
+          load_panels<D>(q_tiles + stage * Q_BYTES, &q_map, &q_full[stage], kBwdQueries, i0, h, b);
+          load_panels<D>(do_tiles + stage * Q_BYTES, &do_map, &q_full[stage], kBwdQueries, i0, h, b);
         }
       } else {  // lse (in log2 units; +inf past the end, so P = 0 there) and delta
         for (int r = lane; r < kBwdQueries; r += 32) {
@@ -446,17 +466,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
       const int stage = it % kStages;
       const uint32_t q_stage = smem_addr(q_tiles + stage * Q_BYTES), do_stage = smem_addr(do_tiles + stage * Q_BYTES);
       mbarrier_wait(&q_full[stage], (it / kStages) & 1);
-      turns.take();
-      wgmma_fence_operand(st);
-      wgmma_fence_operand(dpt);
-      wgmma_fence();
-      product_over_d<T, kBwdQueries, D>(st, k_rows, kBwdKeys, q_stage, kBwdQueries);
-      product_over_d<T, kBwdQueries, D>(dpt, v_rows, kBwdKeys, do_stage, kBwdQueries);
-      wgmma_commit();
-      turns.hand_over();
-      wgmma_wait<0>();
-      wgmma_fence_operand(st);
-      wgmma_fence_operand(dpt);
+      score_products<T, kBwdQueries, D>(turns, st, k_rows, q_stage, dpt, v_rows, do_stage, kBwdKeys, kBwdQueries);
 
       // P^T = 2^(S^T scale log2e - lse') and dS^T = P^T (dP^T - delta), packed as A registers.
       const float* lse = lse_s + stage * kBwdQueries;
@@ -575,16 +585,16 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
 #if defined(__CUDA_ARCH__) && !defined(SCRATCHFORMER_SM90A)
   __trap();
 #else
-  constexpr int BN = kDqKeys, PANELS = D / kPanel, NSLABS = BN / 16;
+  constexpr int BN = kDqKeys, NSLABS = BN / 16;
   constexpr int Q_BYTES = hopper_tile_bytes<D>(kHopperBlockM), KV_BYTES = hopper_tile_bytes<D>(BN);
   extern __shared__ __align__(16) unsigned char smem[];
   uint64_t* q_full = reinterpret_cast<uint64_t*>(smem);
   uint64_t* kv_full = q_full + 1;  // [kStages]: K and V of a tile landed
   uint64_t* kv_empty = kv_full + kStages;
   const uint32_t base = smem_addr(smem);
-  unsigned char* q_tile = smem + 1024 + (1024 - base % 1024) % 1024;  // [PANELS][128 rows][128 bytes]
+  unsigned char* q_tile = smem + 1024 + (1024 - base % 1024) % 1024;  // [D / 64][128 rows][128 bytes]
   unsigned char* do_tile = q_tile + Q_BYTES;
-  unsigned char* k_tiles = do_tile + Q_BYTES;  // [kStages][PANELS][BN][128 bytes]
+  unsigned char* k_tiles = do_tile + Q_BYTES;  // [kStages][D / 64][BN][128 bytes]
   unsigned char* v_tiles = k_tiles + kStages * KV_BYTES;
 
   const AttentionShape& s = a.shape;
@@ -610,18 +620,14 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     setmaxnreg_dec<24>();
     if (threadIdx.x == 0) {
       mbarrier_arrive_expect_tx(q_full, 2 * Q_BYTES);
-      for (int p = 0; p < PANELS; ++p) {
-        tma_load_4d(q_tile + p * kHopperBlockM * 128, &q_map, q_full, p * kPanel, m0, h, b);
-        tma_load_4d(do_tile + p * kHopperBlockM * 128, &do_map, q_full, p * kPanel, m0, h, b);
-      }
+      load_panels<D>(q_tile, &q_map, q_full, kHopperBlockM, m0, h, b);
+      load_panels<D>(do_tile, &do_map, q_full, kHopperBlockM, m0, h, b);
       for (int j = 0; j < tiles; ++j) {
         const int stage = j % kStages;
         mbarrier_wait(&kv_empty[stage], ((j / kStages) & 1) ^ 1);
         mbarrier_arrive_expect_tx(&kv_full[stage], 2 * KV_BYTES);
-        for (int p = 0; p < PANELS; ++p) {
-          tma_load_4d(k_tiles + stage * KV_BYTES + p * BN * 128, &k_map, &kv_full[stage], p * kPanel, j * BN, kv_head, b);
-          tma_load_4d(v_tiles + stage * KV_BYTES + p * BN * 128, &v_map, &kv_full[stage], p * kPanel, j * BN, kv_head, b);
-        }
+        load_panels<D>(k_tiles + stage * KV_BYTES, &k_map, &kv_full[stage], BN, j * BN, kv_head, b);
+        load_panels<D>(v_tiles + stage * KV_BYTES, &v_map, &kv_full[stage], BN, j * BN, kv_head, b);
       }
     }
   } else {  // a consumer: 64 queries
@@ -652,17 +658,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
       const int stage = j % kStages;
       const uint32_t k_stage = smem_addr(k_tiles + stage * KV_BYTES), v_stage = smem_addr(v_tiles + stage * KV_BYTES);
       mbarrier_wait(&kv_full[stage], (j / kStages) & 1);
-      turns.take();
-      wgmma_fence_operand(sc);
-      wgmma_fence_operand(dp);
-      wgmma_fence();
-      product_over_d<T, BN, D>(sc, q_rows, kHopperBlockM, k_stage, BN);
-      product_over_d<T, BN, D>(dp, do_rows, kHopperBlockM, v_stage, BN);
-      wgmma_commit();
-      turns.hand_over();
-      wgmma_wait<0>();
-      wgmma_fence_operand(sc);
-      wgmma_fence_operand(dp);
+      score_products<T, BN, D>(turns, sc, q_rows, k_stage, dp, do_rows, v_stage, kHopperBlockM, BN);
 
       // dS = P (dP - delta), P = 2^(S scale log2e - lse'); masked tiles zero unseen keys.
       const int n0 = j * BN;
