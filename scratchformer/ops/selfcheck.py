@@ -87,7 +87,7 @@ def check_attention(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
             passed &= ok
     config = f"{str(dtype).removeprefix('torch.')} D={head_dim}"
     if device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0) and dtype != torch.float32 and head_dim in (64, 128):
-        config += ", wgmma forward"  # the prefill shapes take the Hopper kernel there (attention_hopper.cu)
+        config += ", wgmma kernels"  # the prefill shapes take the Hopper kernels there (attention_hopper.cu)
     return Result("causal_attention", config, str(device), errors, passed)
 
 
