@@ -5,18 +5,19 @@
 // attention_simt.cu):
 //   dS = P * (dP - delta),  dV = P^T dO,  dK = scale * dS^T Q,  dQ = scale * dS K.
 // Two kernels, neither with atomics, so results are deterministic:
-// - dkv_kernel: a block of 4 warps owns 64 keys of one kv head (16 keys per warp, keys as the
-//   rows of every product). It walks 64- (D <= 64) or 32-query tiles of each query head of the
-//   kv group, from the first query that sees its first key (double-buffered: the next tile
-//   loads during this one), computing S^T = K Q^T and dP^T = V dO^T, then dV += P^T dO and
-//   dK += dS^T Q; the group's sum is in its accumulators. Only tiles on the causal diagonal (and
+// - dkv_kernel: a block of 4 warps owns 128 keys of one kv head (32 per warp) at D <= 64, 64
+//   (16 per warp) above, keys as the rows of every product. It walks 64- (D = 32) or 32-query
+//   tiles of each query head of the kv group, from the first query that sees its first key
+//   (double-buffered: the next tile loads during this one), computing S^T = K Q^T and
+//   dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q; the group's sum is in its accumulators.
+//   With 32 keys a warp, each Q and dO fragment read from shared memory feeds four products. Only tiles on the causal diagonal (and
 //   a head's last, partial one) run the masking code. When batch * kv heads * key tiles
 //   would not fill the GPU (MQA at batch 1), blockIdx.z shares the group's heads out among
 //   dkv_splits blocks, and dkv_reduce_kernel adds their fp32 sums in a fixed order.
 // - dq_kernel: a block owns 128 queries of one head, 32 per warp (Q and dO re-read from shared
 //   memory as A fragments; at D = 128, 64 queries, 16 per warp, Q and dO held in registers) and
-//   walks 32-key tiles up to its last visible key (double-buffered): S = Q K^T, dP = dO V^T,
-//   dQ += dS K; masking only on the diagonal tiles.
+//   walks 32-key (64 at D = 32) tiles up to its last visible key (double-buffered): S = Q K^T,
+//   dP = dO V^T, dQ += dS K; masking only on the diagonal tiles.
 // Shared tiles are padded as in the forward; fragment layouts are in attention.cuh.
 #include <cuda_runtime.h>
 
@@ -29,38 +30,46 @@ namespace scratchformer {
 namespace {
 
 constexpr int kThreads = 128;
-constexpr int kBlock = 64;  // queries per dq block, keys per dkv block: 16 per warp
 
+// dkv's key rows per warp, in 16-row m tiles: 2 where the accumulators of 32 keys (dK and dV,
+// 2 D floats a thread) fit in registers, so every Q and dO fragment feeds four products (D <= 64);
+// 1 above.
+__host__ __device__ constexpr int dkv_key_tiles(int d) { return d <= 64 ? 2 : 1; }
+__host__ __device__ constexpr int dkv_block_keys(int d) { return 4 * 16 * dkv_key_tiles(d); }
+
+// The query tile a dkv block walks: as large as S^T and dP^T (2 x keys x tile floats a warp)
+// leave registers for.
 template <int D>
-__host__ __device__ constexpr int inner_tile() {  // the other side's tile: smaller for large D to stay in registers
-  return D <= 64 ? 64 : 32;
+__host__ __device__ constexpr int dkv_query_tile() {
+  return D <= 32 ? 64 : 32;
 }
 
 template <typename T, int D>
 __host__ __device__ constexpr int dkv_shared_bytes() {  // K, V, and two buffers of (Q, dO, lse, delta)
-  return (2 * kBlock + 4 * inner_tile<D>()) * (D + 8) * int(sizeof(T)) + 4 * inner_tile<D>() * int(sizeof(float));
+  return (2 * dkv_block_keys(D) + 4 * dkv_query_tile<D>()) * (D + 8) * int(sizeof(T)) +
+         4 * dkv_query_tile<D>() * int(sizeof(float));
 }
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
-  constexpr int BM = inner_tile<D>();
+  constexpr int KT = dkv_key_tiles(D), BN = dkv_block_keys(D), BM = dkv_query_tile<D>();
   constexpr int STRIDE = D + 8, KSLABS = D / 16, DTILES = D / 8, QTILES = BM / 8;
   extern __shared__ __align__(16) unsigned char smem[];
-  T* k_s = reinterpret_cast<T*>(smem);  // [kBlock][STRIDE]
-  T* v_s = k_s + kBlock * STRIDE;       // [kBlock][STRIDE]
-  T* q_buf = v_s + kBlock * STRIDE;     // [2][BM][STRIDE]: the query tile and the next one
+  T* k_s = reinterpret_cast<T*>(smem);  // [BN][STRIDE]
+  T* v_s = k_s + BN * STRIDE;           // [BN][STRIDE]
+  T* q_buf = v_s + BN * STRIDE;         // [2][BM][STRIDE]: the query tile and the next one
   T* do_buf = q_buf + 2 * BM * STRIDE;  // [2][BM][STRIDE]
   float* lse_buf = reinterpret_cast<float*>(do_buf + 2 * BM * STRIDE);  // [2][BM], log2 units
   float* delta_buf = lse_buf + 2 * BM;                                  // [2][BM]
 
   const AttentionShape& s = a.shape;
   const int group = s.heads / s.kv_heads, heads = group / a.dkv_splits, first_head = blockIdx.z * heads;
-  const int n0 = blockIdx.y * kBlock;  // longest first over the whole grid: key tile 0 sees every query
+  const int n0 = blockIdx.y * BN;  // longest first over the whole grid: key tile 0 sees every query
   const int b = blockIdx.x / s.kv_heads, kv_head = blockIdx.x % s.kv_heads;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4, mi = lane / 8;
   const int offset = s.t_k - s.t_q;
-  const int key0 = n0 + warp * 16 + g;  // this thread's rows: key0 and key0 + 8
+  const int key0 = n0 + warp * 16 * KT + g;  // this thread's rows: key0 + 8 r, r < 2 KT (m tile r / 2)
   const float scale2 = a.scale * kLog2e;
 
   // The query tiles: those from the first query that sees key n0 on, for each query head of
@@ -83,12 +92,12 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
     }
   };
 
-  load_tile_async<T, kBlock, D, STRIDE, kThreads>(k_s, a.k, a.k_stride, b, kv_head, n0, s.t_k);
-  load_tile_async<T, kBlock, D, STRIDE, kThreads>(v_s, a.v, a.v_stride, b, kv_head, n0, s.t_k);
+  load_tile_async<T, BN, D, STRIDE, kThreads>(k_s, a.k, a.k_stride, b, kv_head, n0, s.t_k);
+  load_tile_async<T, BN, D, STRIDE, kThreads>(v_s, a.v, a.v_stride, b, kv_head, n0, s.t_k);
   load_query_tile(0);
   cp_async_commit();
 
-  float dk[DTILES][4] = {}, dv[DTILES][4] = {};
+  float dk[KT][DTILES][4] = {}, dv[KT][DTILES][4] = {};
   int next_i0 = first_query;  // the first query of the next tile to compute
 
   // One query tile: S^T, dP^T, P^T and dS^T, then dV += P^T dO and dK += dS^T Q. `masked`: zero
@@ -104,23 +113,30 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
     const float* lse_s = lse_buf + it % 2 * BM;
     const float* delta_s = delta_buf + it % 2 * BM;
 
-    // S^T = K Q^T and dP^T = V dO^T: 16 keys x BM queries per warp.
-    float st[QTILES][4] = {}, dpt[QTILES][4] = {};
+    // S^T = K Q^T and dP^T = V dO^T: 16 KT keys x BM queries per warp.
+    float st[KT][QTILES][4] = {}, dpt[KT][QTILES][4] = {};
 #pragma unroll
     for (int kk = 0; kk < KSLABS; ++kk) {
-      uint32_t kf[4], vf[4];
-      ldmatrix_x4(kf, &k_s[(warp * 16 + lane % 16) * STRIDE + kk * 16 + (lane / 16) * 8]);
-      ldmatrix_x4(vf, &v_s[(warp * 16 + lane % 16) * STRIDE + kk * 16 + (lane / 16) * 8]);
+      uint32_t kf[KT][4], vf[KT][4];
+#pragma unroll
+      for (int km = 0; km < KT; ++km) {
+        const int row = (warp * 16 * KT + km * 16 + lane % 16) * STRIDE + kk * 16 + (lane / 16) * 8;
+        ldmatrix_x4(kf[km], &k_s[row]);
+        ldmatrix_x4(vf[km], &v_s[row]);
+      }
 #pragma unroll
       for (int nt = 0; nt < QTILES; nt += 2) {
         const int row = ((nt + mi / 2) * 8 + lane % 8) * STRIDE + kk * 16 + (mi % 2) * 8;
         uint32_t qf[4], df[4];
         ldmatrix_x4(qf, &q_s[row]);
         ldmatrix_x4(df, &do_s[row]);
-        mma_16816<T>(st[nt], kf, qf[0], qf[1]);
-        mma_16816<T>(st[nt + 1], kf, qf[2], qf[3]);
-        mma_16816<T>(dpt[nt], vf, df[0], df[1]);
-        mma_16816<T>(dpt[nt + 1], vf, df[2], df[3]);
+#pragma unroll
+        for (int km = 0; km < KT; ++km) {
+          mma_16816<T>(st[km][nt], kf[km], qf[0], qf[1]);
+          mma_16816<T>(st[km][nt + 1], kf[km], qf[2], qf[3]);
+          mma_16816<T>(dpt[km][nt], vf[km], df[0], df[1]);
+          mma_16816<T>(dpt[km][nt + 1], vf[km], df[2], df[3]);
+        }
       }
     }
 
@@ -131,39 +147,50 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
       const float2 lse2 = *reinterpret_cast<const float2*>(&lse_s[nt * 8 + 2 * c]);
       const float2 delta = *reinterpret_cast<const float2*>(&delta_s[nt * 8 + 2 * c]);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float p = exp2_approx(fmaf(st[nt][e], scale2, -(e & 1 ? lse2.y : lse2.x)));
-        if constexpr (decltype(masked)::value) {
-          // Key key0 + 8 r sees the queries from key - offset on.
-          const int query = i0 + nt * 8 + 2 * c + (e & 1), key = key0 + (e >> 1) * 8;
-          if (key > query + offset || key >= s.t_k) p = 0.f;
+      for (int km = 0; km < KT; ++km)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float p = exp2_approx(fmaf(st[km][nt][e], scale2, -(e & 1 ? lse2.y : lse2.x)));
+          if constexpr (decltype(masked)::value) {
+            // Key key0 + 8 r sees the queries from key - offset on.
+            const int query = i0 + nt * 8 + 2 * c + (e & 1), key = key0 + km * 16 + (e >> 1) * 8;
+            if (key > query + offset || key >= s.t_k) p = 0.f;
+          }
+          st[km][nt][e] = p;
+          dpt[km][nt][e] = p * (dpt[km][nt][e] - (e & 1 ? delta.y : delta.x));
         }
-        st[nt][e] = p;
-        dpt[nt][e] = p * (dpt[nt][e] - (e & 1 ? delta.y : delta.x));
-      }
     }
 
     // dV += P^T dO and dK += dS^T Q.
 #pragma unroll
     for (int qs = 0; qs < BM / 16; ++qs) {
-      uint32_t pa[4], dsa[4];
-      c_to_a<T>(pa, st[2 * qs], st[2 * qs + 1]);
-      c_to_a<T>(dsa, dpt[2 * qs], dpt[2 * qs + 1]);
+      uint32_t pa[KT][4], dsa[KT][4];
+#pragma unroll
+      for (int km = 0; km < KT; ++km) {
+        c_to_a<T>(pa[km], st[km][2 * qs], st[km][2 * qs + 1]);
+        c_to_a<T>(dsa[km], dpt[km][2 * qs], dpt[km][2 * qs + 1]);
+      }
 #pragma unroll
       for (int dt = 0; dt < DTILES; dt += 2) {
         const int row = (qs * 16 + (mi % 2) * 8 + lane % 8) * STRIDE + (dt + mi / 2) * 8;
         uint32_t f[4];
         ldmatrix_x4_trans(f, &do_s[row]);
-        mma_16816<T>(dv[dt], pa, f[0], f[1]);
-        mma_16816<T>(dv[dt + 1], pa, f[2], f[3]);
+#pragma unroll
+        for (int km = 0; km < KT; ++km) {
+          mma_16816<T>(dv[km][dt], pa[km], f[0], f[1]);
+          mma_16816<T>(dv[km][dt + 1], pa[km], f[2], f[3]);
+        }
         ldmatrix_x4_trans(f, &q_s[row]);
-        mma_16816<T>(dk[dt], dsa, f[0], f[1]);
-        mma_16816<T>(dk[dt + 1], dsa, f[2], f[3]);
+#pragma unroll
+        for (int km = 0; km < KT; ++km) {
+          mma_16816<T>(dk[km][dt], dsa[km], f[0], f[1]);
+          mma_16816<T>(dk[km][dt + 1], dsa[km], f[2], f[3]);
+        }
       }
     }
   };
   // A tile needs no mask when every query in it sees every key of the block and all exist.
-  auto plain = [&](int i0) { return i0 + offset >= n0 + kBlock - 1 && i0 + BM <= s.t_q && n0 + kBlock <= s.t_k; };
+  auto plain = [&](int i0) { return i0 + offset >= n0 + BN - 1 && i0 + BM <= s.t_q && n0 + BN <= s.t_k; };
   auto advance = [&](int i0) { return i0 + BM < s.t_q ? i0 + BM : first_query; };  // the next head starts over
   for (int it = 0; it < tiles;) {
     for (; it < tiles && !plain(next_i0); ++it, next_i0 = advance(next_i0)) step(it, next_i0, std::true_type{});
@@ -171,8 +198,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
   }
 
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = key0 + r * 8;
+  for (int r = 0; r < 2 * KT; ++r) {
+    const int key = key0 + r * 8, km = r / 2, h = r % 2;
     if (key >= s.t_k) continue;
     const int64_t row = (int64_t(b) * s.kv_heads + kv_head) * s.t_k + key;
     if (a.dkv_splits > 1) {  // this block's share of the group, unscaled, in fp32
@@ -181,8 +208,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
       float* dv_part = dk_part + rows * D;
 #pragma unroll
       for (int dt = 0; dt < DTILES; ++dt) {
-        *reinterpret_cast<float2*>(dk_part + dt * 8 + 2 * c) = make_float2(dk[dt][2 * r], dk[dt][2 * r + 1]);
-        *reinterpret_cast<float2*>(dv_part + dt * 8 + 2 * c) = make_float2(dv[dt][2 * r], dv[dt][2 * r + 1]);
+        *reinterpret_cast<float2*>(dk_part + dt * 8 + 2 * c) = make_float2(dk[km][dt][2 * h], dk[km][dt][2 * h + 1]);
+        *reinterpret_cast<float2*>(dv_part + dt * 8 + 2 * c) = make_float2(dv[km][dt][2 * h], dv[km][dt][2 * h + 1]);
       }
       continue;
     }
@@ -191,28 +218,35 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
 #pragma unroll
     for (int dt = 0; dt < DTILES; ++dt) {
       *reinterpret_cast<uint32_t*>(dk_out + dt * 8 + 2 * c) =
-          pack2<T>(dk[dt][2 * r] * a.scale, dk[dt][2 * r + 1] * a.scale);
-      *reinterpret_cast<uint32_t*>(dv_out + dt * 8 + 2 * c) = pack2<T>(dv[dt][2 * r], dv[dt][2 * r + 1]);
+          pack2<T>(dk[km][dt][2 * h] * a.scale, dk[km][dt][2 * h + 1] * a.scale);
+      *reinterpret_cast<uint32_t*>(dv_out + dt * 8 + 2 * c) = pack2<T>(dv[km][dt][2 * h], dv[km][dt][2 * h + 1]);
     }
   }
 }
 
 // dq's 16-row tiles per warp: 2 (every K and V fragment feeds two products; Q and dO re-read
-// from shared memory, 32-key tiles) where Q, dO and two K/V buffers leave room for two blocks
-// per SM on an A100; 1 at D = 128 (Q and dO in registers, 32-key tiles).
+// from shared memory) where Q, dO and two K/V buffers leave room for two blocks per SM on an
+// A100; 1 at D = 128 (Q and dO in registers).
 template <int D>
 __host__ __device__ constexpr int dq_row_tiles() {
   return D <= 96 ? 2 : 1;
 }
 
+// dq's key tile: 64 at D = 32, where a tile's fixed costs (barriers, copies, loop) would
+// otherwise weigh on its few products; 32 above, for registers.
+template <int D>
+__host__ __device__ constexpr int dq_key_tile() {
+  return D <= 32 ? 64 : 32;
+}
+
 template <typename T, int D>
 __host__ __device__ constexpr int dq_shared_bytes() {  // [Q, dO when held there] and two buffers of (K, V)
-  return ((dq_row_tiles<D>() == 2 ? 2 * 128 : 0) + 4 * 32) * (D + 8) * int(sizeof(T));
+  return ((dq_row_tiles<D>() == 2 ? 2 * 128 : 0) + 4 * dq_key_tile<D>()) * (D + 8) * int(sizeof(T));
 }
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
-  constexpr int MT = dq_row_tiles<D>(), BM = 4 * 16 * MT, BN = 32;
+  constexpr int MT = dq_row_tiles<D>(), BM = 4 * 16 * MT, BN = dq_key_tile<D>();
   constexpr int STRIDE = D + 8, KSLABS = D / 16, DTILES = D / 8, NTILES = BN / 8;
   constexpr bool FRAGS_IN_SMEM = MT == 2;  // Q and dO: re-read from shared memory each tile, or held in registers
   static_assert(FRAGS_IN_SMEM || 4 * BN >= 2 * BM, "the Q and dO tiles are staged through the K/V buffers");
@@ -388,7 +422,8 @@ int attention_backward_dkv_splits(const AttentionShape& s, DType dtype) {
       cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
     return 1;
   // Two waves of the two dkv blocks an SM holds; the smallest divisor of the group that gets there.
-  const int64_t blocks = int64_t(s.batch) * s.kv_heads * ((s.t_k + kBlock - 1) / kBlock), wanted = 4LL * sm_count;
+  const int keys = dkv_block_keys(s.head_dim);
+  const int64_t blocks = int64_t(s.batch) * s.kv_heads * ((s.t_k + keys - 1) / keys), wanted = 4LL * sm_count;
   for (int splits = 1; splits < group; ++splits)
     if (group % splits == 0 && blocks * splits >= wanted) return splits;
   return group;
@@ -402,7 +437,7 @@ cudaError_t backward_tensor_cores(const AttentionBackward& a, cudaStream_t strea
     // Above 48 KB of dynamic shared memory a kernel must opt in.
     const cudaError_t err = cudaFuncSetAttribute(dkv_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     if (err != cudaSuccess) return err;
-    const dim3 dkv_grid(s.batch * s.kv_heads, (s.t_k + kBlock - 1) / kBlock, a.dkv_splits);
+    const dim3 dkv_grid(s.batch * s.kv_heads, (s.t_k + dkv_block_keys(D) - 1) / dkv_block_keys(D), a.dkv_splits);
     dkv_kernel<T, D><<<dkv_grid, kThreads, bytes, stream>>>(a);
   }
   if (a.dkv_splits > 1) {
