@@ -10,10 +10,11 @@
 //   tiles of each query head of the kv group, from the first query that sees its first key
 //   (double-buffered: the next tile loads during this one), computing S^T = K Q^T and
 //   dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q; the group's sum is in its accumulators.
-//   With 32 keys a warp, each Q and dO fragment read from shared memory feeds four products. Only tiles on the causal diagonal (and
-//   a head's last, partial one) run the masking code. When batch * kv heads * key tiles
-//   would not fill the GPU (MQA at batch 1), blockIdx.z shares the group's heads out among
-//   dkv_splits blocks, and dkv_reduce_kernel adds their fp32 sums in a fixed order.
+//   With 32 keys a warp, each Q and dO fragment read from shared memory feeds four products.
+//   Only tiles on the causal diagonal (and a head's last, partial one) run the masking code.
+//   When batch * kv heads * key tiles would not fill the GPU (MQA at batch 1), blockIdx.z
+//   shares the group's heads out among dkv_splits blocks, and dkv_reduce_kernel adds their fp32
+//   sums in a fixed order.
 // - dq_kernel: a block owns 128 queries of one head, 32 per warp (Q and dO re-read from shared
 //   memory as A fragments; at D = 128, 64 queries, 16 per warp, Q and dO held in registers) and
 //   walks 32-key (64 at D = 32) tiles up to its last visible key (double-buffered): S = Q K^T,
@@ -414,16 +415,19 @@ __global__ void __launch_bounds__(256) dkv_reduce_kernel(const float* __restrict
 
 }  // namespace
 
-int attention_backward_dkv_splits(const AttentionShape& s, DType dtype) {
+int attention_backward_dkv_splits(const AttentionShape& s, DType dtype, void* stream) {
   const int group = s.heads / s.kv_heads;
   if (dtype == DType::kFloat32 || group == 1) return 1;  // the CUDA-core backward is not split
   int device = 0, sm_count = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
     return 1;
-  // Two waves of the two dkv blocks an SM holds; the smallest divisor of the group that gets there.
-  const int keys = dkv_block_keys(s.head_dim);
-  const int64_t blocks = int64_t(s.batch) * s.kv_heads * ((s.t_k + keys - 1) / keys), wanted = 4LL * sm_count;
+  // Two waves of dk/dv blocks, the smallest divisor of the group that gets there: an SM holds one
+  // block of the Hopper kernel, two of the mma.sync one (on A100- and H100-class SMs; sm_86/89/120
+  // fit one above D = 32, so there this asks for four waves).
+  const bool hopper = hopper_takes(s.head_dim) && hopper_kernels_usable(static_cast<cudaStream_t>(stream));
+  const int keys = hopper ? kHopperDkvKeys : dkv_block_keys(s.head_dim), per_sm = hopper ? 1 : 2;
+  const int64_t blocks = int64_t(s.batch) * s.kv_heads * ((s.t_k + keys - 1) / keys), wanted = 2LL * per_sm * sm_count;
   for (int splits = 1; splits < group; ++splits)
     if (group % splits == 0 && blocks * splits >= wanted) return splits;
   return group;

@@ -363,7 +363,8 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
 //   dV += P^T dO, dK += dS^T Q       wgmma m64nDk16, P^T and dS^T from registers, dO and Q MN-major
 // The two consumers take turns issuing S^T and dP^T (ping-pong). The kv group's sum stays in the
 // accumulators: no atomics, gradients bitwise reproducible.
-constexpr int kBwdKeys = 64 * kConsumers;  // keys per dkv block
+constexpr int kBwdKeys = kHopperDkvKeys;  // keys per dkv block: 64 per consumer
+static_assert(kBwdKeys == 64 * kConsumers);
 constexpr int kBwdQueries = 64;            // queries per tile
 
 template <int D>
@@ -760,7 +761,7 @@ bool allow_shared_bytes(Kernel kernel, int bytes) {
 
 template <typename T, int D>
 bool forward_hopper(const AttentionForward& a, cudaStream_t stream) {
-  if constexpr (D != 64 && D != 128) {
+  if constexpr (!hopper_takes(D)) {
     return false;
   } else {
     if (!hopper_kernels_usable(stream)) return false;
@@ -801,7 +802,7 @@ bool launch_backward(Kernel kernel, int bytes, dim3 grid, int q_rows, int kv_row
 
 template <typename T, int D>
 bool backward_dkv_hopper(const AttentionBackward& a, cudaStream_t stream) {
-  if constexpr (D != 64 && D != 128) {
+  if constexpr (!hopper_takes(D)) {
     return false;
   } else {
     const AttentionShape& s = a.shape;
@@ -815,7 +816,7 @@ SCRATCHFORMER_FOR_EACH_TENSOR_CORE_TYPE(SCRATCHFORMER_HOPPER_DKV)
 
 template <typename T, int D>
 bool backward_dq_hopper(const AttentionBackward& a, cudaStream_t stream) {
-  if constexpr (D != 64 && D != 128) {
+  if constexpr (!hopper_takes(D)) {
     return false;
   } else {
     const AttentionShape& s = a.shape;

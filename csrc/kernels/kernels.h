@@ -108,7 +108,7 @@ int attention_forward_splits(const AttentionShape& shape, DType dtype);
 const char* launch_attention_forward(const AttentionForward& args, void* stream);
 // How many sets the backward should cut each kv group's query heads into (1: none) on the
 // current device: enough for two waves of blocks where batch * kv heads * key tiles is fewer.
-int attention_backward_dkv_splits(const AttentionShape& shape, DType dtype);
+int attention_backward_dkv_splits(const AttentionShape& shape, DType dtype, void* stream);
 const char* launch_attention_backward(const AttentionBackward& args, void* stream);
 
 // Compute capabilities (e.g. 80, 90) that the kernels were compiled for; returns how many,

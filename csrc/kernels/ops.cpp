@@ -289,7 +289,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(Tensor dout, Tensor q, Tensor k
   args.dq = dq.data_ptr();
   args.dk = dk.data_ptr();
   args.dv = dv.data_ptr();
-  args.dkv_splits = scratchformer::attention_backward_dkv_splits(shape, args.dtype);
+  args.dkv_splits = scratchformer::attention_backward_dkv_splits(shape, args.dtype, current_stream(q));
   Tensor dkv_partial = torch::stable::new_empty(
       q, {args.dkv_splits > 1 ? 2 * int64_t(args.dkv_splits) * dk.numel() : 0}, ScalarType::Float);
   args.dkv_partial = static_cast<float*>(dkv_partial.data_ptr());

@@ -60,7 +60,7 @@ const char* emulated_attention_backward(int dtype, const int* shape, const void*
   std::vector<float> delta((size_t)a.shape.batch * a.shape.heads * a.shape.t_q);
   a.delta = delta.data();
   a.dq = dq, a.dk = dk, a.dv = dv;
-  a.dkv_splits = *dkv_splits = attention_backward_dkv_splits(a.shape, a.dtype);
+  a.dkv_splits = *dkv_splits = attention_backward_dkv_splits(a.shape, a.dtype, nullptr);
   const size_t dk_size = size_t(a.shape.batch) * a.shape.kv_heads * a.shape.t_k * a.shape.head_dim;
   std::vector<float> partial(a.dkv_splits > 1 ? 2 * a.dkv_splits * dk_size : 0);
   a.dkv_partial = partial.data();
