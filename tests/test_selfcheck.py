@@ -38,7 +38,7 @@ def test_a_correct_kernel_passes_and_a_faulty_one_is_caught(fresh, dtype):
     fresh.setitem(selfcheck.FUSED, "causal_attention", sdpa)
     good = selfcheck.check_attention(torch.device("cpu"), dtype, 32)
     assert good.passed, good.worst()
-    cases = ((70, 70, 2), (3, 133, 2), (70, 70, 1))
+    cases = ((70, 70, 2), (3, 133, 2), (200, 200, 1))
     assert set(good.errors) == {f"{n} (Tq={tq}, Tk={tk}, {g} queries per kv head)" for n in ("out", "dq", "dk", "dv") for tq, tk, g in cases}
     fresh.setitem(selfcheck.FUSED, "causal_attention", off_by_a_little)
     bad = selfcheck.check_attention(torch.device("cpu"), dtype, 32)

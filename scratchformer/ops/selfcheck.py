@@ -67,11 +67,12 @@ def _grads(outputs, weights, leaves):
 
 def check_attention(device: torch.device, dtype: torch.dtype, head_dim: int) -> Result:
     """Prefill (tensor-core or CUDA-core path) and decoding (split keys) shapes, GQA 2:1 (whose
-    backward a large GPU splits over query heads) and MHA, lengths off the tile multiples; output
-    and dq, dk, dv."""
+    backward a large GPU splits over query heads) and MHA, lengths off the tile multiples, the MHA
+    one long enough for tiles off the causal diagonal (the kernels' unmasked code); output and dq,
+    dk, dv."""
     g = torch.Generator().manual_seed(head_dim)
     errors, passed = {}, True
-    for t_q, t_k, kv_heads in ((70, 70, 2), (3, 133, 2), (70, 70, 4)):
+    for t_q, t_k, kv_heads in ((70, 70, 2), (3, 133, 2), (200, 200, 4)):
         q, k, v = (torch.randn(2, h, t, head_dim, generator=g) for h, t in ((4, t_q), (kv_heads, t_k), (kv_heads, t_k)))
         dout = torch.randn(2, 4, t_q, head_dim, generator=g)
         runs = []
