@@ -154,28 +154,34 @@ def test_the_emulator_catches_a_tail_tile_left_unfilled(tmp_path):
     assert not all(torch.isfinite(t).all() for t in got)
 
 
-@pytest.mark.parametrize("kv_heads, arch", [(1, 80), (2, 80), (2, 90)])
-def test_emulated_gqa_backward_split_over_query_heads_is_exact_and_reproducible(kernels, kv_heads, arch):
-    """Few (batch, kv head, key tile) blocks for the GPU: the kv group's query heads are shared out
-    among several blocks per key tile and their sums added in a fixed order."""
-    q, k, v, dout = make_inputs(1, 8, kv_heads, 100, 100, 64, torch.bfloat16)
+@pytest.mark.parametrize("kv_heads, arch, t_q, t_k", [(1, 80, 100, 100), (2, 80, 100, 100), (2, 90, 100, 100),
+                                                       (8, 80, 100, 100), (8, 90, 100, 100), (2, 80, 150, 290)])
+def test_emulated_backward_split_over_the_group_s_query_tiles_is_exact_and_reproducible(kernels, kv_heads, arch, t_q, t_k):
+    """Few (batch, kv head, key tile) blocks for the GPU: each key tile's (query head, query tile)
+    work over its kv group is cut into contiguous ranges among several blocks (some starting
+    mid-head, of unequal lengths), whose sums are added in a fixed order: MQA, GQA and
+    (kv_heads = 8) MHA."""
+    q, k, v, dout = make_inputs(1, 8, kv_heads, t_q, t_k, 64, torch.bfloat16)
     scale = 64**-0.5
     out, lse, _ = kernels.forward(q, k, v, scale)
     truth = reference_run(q, k, v, dout, torch.float64)
     low = reference_run(q, k, v, dout, torch.bfloat16)
-    # One 128-key tile (D = 64) per kv head; an SM holds two mma.sync dk/dv blocks, one Hopper block.
-    group, blocks, per_sm = 8 // kv_heads, kv_heads, 2 if arch == 80 else 1
+    # 128-key tiles at D = 64 for both kernels; an SM holds two mma.sync dk/dv blocks, one Hopper
+    # block. At most as many splits as the last key tile has query tiles over the group, under the
+    # coarser of the two kernels' query tiles (mma.sync 32, Hopper 64).
+    group, blocks, per_sm = 8 // kv_heads, kv_heads * -(-t_k // 128), 2 if arch == 80 else 1
+    most = group * -(-(t_q - max(0, (t_k - 1) // 128 * 128 - (t_k - t_q))) // 64)
     results = {}
-    for sm_count in (0, 1 if arch == 80 else 2, 132):
+    for sm_count in (0, 1, 3, 132):
         got = kernels.backward(dout, q, k, v, out, lse, scale, sm_count=sm_count, arch=arch)
-        # The smallest divisor of the group giving two waves of blocks, at most the group.
-        wanted = next((d for d in range(1, group + 1) if group % d == 0 and blocks * d >= 2 * per_sm * sm_count), group)
+        # Enough splits for two waves of blocks.
+        wanted = max(1, min(-(-2 * per_sm * sm_count // blocks), most))
         assert kernels.dkv_splits == wanted
         assert_within_twice_the_reference([out, lse, *got], low, truth)
         again = kernels.backward(dout, q, k, v, out, lse, scale, sm_count=sm_count, arch=arch)
         assert all(torch.equal(a, b) for a, b in zip(got, again))  # bitwise reproducible
         results[wanted] = got
-    assert len(results) == 3 and min(results) == 1 and max(results) == group
+    assert len(results) >= 2 and min(results) == 1 and max(results) == most
 
 
 # ---- the Hopper kernels (attention_hopper.cu: wgmma, bulk tensor copies, warp specialisation) ---

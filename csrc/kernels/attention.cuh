@@ -100,4 +100,20 @@ __device__ __forceinline__ void load_tile_async(T* tile, const void* tensor, con
   load_rows_async<T, ROWS, D, STRIDE, THREADS>(tile, row_ptr<T>(tensor, s, b, h, 0), s.time, t0, t_end);
 }
 
+// A dk/dv block's share of its kv group's work when the backward is split (dkv_splits): the
+// (query head, query tile) pairs from the first query that sees the block's keys on, head-major,
+// cut into `splits` contiguous ranges of which split z takes the z-th. The splits' sums are added
+// in split order, so gradients do not depend on the GPU's timing.
+struct DkvShare {
+  int head;   // the first pair's query head, within the group
+  int i0;     // its first query
+  int tiles;  // how many pairs
+};
+__host__ __device__ inline DkvShare dkv_share(int group, int tiles_per_head, int first_query, int tile, int z, int splits) {
+  // The first total % splits ranges hold one pair more than the others (32-bit: no overflow).
+  const int total = group * tiles_per_head, least = total / splits, longer = total % splits;
+  const int begin = z * least + min(z, longer), tiles = least + (z < longer);
+  return {begin / tiles_per_head, first_query + begin % tiles_per_head * tile, tiles};
+}
+
 }  // namespace scratchformer

@@ -12,9 +12,9 @@
 //   dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q; the group's sum is in its accumulators.
 //   With 32 keys a warp, each Q and dO fragment read from shared memory feeds four products.
 //   Only tiles on the causal diagonal (and a head's last, partial one) run the masking code.
-//   When batch * kv heads * key tiles would not fill the GPU (MQA at batch 1), blockIdx.z
-//   shares the group's heads out among dkv_splits blocks, and dkv_reduce_kernel adds their fp32
-//   sums in a fixed order.
+//   When batch * kv heads * key tiles would not fill the GPU (small batch, MQA), blockIdx.z
+//   shares the group's (query head, query tile) work out among dkv_splits blocks (dkv_share in
+//   attention.cuh), and dkv_reduce_kernel adds their fp32 sums in a fixed order.
 // - dq_kernel: a block owns 128 queries of one head, 32 per warp (Q and dO re-read from shared
 //   memory as A fragments; at D = 128, 64 queries, 16 per warp, Q and dO held in registers) and
 //   walks 32-key (64 at D = 32) tiles up to its last visible key (double-buffered): S = Q K^T,
@@ -22,6 +22,7 @@
 // Shared tiles are padded as in the forward; fragment layouts are in attention.cuh.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "attention.cuh"
@@ -40,20 +41,17 @@ __host__ __device__ constexpr int dkv_block_keys(int d) { return 4 * 16 * dkv_ke
 
 // The query tile a dkv block walks: as large as S^T and dP^T (2 x keys x tile floats a warp)
 // leave registers for.
-template <int D>
-__host__ __device__ constexpr int dkv_query_tile() {
-  return D <= 32 ? 64 : 32;
-}
+__host__ __device__ constexpr int dkv_query_tile(int d) { return d <= 32 ? 64 : 32; }
 
 template <typename T, int D>
 __host__ __device__ constexpr int dkv_shared_bytes() {  // K, V, and two buffers of (Q, dO, lse, delta)
-  return (2 * dkv_block_keys(D) + 4 * dkv_query_tile<D>()) * (D + 8) * int(sizeof(T)) +
-         4 * dkv_query_tile<D>() * int(sizeof(float));
+  return (2 * dkv_block_keys(D) + 4 * dkv_query_tile(D)) * (D + 8) * int(sizeof(T)) +
+         4 * dkv_query_tile(D) * int(sizeof(float));
 }
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
-  constexpr int KT = dkv_key_tiles(D), BN = dkv_block_keys(D), BM = dkv_query_tile<D>();
+  constexpr int KT = dkv_key_tiles(D), BN = dkv_block_keys(D), BM = dkv_query_tile(D);
   constexpr int STRIDE = D + 8, KSLABS = D / 16, DTILES = D / 8, QTILES = BM / 8;
   extern __shared__ __align__(16) unsigned char smem[];
   T* k_s = reinterpret_cast<T*>(smem);  // [BN][STRIDE]
@@ -64,7 +62,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
   float* delta_buf = lse_buf + 2 * BM;                                  // [2][BM]
 
   const AttentionShape& s = a.shape;
-  const int group = s.heads / s.kv_heads, heads = group / a.dkv_splits, first_head = blockIdx.z * heads;
+  const int group = s.heads / s.kv_heads;
   const int n0 = blockIdx.y * BN;  // longest first over the whole grid: key tile 0 sees every query
   const int b = blockIdx.x / s.kv_heads, kv_head = blockIdx.x % s.kv_heads;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -74,11 +72,13 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
   const float scale2 = a.scale * kLog2e;
 
   // The query tiles: those from the first query that sees key n0 on, for each query head of
-  // the kv group. Tile `it + 1` loads into the other buffer while tile `it` is computed.
-  const int first_query = max(0, n0 - offset);
+  // the kv group (this block's share of them). Tile `it + 1` loads into the other buffer while
+  // tile `it` is computed.
+  const int first_query = max(0, n0 - offset), tiles_per_head = (s.t_q - first_query + BM - 1) / BM;
+  const DkvShare share = dkv_share(group, tiles_per_head, first_query, BM, blockIdx.z, a.dkv_splits);
+  const int tiles = share.tiles;
   // Cursors instead of it / tiles_per_head: no integer division in the loop.
-  const int tiles_per_head = (s.t_q - first_query + BM - 1) / BM, tiles = heads * tiles_per_head;
-  int load_h = kv_head * group + first_head, load_i0 = first_query;  // the next tile to load
+  int load_h = kv_head * group + share.head, load_i0 = share.i0;  // the next tile to load
   auto load_query_tile = [&](int buf) {
     const int h = load_h, i0 = load_i0;
     load_i0 += BM;
@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
   cp_async_commit();
 
   float dk[KT][DTILES][4] = {}, dv[KT][DTILES][4] = {};
-  int next_i0 = first_query;  // the first query of the next tile to compute
+  int next_i0 = share.i0;  // the first query of the next tile to compute
 
   // One query tile: S^T, dP^T, P^T and dS^T, then dV += P^T dO and dK += dS^T Q. `masked`: zero
   // P where a query does not see a key (tiles on the diagonal, and the last of a head).
@@ -416,21 +416,27 @@ __global__ void __launch_bounds__(256) dkv_reduce_kernel(const float* __restrict
 }  // namespace
 
 int attention_backward_dkv_splits(const AttentionShape& s, DType dtype, void* stream) {
+  if (dtype == DType::kFloat32) return 1;  // the CUDA-core backward is not split
   const int group = s.heads / s.kv_heads;
-  if (dtype == DType::kFloat32 || group == 1) return 1;  // the CUDA-core backward is not split
   int device = 0, sm_count = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
     return 1;
-  // Two waves of dk/dv blocks, the smallest divisor of the group that gets there: an SM holds one
-  // block of the Hopper kernel, two of the mma.sync one (on A100- and H100-class SMs; sm_86/89/120
-  // fit one above D = 32, so there this asks for four waves).
+  // Two waves of dk/dv blocks: an SM holds one block of the Hopper kernel, two of the mma.sync one
+  // (on A100- and H100-class SMs; sm_86/89/120 fit one above D = 32, so there this asks for four).
   const bool hopper = hopper_takes(s.head_dim) && hopper_kernels_usable(static_cast<cudaStream_t>(stream));
   const int keys = hopper ? kHopperDkvKeys : dkv_block_keys(s.head_dim), per_sm = hopper ? 1 : 2;
   const int64_t blocks = int64_t(s.batch) * s.kv_heads * ((s.t_k + keys - 1) / keys), wanted = 2LL * per_sm * sm_count;
-  for (int splits = 1; splits < group; ++splits)
-    if (group % splits == 0 && blocks * splits >= wanted) return splits;
-  return group;
+  // At most as many splits as the last key block (whose keys the fewest queries see) has query
+  // tiles over the group, under either kernel's tiling (the launcher may yet fall back from the
+  // Hopper kernel): every split of every block gets work (dkv_share).
+  auto least_tiles = [&](int block_keys, int tile) {
+    const int last_first_query = std::max(0, (s.t_k - 1) / block_keys * block_keys - (s.t_k - s.t_q));
+    return int64_t(group) * ((s.t_q - last_first_query + tile - 1) / tile);
+  };
+  int64_t most = least_tiles(dkv_block_keys(s.head_dim), dkv_query_tile(s.head_dim));
+  if (hopper_takes(s.head_dim)) most = std::min(most, least_tiles(kHopperDkvKeys, kHopperDkvQueries));
+  return int(std::max<int64_t>(1, std::min((wanted + blocks - 1) / blocks, most)));
 }
 
 template <typename T, int D>

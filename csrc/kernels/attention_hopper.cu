@@ -356,8 +356,8 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
 // A block of three warpgroups owns 128 keys of one kv head (64 per consumer), with K and V in
 // shared memory for the whole walk. The producer streams 64-query tiles of Q and dO (bulk tensor
 // copies) and of the log-sum-exp and delta (its second warp, ordinary stores) through a
-// two-stage ring, over every query head of the kv group (or the block's share of them) from the
-// first query that sees the block's first key. Per tile and consumer:
+// two-stage ring, over every query head of the kv group from the first query that sees the
+// block's first key (or the block's share of those tiles, dkv_share). Per tile and consumer:
 //   S^T = K Q^T, dP^T = V dO^T      wgmma m64n64k16, all from shared memory (K-major)
 //   P^T, dS^T = P^T (dP^T - delta)   in registers, masking only on diagonal and end tiles
 //   dV += P^T dO, dK += dS^T Q       wgmma m64nDk16, P^T and dS^T from registers, dO and Q MN-major
@@ -365,7 +365,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
 // accumulators: no atomics, gradients bitwise reproducible.
 constexpr int kBwdKeys = kHopperDkvKeys;  // keys per dkv block: 64 per consumer
 static_assert(kBwdKeys == 64 * kConsumers);
-constexpr int kBwdQueries = 64;            // queries per tile
+constexpr int kBwdQueries = kHopperDkvQueries;  // queries per tile
 
 template <int D>
 __host__ __device__ constexpr int hopper_dkv_shared_bytes() {
@@ -397,12 +397,14 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
   float* delta_s = lse_s + kStages * kBwdQueries;
 
   const AttentionShape& s = a.shape;
-  const int group = s.heads / s.kv_heads, heads = group / a.dkv_splits, first_head = blockIdx.z * heads;
+  const int group = s.heads / s.kv_heads;
   const int n0 = blockIdx.y * kBwdKeys;  // key tile 0 sees every query: the longest block first
   const int b = blockIdx.x / s.kv_heads, kv_head = blockIdx.x % s.kv_heads;
   const int offset = s.t_k - s.t_q;
   const int first_query = max(0, n0 - offset);
-  const int tiles_per_head = (s.t_q - first_query + kBwdQueries - 1) / kBwdQueries, tiles = heads * tiles_per_head;
+  const int tiles_per_head = (s.t_q - first_query + kBwdQueries - 1) / kBwdQueries;
+  const DkvShare share = dkv_share(group, tiles_per_head, first_query, kBwdQueries, blockIdx.z, a.dkv_splits);
+  const int tiles = share.tiles;  // this block's share of the group's query tiles
 
   if (threadIdx.x == 0) {
     mbarrier_init(kv_full, 1);
@@ -418,7 +420,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     setmaxnreg_dec<24>();
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     if (warp > 1) return;
-    int h = kv_head * group + first_head, i0 = first_query;  // the next tile's head and first query
+    int h = kv_head * group + share.head, i0 = share.i0;  // the next tile's head and first query
     if (threadIdx.x == 0) {
       mbarrier_arrive_expect_tx(kv_full, 2 * KV_BYTES);
       load_panels<D>(k_tile, &k_map, kv_full, kBwdKeys, n0, kv_head, b);
@@ -526,7 +528,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     };
     auto advance = [&](int i0) { return i0 + kBwdQueries < s.t_q ? i0 + kBwdQueries : first_query; };  // next head: start over
     // Runs of masked and of plain tiles, each its own loop (the plain one carries no masking code).
-    int i0 = first_query;
+    int i0 = share.i0;
     for (int it = 0; it < tiles;) {
       for (; it < tiles && !plain(i0); ++it, i0 = advance(i0)) step(it, i0, std::true_type{});
       for (; it < tiles && plain(i0); ++it, i0 = advance(i0)) step(it, i0, std::false_type{});

@@ -40,7 +40,8 @@ template <typename T, int D> cudaError_t backward_tensor_cores(const AttentionBa
 // GPU, head dim, or strides the copy engine does not take) and leaves it to the mma.sync kernel.
 bool hopper_kernels_usable(cudaStream_t stream);
 __host__ __device__ constexpr bool hopper_takes(int head_dim) { return head_dim == 64 || head_dim == 128; }
-constexpr int kHopperDkvKeys = 128;  // keys per block of the Hopper dk/dv kernel
+constexpr int kHopperDkvKeys = 128;    // keys per block of the Hopper dk/dv kernel
+constexpr int kHopperDkvQueries = 64;  // and queries per tile it walks
 template <typename T, int D> bool forward_hopper(const AttentionForward& a, cudaStream_t stream);
 // The backward's dk/dv and dq on Hopper (same conditions); false: the mma.sync kernel runs instead.
 template <typename T, int D> bool backward_dkv_hopper(const AttentionBackward& a, cudaStream_t stream);

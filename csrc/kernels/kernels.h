@@ -94,9 +94,9 @@ struct AttentionBackward {
   float scale;
   float* delta;      // scratch [B, Hq, Tq]: rowsum(dout * out) - dlse
   void *dq, *dk, *dv;  // [B, Hq, Tq, D], [B, Hkv, Tk, D], [B, Hkv, Tk, D]
-  // Grouped/multi-query attention with few (batch, kv head, key tile) blocks: with
-  // dkv_splits > 1 the query heads of each kv group are shared out among dkv_splits blocks per
-  // key tile, whose sums wait in dkv_partial ([dkv_splits, 2, B*Hkv*Tk, D]: dk, dv) until a
+  // Few (batch, kv head, key tile) blocks for the GPU: with dkv_splits > 1 the (query head,
+  // query tile) work of each kv group is shared out among dkv_splits blocks per key tile, whose
+  // sums wait in dkv_partial ([dkv_splits, 2, B*Hkv*Tk, D]: dk, dv) until a
   // second kernel adds them in split order, so gradients stay bitwise reproducible.
   int dkv_splits;
   float* dkv_partial;

@@ -66,8 +66,8 @@ def _grads(outputs, weights, leaves):
 
 
 def check_attention(device: torch.device, dtype: torch.dtype, head_dim: int) -> Result:
-    """Prefill (tensor-core or CUDA-core path) and decoding (split keys) shapes, GQA 2:1 (whose
-    backward a large GPU splits over query heads) and MHA, lengths off the tile multiples, the MHA
+    """Prefill (tensor-core or CUDA-core path) and decoding (split keys) shapes, GQA 2:1 and MHA
+    (a large GPU splits either's backward over query tiles), lengths off the tile multiples, the MHA
     one long enough for tiles off the causal diagonal (the kernels' unmasked code); output and dq,
     dk, dv."""
     g = torch.Generator().manual_seed(head_dim)
