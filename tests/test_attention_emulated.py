@@ -154,23 +154,34 @@ def test_the_emulator_catches_a_tail_tile_left_unfilled(tmp_path):
     assert not all(torch.isfinite(t).all() for t in got)
 
 
-@pytest.mark.parametrize("kv_heads, arch, t_q, t_k", [(1, 80, 100, 100), (2, 80, 100, 100), (2, 90, 100, 100),
-                                                       (8, 80, 100, 100), (8, 90, 100, 100), (2, 80, 150, 290)])
-def test_emulated_backward_split_over_the_group_s_query_tiles_is_exact_and_reproducible(kernels, kv_heads, arch, t_q, t_k):
+@pytest.mark.parametrize("kv_heads, arch, t_q, t_k, dim", [(1, 80, 100, 100, 64), (2, 80, 100, 100, 64),
+                                                            (2, 90, 100, 100, 64), (8, 80, 100, 100, 64),
+                                                            (8, 90, 100, 100, 64), (2, 80, 150, 290, 64),
+                                                            (2, 80, 150, 290, 128)])
+def test_emulated_backward_split_over_the_group_s_query_tiles_is_exact_and_reproducible(kernels, kv_heads, arch, t_q, t_k,
+                                                                                       dim):
     """Few (batch, kv head, key tile) blocks for the GPU: each key tile's (query head, query tile)
     work over its kv group is cut into contiguous ranges among several blocks (some starting
     mid-head, of unequal lengths), whose sums are added in a fixed order: MQA, GQA and
-    (kv_heads = 8) MHA."""
-    q, k, v, dout = make_inputs(1, 8, kv_heads, t_q, t_k, 64, torch.bfloat16)
-    scale = 64**-0.5
+    (kv_heads = 8) MHA; at D = 128 on an A100, for the wide dk/dv kernel."""
+    q, k, v, dout = make_inputs(1, 8, kv_heads, t_q, t_k, dim, torch.bfloat16)
+    scale = dim**-0.5
     out, lse, _ = kernels.forward(q, k, v, scale)
     truth = reference_run(q, k, v, dout, torch.float64)
     low = reference_run(q, k, v, dout, torch.bfloat16)
-    # 128-key tiles at D = 64 for both kernels; an SM holds two mma.sync dk/dv blocks, one Hopper
-    # block. At most as many splits as the last key tile has query tiles over the group, under the
-    # coarser of the two kernels' query tiles (mma.sync 32, Hopper 64).
-    group, blocks, per_sm = 8 // kv_heads, kv_heads * -(-t_k // 128), 2 if arch == 80 else 1
-    most = group * -(-(t_q - max(0, (t_k - 1) // 128 * 128 - (t_k - t_q))) // 64)
+    group = 8 // kv_heads
+
+    def least_tiles(block_keys, tile):  # the query tiles over the group of the last key block
+        return group * -(-(t_q - max(0, (t_k - 1) // block_keys * block_keys - (t_k - t_q))) // tile)
+
+    # D = 64: 128-key tiles for both the mma.sync and the Hopper kernel; an SM holds two mma.sync
+    # dk/dv blocks, one Hopper block. D = 128 on an A100: the wide kernel, 128 keys and 64-query
+    # tiles, one block an SM. At most as many splits as the last key tile has query tiles over the
+    # group, under the coarsest tiling that may run (mma.sync: 32-query tiles of 128 keys at D = 64,
+    # 64 keys at D = 128; Hopper and the wide kernel: 64-query tiles of 128 keys).
+    keys, per_sm = 128, 2 if arch == 80 and dim == 64 else 1
+    most = min(least_tiles(128 if dim == 64 else 64, 32), least_tiles(128, 64))
+    blocks = kv_heads * -(-t_k // keys)
     results = {}
     for sm_count in (0, 1, 3, 132):
         got = kernels.backward(dout, q, k, v, out, lse, scale, sm_count=sm_count, arch=arch)
@@ -182,6 +193,31 @@ def test_emulated_backward_split_over_the_group_s_query_tiles_is_exact_and_repro
         assert all(torch.equal(a, b) for a, b in zip(got, again))  # bitwise reproducible
         results[wanted] = got
     assert len(results) >= 2 and min(results) == 1 and max(results) == most
+
+
+@pytest.mark.parametrize("dim, dtype", [(96, torch.float16), (128, torch.bfloat16)])
+def test_emulated_dk_dv_at_d_96_and_128_on_gpus_with_and_without_160_kb_of_shared_memory(kernels, dim, dtype):
+    """An A100 gives a block 163 KB of shared memory: dk/dv at D 96 and 128 take dkv_wide_kernel;
+    an RTX 30/40/50 (sm_86/89/120) gives 99 KB: dkv_kernel. Both against the reference (GQA, fewer
+    queries than keys, a partial last key block)."""
+    q, k, v, dout = make_inputs(1, 4, 2, 150, 200, dim, dtype)
+    low, truth = reference_run(q, k, v, dout, dtype), reference_run(q, k, v, dout, torch.float64)
+    for arch in (80, 86):
+        assert_within_twice_the_reference(emulated_run(kernels, q, k, v, dout, arch=arch)[0], low, truth)
+
+
+def test_emulated_dk_dv_kernel_follows_the_gpu_s_shared_memory(tmp_path):
+    """With dkv_wide_kernel broken (dS^T written as P^T), an emulated A100's dk is wrong and an
+    emulated RTX 30's right: the launcher takes the wide kernel only where a block may have its
+    shared memory, and the emulator refuses an opt-in above the device's limit."""
+    from emulated_kernels import EmulatedKernels, build
+
+    mutated = EmulatedKernels(build(tmp_path, {"attention_bwd.cu": ("store(ds_s, dpt);", "store(ds_s, pt);")}))
+    q, k, v, dout = make_inputs(1, 2, 1, 100, 100, 128, torch.bfloat16)
+    low, truth = reference_run(q, k, v, dout, torch.bfloat16), reference_run(q, k, v, dout, torch.float64)
+    with pytest.raises(AssertionError, match="dk: kernel error"):
+        assert_within_twice_the_reference(emulated_run(mutated, q, k, v, dout)[0], low, truth)
+    assert_within_twice_the_reference(emulated_run(mutated, q, k, v, dout, arch=86)[0], low, truth)
 
 
 # ---- the Hopper kernels (attention_hopper.cu: wgmma, bulk tensor copies, warp specialisation) ---

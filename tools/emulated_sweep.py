@@ -3,6 +3,7 @@
     python tools/emulated_sweep.py                 # the whole grid (a few hundred cases: ~10-20 min on 2 cores)
     python tools/emulated_sweep.py --dims 64 --dtypes bfloat16
     python tools/emulated_sweep.py --arch 90       # an emulated H100: the wgmma forward (fp16/bf16, D 64/128)
+    python tools/emulated_sweep.py --arch 86       # an emulated RTX 30 (99 KB a block): dkv_kernel at D 96/128
 
 The tests run a chosen sample of shapes; this walks the full grid the kernels support: float32,
 float16 and bfloat16, head sizes 32/64/96/128, MHA, GQA and MQA, and lengths on and off the tile
@@ -11,7 +12,9 @@ with the tests' rule (error at most twice the reference's in the same precision,
 floor). Prints one line per case (with its error over the bound) and a summary with the worst
 ratio per dtype; exits 1 if any case fails. With --arch 90 the launcher sees an H100 and takes the
 Hopper forward (attention_hopper.cu) where it serves; the grid then defaults to what that changes,
-with one longer case (six 128-key tiles: the stage ring wraps around several times).
+with one longer case (six 128-key tiles: the stage ring wraps around several times). With
+--arch 86 a block may have 99 KB of shared memory, not an A100's 163 KB: dk/dv at D 96 and 128 take
+dkv_kernel instead of dkv_wide_kernel, and the grid defaults to those (fp16/bf16).
 """
 
 from __future__ import annotations
@@ -35,13 +38,14 @@ HEADS = [(4, 4), (4, 2), (4, 1)]
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=80, choices=(80, 90), help="the emulated GPU: 80 (A100) or 90 (H100)")
+    parser.add_argument("--arch", type=int, default=80, choices=(80, 86, 90),
+                        help="the emulated GPU: 80 (A100), 86 (RTX 30) or 90 (H100)")
     parser.add_argument("--dtypes", help="default float32,float16,bfloat16 (float16,bfloat16 with --arch 90)")
     parser.add_argument("--dims", help="default 32,64,96,128 (64,128 with --arch 90)")
     args = parser.parse_args()
     hopper = args.arch == 90
-    args.dtypes = args.dtypes or ("float16,bfloat16" if hopper else "float32,float16,bfloat16")
-    args.dims = args.dims or ("64,128" if hopper else "32,64,96,128")
+    args.dtypes = args.dtypes or ("float16,bfloat16" if args.arch != 80 else "float32,float16,bfloat16")
+    args.dims = args.dims or {80: "32,64,96,128", 86: "96,128", 90: "64,128"}[args.arch]
     lengths = LENGTHS + [(300, 700)] if hopper else LENGTHS
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     dims = [int(d) for d in args.dims.split(",")]

@@ -11,6 +11,8 @@
 //   (double-buffered: the next tile loads during this one), computing S^T = K Q^T and
 //   dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q; the group's sum is in its accumulators.
 //   With 32 keys a warp, each Q and dO fragment read from shared memory feeds four products.
+//   At D = 96 and 128, where a block may have 128 / 156 KB of shared memory (A100, H100),
+//   dkv_wide_kernel takes its place: 8 warps over 128 keys, P^T and dS^T through shared memory.
 //   Only tiles on the causal diagonal (and a head's last, partial one) run the masking code.
 //   When batch * kv heads * key tiles would not fill the GPU (small batch, MQA), blockIdx.z
 //   shares the group's (query head, query tile) work out among dkv_splits blocks (dkv_share in
@@ -47,6 +49,35 @@ template <typename T, int D>
 __host__ __device__ constexpr int dkv_shared_bytes() {  // K, V, and two buffers of (Q, dO, lse, delta)
   return (2 * dkv_block_keys(D) + 4 * dkv_query_tile(D)) * (D + 8) * int(sizeof(T)) +
          4 * dkv_query_tile(D) * int(sizeof(float));
+}
+
+// Writes a warp's rows of dK (which = 0, scaled) or dV (which = 1): keys key0 + 8 r, r < 2 KT
+// (m tile r / 2), columns 8 dt + 2 c; in T, or, when the backward is split, this block's fp32
+// sums to dkv_partial.
+template <typename T, int D, int KT>
+__device__ __forceinline__ void store_dkv(const AttentionBackward& a, const float (&acc)[KT][D / 8][4], int which,
+                                          int b, int kv_head, int key0) {
+  const AttentionShape& s = a.shape;
+  const int c = threadIdx.x % 4;
+  const float scale = which == 0 ? a.scale : 1.f;
+#pragma unroll
+  for (int r = 0; r < 2 * KT; ++r) {
+    const int key = key0 + r * 8, km = r / 2, h = r % 2;
+    if (key >= s.t_k) continue;
+    const int64_t row = (int64_t(b) * s.kv_heads + kv_head) * s.t_k + key;
+    if (a.dkv_splits > 1) {
+      const int64_t rows = int64_t(s.batch) * s.kv_heads * s.t_k;
+      float* part = a.dkv_partial + ((2 * int64_t(blockIdx.z) + which) * rows + row) * D;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt)
+        *reinterpret_cast<float2*>(part + dt * 8 + 2 * c) = make_float2(acc[km][dt][2 * h], acc[km][dt][2 * h + 1]);
+      continue;
+    }
+    T* out = static_cast<T*>(which == 0 ? a.dk : a.dv) + row * D;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      *reinterpret_cast<uint32_t*>(out + dt * 8 + 2 * c) = pack2<T>(acc[km][dt][2 * h] * scale, acc[km][dt][2 * h + 1] * scale);
+  }
 }
 
 template <typename T, int D>
@@ -198,31 +229,189 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
     for (; it < tiles && plain(next_i0); ++it, next_i0 = advance(next_i0)) step(it, next_i0, std::false_type{});
   }
 
+  store_dkv<T, D>(a, dk, 0, b, kv_head, key0);
+  store_dkv<T, D>(a, dv, 1, b, kv_head, key0);
+}
+
+// ---- dk/dv at D = 96 and 128 on GPUs that give a block 160 KB of shared memory (A100, H100) ----
+// dkv_kernel's warps own 16 keys each at these head dims (the dK and dV accumulators of 32 keys
+// would not fit in registers), so every Q and dO fragment it reads feeds two products. Here (after
+// FlashAttention-2) 8 warps share 128 keys and work each 64-query tile in two phases, P^T and dS^T
+// passing through shared memory between them:
+//  1. warp (kw, half) = (warp % 4, warp / 4): S^T = K Q^T, P^T, dP^T = V dO^T and dS^T for keys
+//     32 kw.. and queries 32 half.. of the tile (each fragment read feeds four products); P^T and
+//     dS^T are written out in T.
+//  2. the warps of half 0 add P^T dO to dV, those of half 1 dS^T Q to dK, for their 32 keys and
+//     all of D (each dO or Q fragment feeds two key tiles, each P^T or dS^T fragment D / 8).
+// ldmatrix per product: 0.41 at D = 128, 0.42 at D = 96 (dkv_kernel: 0.62). dO is single-buffered
+// to fit an A100: a tile's dO loads while its S^T and P^T are computed.
+__host__ __device__ constexpr bool dkv_wide_takes(int d) { return d >= 96; }
+constexpr int kWideThreads = 256, kWideKeys = 128, kWideQueries = 64, kWidePStride = kWideQueries + 8;
+__host__ __device__ constexpr int dkv_wide_shared_bytes(int d) {  // K, V, two Q buffers, dO, P^T, dS^T, two (lse, delta)
+  return (2 * kWideKeys + 3 * kWideQueries) * (d + 8) * 2 + 2 * kWideKeys * kWidePStride * 2 + 4 * kWideQueries * 4;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kWideThreads, 1) dkv_wide_kernel(AttentionBackward a) {
+  constexpr int BN = kWideKeys, BM = kWideQueries, STRIDE = D + 8, PSTRIDE = kWidePStride;
+  constexpr int KSLABS = D / 16, DTILES = D / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* k_s = reinterpret_cast<T*>(smem);  // [BN][STRIDE]
+  T* v_s = k_s + BN * STRIDE;           // [BN][STRIDE]
+  T* q_buf = v_s + BN * STRIDE;         // [2][BM][STRIDE]: the query tile and the next one
+  T* do_s = q_buf + 2 * BM * STRIDE;    // [BM][STRIDE]
+  T* p_s = do_s + BM * STRIDE;          // [BN][PSTRIDE]: P^T, keys as rows
+  T* ds_s = p_s + BN * PSTRIDE;         // [BN][PSTRIDE]: dS^T
+  float* lse_buf = reinterpret_cast<float*>(ds_s + BN * PSTRIDE);  // [2][BM], log2 units
+  float* delta_buf = lse_buf + 2 * BM;                             // [2][BM]
+  static_assert(dkv_wide_shared_bytes(D) == ((2 * BN + 3 * BM) * STRIDE + 2 * BN * PSTRIDE) * int(sizeof(T)) + 4 * BM * 4);
+
+  const AttentionShape& s = a.shape;
+  const int group = s.heads / s.kv_heads;
+  const int n0 = blockIdx.y * BN;
+  const int b = blockIdx.x / s.kv_heads, kv_head = blockIdx.x % s.kv_heads;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, c = lane % 4, mi = lane / 8;
+  const int kw = warp % 4, half = warp / 4;
+  const int offset = s.t_k - s.t_q;
+  const int key0 = n0 + kw * 32 + g;  // this thread's keys: key0 + 8 r, r < 4 (m tile r / 2)
+  const float scale2 = a.scale * kLog2e;
+
+  // The query tiles as in dkv_kernel, with cursors for the next Q and the next dO to load.
+  const int first_query = max(0, n0 - offset), tiles_per_head = (s.t_q - first_query + BM - 1) / BM;
+  const DkvShare share = dkv_share(group, tiles_per_head, first_query, BM, blockIdx.z, a.dkv_splits);
+  const int tiles = share.tiles;
+  int q_h = kv_head * group + share.head, q_i0 = share.i0, do_h = q_h, do_i0 = q_i0;
+  auto next = [&](int& h, int& i0) {
+    i0 += BM;
+    if (i0 >= s.t_q) i0 = first_query, ++h;
+  };
+  auto load_query_tile = [&](int buf) {
+    load_tile_async<T, BM, D, STRIDE, kWideThreads>(q_buf + buf * BM * STRIDE, a.q, a.q_stride, b, q_h, q_i0, s.t_q);
+    if (threadIdx.x < BM) {
+      const int64_t row = (int64_t(b) * s.heads + q_h) * s.t_q + q_i0 + threadIdx.x;
+      const bool in = q_i0 + int(threadIdx.x) < s.t_q;
+      lse_buf[buf * BM + threadIdx.x] = in ? a.lse[row] * kLog2e : INFINITY;  // P = 0 past the end
+      delta_buf[buf * BM + threadIdx.x] = in ? a.delta[row] : 0.f;
+    }
+    next(q_h, q_i0);
+  };
+
+  load_tile_async<T, BN, D, STRIDE, kWideThreads>(k_s, a.k, a.k_stride, b, kv_head, n0, s.t_k);
+  load_tile_async<T, BN, D, STRIDE, kWideThreads>(v_s, a.v, a.v_stride, b, kv_head, n0, s.t_k);
+  load_query_tile(0);
+  cp_async_commit();
+
+  float acc[2][DTILES][4] = {};  // dV (half 0) or dK (half 1) of this warp's 32 keys
+  int next_i0 = share.i0;
+
+  // 32 keys x 32 queries of X Y^T: X (K or V) rows of this warp's keys, Y (Q or dO) of its half.
+  auto products = [&](float (&c_tile)[2][4][4], const T* x_s, const T* y_s) {
 #pragma unroll
-  for (int r = 0; r < 2 * KT; ++r) {
-    const int key = key0 + r * 8, km = r / 2, h = r % 2;
-    if (key >= s.t_k) continue;
-    const int64_t row = (int64_t(b) * s.kv_heads + kv_head) * s.t_k + key;
-    if (a.dkv_splits > 1) {  // this block's share of the group, unscaled, in fp32
-      const int64_t rows = int64_t(s.batch) * s.kv_heads * s.t_k;
-      float* dk_part = a.dkv_partial + ((2 * int64_t(blockIdx.z)) * rows + row) * D;
-      float* dv_part = dk_part + rows * D;
+    for (int kk = 0; kk < KSLABS; ++kk) {
+      uint32_t xf[2][4];
 #pragma unroll
-      for (int dt = 0; dt < DTILES; ++dt) {
-        *reinterpret_cast<float2*>(dk_part + dt * 8 + 2 * c) = make_float2(dk[km][dt][2 * h], dk[km][dt][2 * h + 1]);
-        *reinterpret_cast<float2*>(dv_part + dt * 8 + 2 * c) = make_float2(dv[km][dt][2 * h], dv[km][dt][2 * h + 1]);
+      for (int km = 0; km < 2; ++km)
+        ldmatrix_x4(xf[km], &x_s[(kw * 32 + km * 16 + lane % 16) * STRIDE + kk * 16 + (lane / 16) * 8]);
+#pragma unroll
+      for (int nt = 0; nt < 4; nt += 2) {
+        uint32_t yf[4];
+        ldmatrix_x4(yf, &y_s[(half * 32 + (nt + mi / 2) * 8 + lane % 8) * STRIDE + kk * 16 + (mi % 2) * 8]);
+#pragma unroll
+        for (int km = 0; km < 2; ++km) {
+          mma_16816<T>(c_tile[km][nt], xf[km], yf[0], yf[1]);
+          mma_16816<T>(c_tile[km][nt + 1], xf[km], yf[2], yf[3]);
+        }
       }
-      continue;
     }
-    T* dk_out = static_cast<T*>(a.dk) + row * D;
-    T* dv_out = static_cast<T*>(a.dv) + row * D;
+  };
+  // A 32 x 32 tile of this warp into p_s or ds_s, in T.
+  auto store = [&](T* dst, const float (&c_tile)[2][4][4]) {
 #pragma unroll
-    for (int dt = 0; dt < DTILES; ++dt) {
-      *reinterpret_cast<uint32_t*>(dk_out + dt * 8 + 2 * c) =
-          pack2<T>(dk[km][dt][2 * h] * a.scale, dk[km][dt][2 * h + 1] * a.scale);
-      *reinterpret_cast<uint32_t*>(dv_out + dt * 8 + 2 * c) = pack2<T>(dv[km][dt][2 * h], dv[km][dt][2 * h + 1]);
+    for (int km = 0; km < 2; ++km)
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          *reinterpret_cast<uint32_t*>(&dst[(kw * 32 + km * 16 + h * 8 + g) * PSTRIDE + half * 32 + nt * 8 + 2 * c]) =
+              pack2<T>(c_tile[km][nt][2 * h], c_tile[km][nt][2 * h + 1]);
+  };
+
+  auto step = [&](int it, int i0, auto masked) {
+    __syncthreads();  // every warp is done with tile it - 1: dO, P^T, dS^T and the other Q buffer are free
+    load_tile_async<T, BM, D, STRIDE, kWideThreads>(do_s, a.dout, a.dout_stride, b, do_h, do_i0, s.t_q);
+    next(do_h, do_i0);
+    cp_async_commit();
+    if (it + 1 < tiles) load_query_tile((it + 1) % 2);
+    cp_async_commit();   // (an empty group after the last tile)
+    cp_async_wait<2>();  // Q of tile it (and K, V) have landed
+    __syncthreads();
+    const T* q_s = q_buf + it % 2 * BM * STRIDE;
+    const float* lse_s = lse_buf + it % 2 * BM;
+    const float* delta_s = delta_buf + it % 2 * BM;
+
+    // Phase 1: P^T = 2^(S^T scale log2e - lse'), zero past the end (lse' = inf) and, on masked
+    // tiles, where a query does not see a key; then dS^T = P^T (dP^T - delta).
+    float pt[2][4][4] = {}, dpt[2][4][4] = {};
+    products(pt, k_s, q_s);
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      const float2 lse2 = *reinterpret_cast<const float2*>(&lse_s[half * 32 + nt * 8 + 2 * c]);
+#pragma unroll
+      for (int km = 0; km < 2; ++km)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float p = exp2_approx(fmaf(pt[km][nt][e], scale2, -(e & 1 ? lse2.y : lse2.x)));
+          if constexpr (decltype(masked)::value) {
+            const int query = i0 + half * 32 + nt * 8 + 2 * c + (e & 1), key = key0 + km * 16 + (e >> 1) * 8;
+            if (key > query + offset || key >= s.t_k) p = 0.f;
+          }
+          pt[km][nt][e] = p;
+        }
     }
+    store(p_s, pt);
+    cp_async_wait<1>();  // dO of tile it has landed
+    __syncthreads();
+    products(dpt, v_s, do_s);
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      const float2 delta = *reinterpret_cast<const float2*>(&delta_s[half * 32 + nt * 8 + 2 * c]);
+#pragma unroll
+      for (int km = 0; km < 2; ++km)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dpt[km][nt][e] = pt[km][nt][e] * (dpt[km][nt][e] - (e & 1 ? delta.y : delta.x));
+    }
+    store(ds_s, dpt);
+    __syncthreads();  // P^T and dS^T of the whole tile are written
+
+    // Phase 2: dV += P^T dO (half 0) or dK += dS^T Q (half 1) over this warp's 32 keys.
+    const T* a_s = half == 0 ? p_s : ds_s;
+    const T* b_s = half == 0 ? do_s : q_s;
+#pragma unroll
+    for (int qs = 0; qs < BM / 16; ++qs) {
+      uint32_t af[2][4];
+#pragma unroll
+      for (int km = 0; km < 2; ++km)
+        ldmatrix_x4(af[km], &a_s[(kw * 32 + km * 16 + lane % 16) * PSTRIDE + qs * 16 + (lane / 16) * 8]);
+#pragma unroll
+      for (int dt = 0; dt < DTILES; dt += 2) {
+        uint32_t f[4];
+        ldmatrix_x4_trans(f, &b_s[(qs * 16 + (mi % 2) * 8 + lane % 8) * STRIDE + (dt + mi / 2) * 8]);
+#pragma unroll
+        for (int km = 0; km < 2; ++km) {
+          mma_16816<T>(acc[km][dt], af[km], f[0], f[1]);
+          mma_16816<T>(acc[km][dt + 1], af[km], f[2], f[3]);
+        }
+      }
+    }
+  };
+  auto plain = [&](int i0) { return i0 + offset >= n0 + BN - 1 && i0 + BM <= s.t_q && n0 + BN <= s.t_k; };
+  auto advance = [&](int i0) { return i0 + BM < s.t_q ? i0 + BM : first_query; };
+  for (int it = 0; it < tiles;) {
+    for (; it < tiles && !plain(next_i0); ++it, next_i0 = advance(next_i0)) step(it, next_i0, std::true_type{});
+    for (; it < tiles && plain(next_i0); ++it, next_i0 = advance(next_i0)) step(it, next_i0, std::false_type{});
   }
+  store_dkv<T, D>(a, acc, half == 0 ? 1 : 0, b, kv_head, key0);
 }
 
 // dq's 16-row tiles per warp: 2 (every K and V fragment feeds two products; Q and dO re-read
@@ -413,43 +602,76 @@ __global__ void __launch_bounds__(256) dkv_reduce_kernel(const float* __restrict
   }
 }
 
+// Whether dk/dv takes dkv_wide_kernel: D = 96 or 128 on a GPU that gives a block its shared memory.
+bool dkv_wide_runs(int head_dim) {
+  int device = 0, bytes = 0;
+  return dkv_wide_takes(head_dim) && cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
+         bytes >= dkv_wide_shared_bytes(head_dim);
+}
+
 }  // namespace
 
 int attention_backward_dkv_splits(const AttentionShape& s, DType dtype, void* stream) {
   if (dtype == DType::kFloat32) return 1;  // the CUDA-core backward is not split
-  const int group = s.heads / s.kv_heads;
+  const int group = s.heads / s.kv_heads, d = s.head_dim;
   int device = 0, sm_count = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
     return 1;
-  // Two waves of dk/dv blocks: an SM holds one block of the Hopper kernel, two of the mma.sync one
-  // (on A100- and H100-class SMs; sm_86/89/120 fit one above D = 32, so there this asks for four).
-  const bool hopper = hopper_takes(s.head_dim) && hopper_kernels_usable(static_cast<cudaStream_t>(stream));
-  const int keys = hopper ? kHopperDkvKeys : dkv_block_keys(s.head_dim), per_sm = hopper ? 1 : 2;
+  // Two waves of dk/dv blocks: an SM holds one block of the Hopper or the wide kernel, two of
+  // dkv_kernel (on A100- and H100-class SMs; sm_86/89/120 fit one above D = 32, so there this
+  // asks for four).
+  const bool hopper = hopper_takes(d) && hopper_kernels_usable(static_cast<cudaStream_t>(stream));
+  const bool wide = !hopper && dkv_wide_runs(d);
+  const int keys = hopper ? kHopperDkvKeys : wide ? kWideKeys : dkv_block_keys(d), per_sm = hopper || wide ? 1 : 2;
   const int64_t blocks = int64_t(s.batch) * s.kv_heads * ((s.t_k + keys - 1) / keys), wanted = 2LL * per_sm * sm_count;
   // At most as many splits as the last key block (whose keys the fewest queries see) has query
-  // tiles over the group, under either kernel's tiling (the launcher may yet fall back from the
+  // tiles over the group, under any tiling that may run (the launcher may yet fall back from the
   // Hopper kernel): every split of every block gets work (dkv_share).
   auto least_tiles = [&](int block_keys, int tile) {
     const int last_first_query = std::max(0, (s.t_k - 1) / block_keys * block_keys - (s.t_k - s.t_q));
     return int64_t(group) * ((s.t_q - last_first_query + tile - 1) / tile);
   };
-  int64_t most = least_tiles(dkv_block_keys(s.head_dim), dkv_query_tile(s.head_dim));
-  if (hopper_takes(s.head_dim)) most = std::min(most, least_tiles(kHopperDkvKeys, kHopperDkvQueries));
+  int64_t most = least_tiles(dkv_block_keys(d), dkv_query_tile(d));
+  if (hopper_takes(d)) most = std::min(most, least_tiles(kHopperDkvKeys, kHopperDkvQueries));
+  if (dkv_wide_takes(d)) most = std::min(most, least_tiles(kWideKeys, kWideQueries));
   return int(std::max<int64_t>(1, std::min((wanted + blocks - 1) / blocks, most)));
 }
+
+namespace {
+
+// dk and dv: the Hopper kernel, else the wide one where it runs, else dkv_kernel.
+template <typename T, int D>
+cudaError_t backward_dkv(const AttentionBackward& a, cudaStream_t stream) {
+  const AttentionShape& s = a.shape;
+  if (backward_dkv_hopper<T, D>(a, stream)) return cudaSuccess;
+  if constexpr (dkv_wide_takes(D)) {
+    if (dkv_wide_runs(D)) {
+      constexpr int bytes = dkv_wide_shared_bytes(D);
+      const cudaError_t err = cudaFuncSetAttribute(dkv_wide_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+      if (err != cudaSuccess) return err;
+      const dim3 grid(s.batch * s.kv_heads, (s.t_k + kWideKeys - 1) / kWideKeys, a.dkv_splits);
+      dkv_wide_kernel<T, D><<<grid, kWideThreads, bytes, stream>>>(a);
+      return cudaSuccess;
+    }
+  }
+  constexpr int bytes = dkv_shared_bytes<T, D>();
+  // Above 48 KB of dynamic shared memory a kernel must opt in.
+  const cudaError_t err = cudaFuncSetAttribute(dkv_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(s.batch * s.kv_heads, (s.t_k + dkv_block_keys(D) - 1) / dkv_block_keys(D), a.dkv_splits);
+  dkv_kernel<T, D><<<grid, kThreads, bytes, stream>>>(a);
+  return cudaSuccess;
+}
+
+}  // namespace
 
 template <typename T, int D>
 cudaError_t backward_tensor_cores(const AttentionBackward& a, cudaStream_t stream) {
   const AttentionShape& s = a.shape;
-  if (!backward_dkv_hopper<T, D>(a, stream)) {
-    constexpr int bytes = dkv_shared_bytes<T, D>();
-    // Above 48 KB of dynamic shared memory a kernel must opt in.
-    const cudaError_t err = cudaFuncSetAttribute(dkv_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (err != cudaSuccess) return err;
-    const dim3 dkv_grid(s.batch * s.kv_heads, (s.t_k + dkv_block_keys(D) - 1) / dkv_block_keys(D), a.dkv_splits);
-    dkv_kernel<T, D><<<dkv_grid, kThreads, bytes, stream>>>(a);
-  }
+  const cudaError_t dkv_err = backward_dkv<T, D>(a, stream);
+  if (dkv_err != cudaSuccess) return dkv_err;
   if (a.dkv_splits > 1) {
     const int64_t n = int64_t(s.batch) * s.kv_heads * s.t_k * D;
     const int blocks = int((n + 255) / 256 < 4096 ? (n + 255) / 256 : 4096);

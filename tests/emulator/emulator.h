@@ -57,9 +57,9 @@ struct dim3 {
 };
 
 using cudaStream_t = void*;
-enum cudaError_t { cudaSuccess = 0 };
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount, cudaDevAttrComputeCapabilityMajor };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount, cudaDevAttrComputeCapabilityMajor, cudaDevAttrMaxSharedMemoryPerBlockOptin };
 
 namespace emu {
 
@@ -68,7 +68,12 @@ inline int linear_thread = 0;  // x fastest, as warps are formed on a GPU
 inline int warp_of() { return linear_thread / 32; }
 inline int lane_of() { return linear_thread % 32; }
 inline int sm_count = 8;
-inline int compute_capability = 80;  // the emulated GPU's (80: A100, 90: H100)
+inline int compute_capability = 80;  // the emulated GPU's (80: A100, 86: RTX 30, 90: H100)
+// The most dynamic shared memory a kernel may opt in to: 163 KB on an A100, 227 KB on an H100, 99 KB
+// on sm_86/89/120.
+inline int max_dynamic_smem() {
+  return compute_capability == 80 ? 166912 : compute_capability == 90 || compute_capability == 100 ? 232448 : 101376;
+}
 // Dynamic shared memory above 48 KB needs the kernel's own opt-in (cudaFuncSetAttribute), as on a GPU.
 inline std::map<const void*, long> dynamic_smem_limits;
 
@@ -331,13 +336,15 @@ inline V __shfl_xor_sync(unsigned, V v, int mask) {
 }
 
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-inline const char* cudaGetErrorString(cudaError_t) { return "no error"; }
+inline const char* cudaGetErrorString(cudaError_t err) { return err == cudaSuccess ? "no error" : "invalid argument"; }
 inline cudaError_t cudaGetDevice(int* device) {
-  *device = emu::compute_capability == 90;  // each emulated GPU kind is a device of its own
+  *device = emu::compute_capability == 80 ? 0 : emu::compute_capability == 90 ? 1 : 2;  // each emulated GPU kind is a device of its own
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int) {
-  *value = attribute == cudaDevAttrComputeCapabilityMajor ? emu::compute_capability / 10 : emu::sm_count;
+  *value = attribute == cudaDevAttrComputeCapabilityMajor         ? emu::compute_capability / 10
+           : attribute == cudaDevAttrMaxSharedMemoryPerBlockOptin ? emu::max_dynamic_smem()
+                                                                  : emu::sm_count;
   return cudaSuccess;
 }
 enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone, cudaStreamCaptureStatusActive };
@@ -353,6 +360,7 @@ inline cudaError_t cudaMemcpyFromSymbol(void* dst, const V& symbol, std::size_t 
 }
 template <typename F>
 inline cudaError_t cudaFuncSetAttribute(F kernel, cudaFuncAttribute, int bytes) {
+  if (bytes > emu::max_dynamic_smem()) return cudaErrorInvalidValue;
   emu::dynamic_smem_limits[reinterpret_cast<const void*>(kernel)] = bytes;
   return cudaSuccess;
 }
