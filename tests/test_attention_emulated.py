@@ -196,26 +196,34 @@ def test_emulated_backward_split_over_the_group_s_query_tiles_is_exact_and_repro
 
 
 @pytest.mark.parametrize("dim, dtype", [(96, torch.float16), (128, torch.bfloat16)])
-def test_emulated_dk_dv_at_d_96_and_128_on_gpus_with_and_without_160_kb_of_shared_memory(kernels, dim, dtype):
-    """An A100 gives a block 163 KB of shared memory: dk/dv at D 96 and 128 take dkv_wide_kernel;
-    an RTX 30/40/50 (sm_86/89/120) gives 99 KB: dkv_kernel. Both against the reference (GQA, fewer
-    queries than keys, a partial last key block)."""
+def test_emulated_backward_at_d_96_and_128_on_gpus_with_and_without_160_kb_of_shared_memory(kernels, dim, dtype):
+    """An A100 gives a block 163 KB of shared memory: dk/dv at D 96 and 128 take dkv_wide_kernel,
+    dq at D 128 dq_wide_kernel; an RTX 30/40/50 (sm_86/89/120) gives 99 KB: dkv_kernel and
+    dq_kernel. Both against the reference (GQA, fewer queries than keys, partial last tiles)."""
     q, k, v, dout = make_inputs(1, 4, 2, 150, 200, dim, dtype)
     low, truth = reference_run(q, k, v, dout, dtype), reference_run(q, k, v, dout, torch.float64)
     for arch in (80, 86):
         assert_within_twice_the_reference(emulated_run(kernels, q, k, v, dout, arch=arch)[0], low, truth)
 
 
-def test_emulated_dk_dv_kernel_follows_the_gpu_s_shared_memory(tmp_path):
-    """With dkv_wide_kernel broken (dS^T written as P^T), an emulated A100's dk is wrong and an
-    emulated RTX 30's right: the launcher takes the wide kernel only where a block may have its
-    shared memory, and the emulator refuses an opt-in above the device's limit."""
+WIDE_MISTAKES = [  # (output it spoils, the mutation) in each of the 8-warp kernels
+    ("dk", ("store(ds_s, dpt);", "store(ds_s, pt);")),                                        # dkv_wide_kernel
+    ("dq", ("ds[e] = p * (dp[mt][nt][e] - delta[r]);", "ds[e] = p * dp[mt][nt][e];")),  # dq_wide_kernel
+]
+
+
+@pytest.mark.parametrize("output, mutation", WIDE_MISTAKES, ids=[m[0] for m in WIDE_MISTAKES])
+def test_emulated_wide_kernels_run_where_the_gpu_gives_their_shared_memory(tmp_path, output, mutation):
+    """With dkv_wide_kernel (dS^T written as P^T) or dq_wide_kernel (delta dropped) broken, an
+    emulated A100's dk or dq is wrong and an emulated RTX 30's right: the launcher takes the wide
+    kernels only where a block may have their shared memory, and the emulator refuses an opt-in
+    above the device's limit."""
     from emulated_kernels import EmulatedKernels, build
 
-    mutated = EmulatedKernels(build(tmp_path, {"attention_bwd.cu": ("store(ds_s, dpt);", "store(ds_s, pt);")}))
+    mutated = EmulatedKernels(build(tmp_path, {"attention_bwd.cu": mutation}))
     q, k, v, dout = make_inputs(1, 2, 1, 100, 100, 128, torch.bfloat16)
     low, truth = reference_run(q, k, v, dout, torch.bfloat16), reference_run(q, k, v, dout, torch.float64)
-    with pytest.raises(AssertionError, match="dk: kernel error"):
+    with pytest.raises(AssertionError, match=f"{output}: kernel error"):
         assert_within_twice_the_reference(emulated_run(mutated, q, k, v, dout)[0], low, truth)
     assert_within_twice_the_reference(emulated_run(mutated, q, k, v, dout, arch=86)[0], low, truth)
 

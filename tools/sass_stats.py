@@ -57,8 +57,9 @@ KNOWN = [
     (r"^dkv_kernel<\w+, (96|128)>", "ldmatrix", "runs at D = 96 and 128 only where a block may not have "
      "dkv_wide_kernel's 128 / 156 KB of shared memory (sm_86/89/120: 99 KB): 16 keys per warp "
      "there (32 would need 2 D accumulator floats a thread), so each Q/dO fragment feeds two products (0.5 at best)"),
-    (r"^dq_kernel<\w+, 128>", "ldmatrix", "16 queries per warp at D = 128: two 16-row tiles need Q and dO in shared "
-     "memory, which leaves one block (4 warps) per A100 SM"),
+    (r"^dq_kernel<\w+, 128>", "ldmatrix", "runs at D = 128 only where a block may not have dq_wide_kernel's 136 KB "
+     "of shared memory (sm_86/89/120: 99 KB): 16 queries per warp there (two 16-row tiles would need Q and dO in "
+     "shared memory, leaving one 4-warp block per SM)"),
     (r"^forward_kernel<\w+, 32>$", "instructions", "D = 32: one score per HMMA, and each score costs about 4.5 "
      "instructions (FFMA, MUFU, FMNMX, FADD, half an F2FP) besides the HMMA: the floor is above the ceiling"),
 ]
@@ -108,7 +109,7 @@ def demangle(names: list[str]) -> dict[str, str]:
 
 def dynamic_shared_bytes(file: str, kernel: str) -> int:
     """The dynamic shared memory a launcher requests; mirrors forward_shared_bytes(),
-    dkv_shared_bytes(), dkv_wide_shared_bytes(), dq_shared_bytes() and forward_simt_shared_bytes() in the attention .cu
+    dkv_shared_bytes(), dkv_wide_shared_bytes(), dq_shared_bytes(), dq_wide_shared_bytes() and forward_simt_shared_bytes() in the attention .cu
     files, and the hopper_*shared_bytes() in attention_hopper.cu: keep them in step."""
     if m := re.match(r"hopper_(forward|dkv|dq)_kernel<\w+, (\d+)>", kernel):  # attention_hopper.cu
         kind, d = m.group(1), int(m.group(2))
@@ -117,6 +118,8 @@ def dynamic_shared_bytes(file: str, kernel: str) -> int:
         if kind == "dkv":  # hopper_dkv_shared_bytes(): K and V, two stages of Q, dO, lse and delta
             return 2048 + 2 * 128 * d * 2 + 2 * 2 * 64 * d * 2 + 2 * 2 * 64 * 4
         return 2048 + 2 * 128 * d * 2 + 2 * 2 * 64 * d * 2  # hopper_dq_shared_bytes(): Q and dO, two stages of K and V
+    if m := re.match(r"dq_wide_kernel<\w+, (\d+)>", kernel):  # dO, Q (then dS), two buffers of 64-key K and V
+        return (2 * 128 + 4 * 64) * (int(m.group(1)) + 8) * 2
     if m := re.match(r"dkv_wide_kernel<\w+, (\d+)>", kernel):  # K, V, two Q buffers, dO (64 queries), P^T, dS^T, lse, delta
         return (2 * 128 + 3 * 64) * (int(m.group(1)) + 8) * 2 + 2 * 128 * 72 * 2 + 4 * 64 * 4
     m = re.match(r"(dkv|dq|forward)_kernel<(\w+), (\d+)>", kernel)

@@ -20,7 +20,9 @@
 // - dq_kernel: a block owns 128 queries of one head, 32 per warp (Q and dO re-read from shared
 //   memory as A fragments; at D = 128, 64 queries, 16 per warp, Q and dO held in registers) and
 //   walks 32-key (64 at D = 32) tiles up to its last visible key (double-buffered): S = Q K^T,
-//   dP = dO V^T, dQ += dS K; masking only on the diagonal tiles.
+//   dP = dO V^T, dQ += dS K; masking only on the diagonal tiles. At D = 128, where a block may
+//   have 136 KB of shared memory, dq_wide_kernel takes its place: 8 warps over 128 queries,
+//   dS through shared memory.
 // Shared tiles are padded as in the forward; fragment layouts are in attention.cuh.
 #include <cuda_runtime.h>
 
@@ -414,6 +416,168 @@ __global__ void __launch_bounds__(kWideThreads, 1) dkv_wide_kernel(AttentionBack
   store_dkv<T, D>(a, acc, half == 0 ? 1 : 0, b, kv_head, key0);
 }
 
+// ---- dq at D = 128 on GPUs that give a block 136 KB of shared memory (A100, H100) --------------
+// dq_kernel's warps own 16 queries each at D = 128 (Q and dO held in registers), so every K and
+// V fragment it reads feeds two products. Here 8 warps share 128 queries and work each 64-key
+// tile in two phases, dS passing through shared memory:
+//  1. warp (qw, half) = (warp % 4, warp / 4): S = Q K^T (Q's fragments held in registers for the
+//     block), dP = dO V^T and dS for queries 32 qw.. and keys 32 half.. of the tile (each K, V
+//     and dO fragment feeds four products); dS is written out in T;
+//  2. the same warp adds dS K to dQ for its 32 queries and the half of D from 64 half on.
+// ldmatrix per product: 0.38 (dq_kernel: 0.50).
+__host__ __device__ constexpr bool dq_wide_takes(int d) { return d == 128; }
+constexpr int kDqWideQueries = 128, kDqWideKeys = 64, kDqWideSStride = kDqWideKeys + 8;
+__host__ __device__ constexpr int dq_wide_shared_bytes(int d) {  // dO, Q (then dS), two buffers of (K, V)
+  return (2 * kDqWideQueries + 4 * kDqWideKeys) * (d + 8) * 2;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kWideThreads, 1) dq_wide_kernel(AttentionBackward a) {
+  constexpr int BM = kDqWideQueries, BN = kDqWideKeys, STRIDE = D + 8, SSTRIDE = kDqWideSStride;
+  constexpr int KSLABS = D / 16, HALF_DTILES = D / 16;  // n tiles of 8 in half of D
+  static_assert(BM * SSTRIDE <= BM * STRIDE, "dS takes Q's place");
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* do_s = reinterpret_cast<T*>(smem);  // [BM][STRIDE]
+  T* q_s = do_s + BM * STRIDE;           // [BM][STRIDE], until every warp holds its Q fragments
+  T* ds_s = q_s;                         // [BM][SSTRIDE]: then dS of the key tile
+  T* kv_s = q_s + BM * STRIDE;           // [2][K, V][BN][STRIDE]: tile j + 1 loads while j is used
+  static_assert(dq_wide_shared_bytes(D) == (2 * BM + 4 * BN) * STRIDE * int(sizeof(T)));
+
+  const AttentionShape& s = a.shape;
+  const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;  // longest rows first, over the whole grid
+  const int b = blockIdx.x / s.heads, h = blockIdx.x % s.heads;
+  const int kv_head = h / (s.heads / s.kv_heads);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, c = lane % 4, mi = lane / 8;
+  const int qw = warp % 4, half = warp / 4;
+  const int offset = s.t_k - s.t_q;
+  const int query0 = m0 + qw * 32 + g;  // this thread's rows: query0 + 8 r, r < 4 (m tile r / 2)
+  const float scale2 = a.scale * kLog2e;
+
+  const int key_end = min(s.t_k, min(m0 + BM, s.t_q) + offset);
+  const int tiles = (key_end + BN - 1) / BN;
+  auto load_key_tile = [&](int j) {
+    T* k_tile = kv_s + j % 2 * 2 * BN * STRIDE;
+    load_tile_async<T, BN, D, STRIDE, kWideThreads>(k_tile, a.k, a.k_stride, b, kv_head, j * BN, key_end);
+    load_tile_async<T, BN, D, STRIDE, kWideThreads>(k_tile + BN * STRIDE, a.v, a.v_stride, b, kv_head, j * BN, key_end);
+  };
+  load_tile_async<T, BM, D, STRIDE, kWideThreads>(q_s, a.q, a.q_stride, b, h, m0, s.t_q);
+  load_tile_async<T, BM, D, STRIDE, kWideThreads>(do_s, a.dout, a.dout_stride, b, h, m0, s.t_q);
+  cp_async_commit();
+  if (tiles > 0) load_key_tile(0);
+  cp_async_commit();
+  // Q and dO as A fragments: this lane's ldmatrix row of m tile mt, slab kk.
+  auto a_row = [&](int mt, int kk) { return (qw * 32 + mt * 16 + lane % 16) * STRIDE + kk * 16 + (lane / 16) * 8; };
+  uint32_t q_frag[2][KSLABS][4];
+  cp_async_wait<1>();  // Q and dO have landed
+  __syncthreads();
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int kk = 0; kk < KSLABS; ++kk) ldmatrix_x4(q_frag[mt][kk], &q_s[a_row(mt, kk)]);
+  // (The first key tile's barriers come before any warp writes dS over Q.)
+  float lse2[4], delta[4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int query = query0 + r * 8;
+    const int64_t row = (int64_t(b) * s.heads + h) * s.t_q + query;
+    lse2[r] = query < s.t_q ? a.lse[row] * kLog2e : INFINITY;  // P = 0 past the end
+    delta[r] = query < s.t_q ? a.delta[row] : 0.f;
+  }
+
+  float dq[2][HALF_DTILES][4] = {};
+  // One key tile: S, dP, dS (phase 1), then dQ += dS K (phase 2). `masked`: zero P where a query
+  // does not see a key.
+  auto step = [&](int j, auto masked) {
+    __syncthreads();  // every warp is done with tile j - 1: its buffer may take tile j + 1, dS is free
+    if (j + 1 < tiles) load_key_tile(j + 1);
+    cp_async_commit();
+    cp_async_wait<1>();  // tile j has landed
+    __syncthreads();
+    const int n0 = j * BN;
+    const T* k_s = kv_s + j % 2 * 2 * BN * STRIDE;
+    const T* v_s = k_s + BN * STRIDE;
+
+    float sc[2][4][4] = {}, dp[2][4][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < KSLABS; ++kk) {
+      uint32_t df[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) ldmatrix_x4(df[mt], &do_s[a_row(mt, kk)]);
+#pragma unroll
+      for (int nt = 0; nt < 4; nt += 2) {
+        const int row = (half * 32 + (nt + mi / 2) * 8 + lane % 8) * STRIDE + kk * 16 + (mi % 2) * 8;
+        uint32_t kf[4], vf[4];
+        ldmatrix_x4(kf, &k_s[row]);
+        ldmatrix_x4(vf, &v_s[row]);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          mma_16816<T>(sc[mt][nt], q_frag[mt][kk], kf[0], kf[1]);
+          mma_16816<T>(sc[mt][nt + 1], q_frag[mt][kk], kf[2], kf[3]);
+          mma_16816<T>(dp[mt][nt], df[mt], vf[0], vf[1]);
+          mma_16816<T>(dp[mt][nt + 1], df[mt], vf[2], vf[3]);
+        }
+      }
+    }
+    // dS = P (dP - delta) with P = 2^(S scale log2e - lse'), written to ds_s in T.
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        float ds[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = 2 * mt + (e >> 1);
+          float p = exp2_approx(fmaf(sc[mt][nt][e], scale2, -lse2[r]));
+          if constexpr (decltype(masked)::value) {
+            const int key = n0 + half * 32 + nt * 8 + 2 * c + (e & 1);
+            if (key >= key_end || key > query0 + r * 8 + offset) p = 0.f;
+          }
+          ds[e] = p * (dp[mt][nt][e] - delta[r]);
+        }
+        T* dst = &ds_s[(qw * 32 + mt * 16 + g) * SSTRIDE + half * 32 + nt * 8 + 2 * c];
+        *reinterpret_cast<uint32_t*>(dst) = pack2<T>(ds[0], ds[1]);
+        *reinterpret_cast<uint32_t*>(dst + 8 * SSTRIDE) = pack2<T>(ds[2], ds[3]);
+      }
+    __syncthreads();  // dS of the whole tile is written
+
+    // dQ += dS K over this warp's 32 queries and half of D.
+#pragma unroll
+    for (int ks = 0; ks < BN / 16; ++ks) {
+      uint32_t dsa[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+        ldmatrix_x4(dsa[mt], &ds_s[(qw * 32 + mt * 16 + lane % 16) * SSTRIDE + ks * 16 + (lane / 16) * 8]);
+#pragma unroll
+      for (int dt = 0; dt < HALF_DTILES; dt += 2) {
+        uint32_t kf[4];
+        ldmatrix_x4_trans(kf, &k_s[(ks * 16 + (mi % 2) * 8 + lane % 8) * STRIDE + half * (D / 2) + (dt + mi / 2) * 8]);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          mma_16816<T>(dq[mt][dt], dsa[mt], kf[0], kf[1]);
+          mma_16816<T>(dq[mt][dt + 1], dsa[mt], kf[2], kf[3]);
+        }
+      }
+    }
+  };
+  // Tiles below plain_tiles hold only keys that every query of the block sees.
+  const int plain_tiles = min(key_end, m0 + offset + 1) / BN;
+  int j = 0;
+  for (; j < plain_tiles; ++j) step(j, std::false_type{});
+  for (; j < tiles; ++j) step(j, std::true_type{});
+
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int query = query0 + r * 8;
+    if (query >= s.t_q) continue;
+    T* out = static_cast<T*>(a.dq) + ((int64_t(b) * s.heads + h) * s.t_q + query) * D + half * (D / 2);
+#pragma unroll
+    for (int dt = 0; dt < HALF_DTILES; ++dt)
+      *reinterpret_cast<uint32_t*>(out + dt * 8 + 2 * c) =
+          pack2<T>(dq[r / 2][dt][2 * (r % 2)] * a.scale, dq[r / 2][dt][2 * (r % 2) + 1] * a.scale);
+  }
+}
+
 // dq's 16-row tiles per warp: 2 (every K and V fragment feeds two products; Q and dO re-read
 // from shared memory) where Q, dO and two K/V buffers leave room for two blocks per SM on an
 // A100; 1 at D = 128 (Q and dO in registers).
@@ -602,13 +766,15 @@ __global__ void __launch_bounds__(256) dkv_reduce_kernel(const float* __restrict
   }
 }
 
-// Whether dk/dv takes dkv_wide_kernel: D = 96 or 128 on a GPU that gives a block its shared memory.
-bool dkv_wide_runs(int head_dim) {
-  int device = 0, bytes = 0;
-  return dkv_wide_takes(head_dim) && cudaGetDevice(&device) == cudaSuccess &&
-         cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
-         bytes >= dkv_wide_shared_bytes(head_dim);
+// Whether the current GPU lets a kernel opt in to this much dynamic shared memory a block.
+bool block_may_have(int bytes) {
+  int device = 0, most = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess && most >= bytes;
 }
+
+// Whether dk/dv takes dkv_wide_kernel: D = 96 or 128 on a GPU that gives a block its shared memory.
+bool dkv_wide_runs(int head_dim) { return dkv_wide_takes(head_dim) && block_may_have(dkv_wide_shared_bytes(head_dim)); }
 
 }  // namespace
 
@@ -665,6 +831,28 @@ cudaError_t backward_dkv(const AttentionBackward& a, cudaStream_t stream) {
   return cudaSuccess;
 }
 
+// dq: the Hopper kernel, else the wide one where it runs, else dq_kernel.
+template <typename T, int D>
+cudaError_t backward_dq(const AttentionBackward& a, cudaStream_t stream) {
+  const AttentionShape& s = a.shape;
+  if (backward_dq_hopper<T, D>(a, stream)) return cudaSuccess;
+  if constexpr (dq_wide_takes(D)) {
+    constexpr int bytes = dq_wide_shared_bytes(D);
+    if (block_may_have(bytes)) {
+      const cudaError_t err = cudaFuncSetAttribute(dq_wide_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+      if (err != cudaSuccess) return err;
+      const dim3 grid(s.batch * s.heads, (s.t_q + kDqWideQueries - 1) / kDqWideQueries);
+      dq_wide_kernel<T, D><<<grid, kWideThreads, bytes, stream>>>(a);
+      return cudaSuccess;
+    }
+  }
+  constexpr int bytes = dq_shared_bytes<T, D>(), rows = 4 * 16 * dq_row_tiles<D>();
+  const cudaError_t err = cudaFuncSetAttribute(dq_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err != cudaSuccess) return err;
+  dq_kernel<T, D><<<dim3(s.batch * s.heads, (s.t_q + rows - 1) / rows), kThreads, bytes, stream>>>(a);
+  return cudaSuccess;
+}
+
 }  // namespace
 
 template <typename T, int D>
@@ -678,12 +866,7 @@ cudaError_t backward_tensor_cores(const AttentionBackward& a, cudaStream_t strea
     dkv_reduce_kernel<T><<<blocks, 256, 0, stream>>>(a.dkv_partial, a.dkv_splits, n, a.scale, static_cast<T*>(a.dk),
                                                       static_cast<T*>(a.dv));
   }
-  if (backward_dq_hopper<T, D>(a, stream)) return cudaSuccess;
-  constexpr int dq_bytes = dq_shared_bytes<T, D>(), dq_rows = 4 * 16 * dq_row_tiles<D>();
-  const cudaError_t dq_err = cudaFuncSetAttribute(dq_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, dq_bytes);
-  if (dq_err != cudaSuccess) return dq_err;
-  dq_kernel<T, D><<<dim3(s.batch * s.heads, (s.t_q + dq_rows - 1) / dq_rows), kThreads, dq_bytes, stream>>>(a);
-  return cudaSuccess;
+  return backward_dq<T, D>(a, stream);
 }
 
 #define SCRATCHFORMER_BACKWARD(T, D) \
