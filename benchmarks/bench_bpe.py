@@ -1,6 +1,6 @@
 """Tokenizer speed: scratchformer's C++ core against tiktoken and HF tokenizers, same vocabulary.
 
-    pip install ".[bench]"; python benchmarks/bench_bpe.py [--out DIR]
+    pip install --no-build-isolation ".[bench]"; python benchmarks/bench_bpe.py [--out DIR]
 
 All three encode WikiText-2 valid+test with GPT-2's vocabulary (the files shipped with
 scratchformer) and must give identical ids. Reports, in one run:

@@ -11,8 +11,10 @@ import argparse
 import codecs
 import math
 import os
+import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 HELP = {
     "train": "train a model (default: the tiny preset on the bundled WikiText-2 mini corpus)",
@@ -72,11 +74,18 @@ def _preset_values(field: str) -> str:
     return ", ".join(values)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes as one line on stderr and exit status 1, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from .config import PRESETS
 
-    parser = argparse.ArgumentParser(prog="scratchformer", description="A GPT-2-style language model built from scratch, on its own kernels.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser = _Parser(prog="scratchformer", description="A GPT-2-style language model built from scratch, on its own kernels.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     t = commands.add_parser("train", help=HELP["train"], description=HELP["train"] + ". Presets: " + ", ".join(PRESETS)
                             + ". Any option below overrides the preset; with --resume, the run's own settings are the defaults.")
@@ -134,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_runtime(gen)
 
     tk = commands.add_parser("tokenizer", help=HELP["tokenizer"], description=HELP["tokenizer"])
-    tk_cmd = tk.add_subparsers(dest="action", metavar="ACTION", required=True)
+    tk_cmd = tk.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=_Parser)
     tt = tk_cmd.add_parser("train", help="learn a BPE vocabulary from a corpus's training split")
     tt.add_argument("--data", default="wikitext2-mini", help="corpus, as for train (default wikitext2-mini)")
     tt.add_argument("--vocab-size", type=int, default=8192, help="tokens in the vocabulary, at least 257 (default 8192)")
@@ -251,11 +260,14 @@ def _cmd_train(args) -> int:
     amp = args.amp
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" and torch_bf16(device) else "off"
-    train_cfg = replace(
-        train_cfg, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr_scale=args.lr_scale,
-        warmup=args.warmup, label_smoothing=args.label_smoothing, clip=args.clip, eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every, seed=args.seed, amp=amp,
-    )
+    try:
+        train_cfg = replace(
+            train_cfg, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr_scale=args.lr_scale,
+            warmup=args.warmup, label_smoothing=args.label_smoothing, clip=args.clip, eval_every=args.eval_every,
+            checkpoint_every=args.checkpoint_every, seed=args.seed, amp=amp,
+        )
+    except ValueError as e:  # named as the option that set it: "lr_scale must ..." -> "--lr-scale must ..."
+        raise CliError(re.sub(r"^(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
     ops.set_backend(args.kernels)
     result = train(model_cfg, train_cfg, args.data, out, tokenizer=tokenizer, device=str(device), resume=args.resume,
                    compile=args.compile, progress=not args.no_progress, init_weights=init_weights)
@@ -437,7 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as e:
         print(f"scratchformer{' ' + command if command in HELP else ''}: error: {e}", file=sys.stderr)
         return 1
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage mistake (1), already printed
+        return int(e.code or 0)
     run = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "tokenizer": _cmd_tokenizer, "info": _cmd_info,
            "selftest": _cmd_selftest}[args.command]
     from .ops import FusedUnavailableError
@@ -449,6 +464,13 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SCRATCHFORMER_DEBUG"):
             raise
         print(f"scratchformer {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a folder that cannot be written, a path that went away
+        if os.environ.get("SCRATCHFORMER_DEBUG"):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"scratchformer {args.command}: error: {where}{e.strerror or e}: check the path and its permissions",
+              file=sys.stderr)
         return 1
     except TrainingInterrupted as e:
         print(f"\nscratchformer {args.command}: {e}", file=sys.stderr)

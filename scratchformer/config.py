@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 
@@ -99,8 +100,10 @@ class TrainConfig:
             raise ConfigError(f"amp must be off, bf16 or fp16, not {self.amp!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.lr_scale <= 0 or self.clip < 0:
-            raise ConfigError("lr_scale must be > 0 and clip >= 0")
+        if not 0 < self.lr_scale < math.inf:  # (NaN fails every comparison)
+            raise ConfigError(f"lr_scale must be a finite number > 0, got {self.lr_scale}")
+        if not 0 <= self.clip < math.inf:
+            raise ConfigError(f"clip must be a finite number >= 0 (0: no clipping), got {self.clip}")
         return self
 
 

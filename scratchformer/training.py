@@ -212,8 +212,13 @@ def _load_weights(path: Path) -> dict:
     tokenizer = path.parent / "tokenizer.json"
     if not tokenizer.exists():
         raise CheckpointError(f"{path}: no tokenizer.json beside it")
+    try:
+        vocabulary = json.loads(tokenizer.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{tokenizer}: not a readable tokenizer ({e}): put back the tokenizer.json "
+                              "that was saved with the model") from None
     return {"format": FORMAT, "model": tensors, "model_config": json.loads(metadata["model_config"]),
-            "step": int(metadata["step"]), "data": metadata["data"], "tokenizer": json.loads(tokenizer.read_text())}
+            "step": int(metadata["step"]), "data": metadata["data"], "tokenizer": vocabulary}
 
 
 def model_from_checkpoint(payload: dict) -> tuple[GPT, BPETokenizer]:

@@ -3,6 +3,7 @@
 import argparse
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -136,9 +137,9 @@ BAD_INPUT = [
     (["train", "--d-model", "30", "--n-heads", "4"], r"d_model \(30\) must be divisible by n_heads \(4\)"),
     (["train", "--n-heads", "4", "--n-kv-heads", "3"], r"n_heads \(4\) must be divisible by n_kv_heads \(3\)"),
     (["train", "--n-kv-heads", "0"], "n_kv_heads must be at least 1, got 0"),
-    (["train", "--steps", "0"], "steps must be at least 1"),
-    (["train", "--eval-every", "0"], "eval_every must be at least 1, got 0"),
-    (["train", "--checkpoint-every", "0"], "checkpoint_every must be at least 1, got 0"),
+    (["train", "--steps", "0"], "--steps must be at least 1"),
+    (["train", "--eval-every", "0"], "--eval-every must be at least 1, got 0"),
+    (["train", "--checkpoint-every", "0"], "--checkpoint-every must be at least 1, got 0"),
     (["train", "--device", "banana"], "--device banana: not a device here: use cpu, cuda, cuda:N or auto"),
     (["train", "--device", "cuda"], "--device cuda: no CUDA GPU is visible"),
     (["train", "--out", "FILE"], "--out .*plain.txt: exists and is not a folder"),
@@ -158,7 +159,14 @@ BAD_INPUT = [
     (["eval", "--checkpoint", "/no/such/run"], "no checkpoint there"),
     (["eval", "--checkpoint", "RUN", "--split", "test"], "--split test: .* has the splits train, eval"),
     (["generate", "--checkpoint", "RUN", "--max-new-tokens", "-3"], "--max-new-tokens must be at least 1, got -3"),
-    (["generate", "--checkpoint", "RUN", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["generate", "--checkpoint", "RUN", "--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    (["generate", "--checkpoint", "RUN", "--temperature", "nan"], "--temperature must be a finite number >= 0, got nan"),
+    (["generate", "--checkpoint", "RUN", "--repetition-penalty", "inf"], "--repetition-penalty must be a finite number > 0"),
+    (["train", "--lr-scale", "nan"], "--lr-scale must be a finite number > 0, got nan"),
+    (["train", "--clip", "-1"], r"--clip must be a finite number >= 0 \(0: no clipping\), got -1"),
+    (["train", "--d-model", "abc"], r"argument --d-model: invalid int value: 'abc' \(see scratchformer train --help\)"),
+    (["train", "--amp", "fp8"], "argument --amp: invalid choice: 'fp8'"),
+    (["train", "--out", "/proc/scratchformer-run"], "/proc/scratchformer-run: .*: check the path and its permissions"),
     (["generate", "--checkpoint", "RUN", "--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
     (["generate", "--checkpoint", "RUN", "--top-k", "0"], "--top-k must be >= 1"),
     (["generate", "--checkpoint", "RUN", "--device", "banana"], "--device banana: not a device"),
@@ -211,3 +219,14 @@ def test_generate_keeps_the_end_of_a_prompt_longer_than_the_context(run, capsys)
     assert captured.out.startswith("word " * 39 + "word")
     assert re.fullmatch(r"scratchformer generate: note: the prompt has \d\d+ tokens, more than the model's "
                         r"context of 16: generating from its last 16", captured.err.strip())
+
+
+def test_a_damaged_tokenizer_beside_the_weights_is_named(run, tmp_path, capsys):
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    shutil.copy(run / "model.safetensors", folder)
+    (folder / "tokenizer.json").write_text('{"merges": [1,\n')
+    assert cli.main(["generate", "--checkpoint", str(folder / "model.safetensors"), "--prompt", "hi", "--device", "cpu"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1, captured.err
+    assert captured.err.startswith(f"scratchformer generate: error: {folder / 'tokenizer.json'}: not a readable tokenizer (")

@@ -56,9 +56,13 @@ def test_repetition_penalty():
 
 
 def test_bad_sampling_settings():
-    for bad in (Sampling(temperature=-1), Sampling(top_k=0), Sampling(top_p=0), Sampling(top_p=1.5)):
+    nan, inf = float("nan"), float("inf")
+    for bad in (Sampling(temperature=-1), Sampling(temperature=nan), Sampling(temperature=inf), Sampling(top_k=0),
+                Sampling(top_p=0), Sampling(top_p=1.5), Sampling(top_p=nan), Sampling(repetition_penalty=0),
+                Sampling(repetition_penalty=nan), Sampling(repetition_penalty=inf)):
         with pytest.raises(ValueError):
             bad.validate()
+    Sampling(temperature=0, top_k=1, top_p=1.0, repetition_penalty=1.3).validate()  # the edges that are fine
 
 
 def tiny_model():
@@ -139,3 +143,5 @@ def test_prompt_errors():
         model.generate([1], -3)
     with pytest.raises(ValueError, match="top_p must be in"):
         model.generate([1], 2, top_p=1.5)
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0, got nan"):
+        model.generate([1], 2, temperature=float("nan"))
