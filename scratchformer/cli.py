@@ -324,7 +324,7 @@ def _hf_gpt2(name: str, option: str):
 
 def _model_from(args):
     from . import ops
-    from .training import load_checkpoint, model_from_checkpoint, pick_device
+    from .training import check_backend, load_checkpoint, model_from_checkpoint, pick_device
 
     device = pick_device(args.device)
     if getattr(args, "hf", None):
@@ -334,6 +334,7 @@ def _model_from(args):
         payload = load_checkpoint(args.checkpoint)
         model, tok = model_from_checkpoint(payload)
     ops.set_backend(args.kernels)
+    check_backend(model.config, device, "off")  # --kernels fused on a CPU fails here, before any output
     return payload, model.to(device), tok, device
 
 

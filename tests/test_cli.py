@@ -170,6 +170,8 @@ BAD_INPUT = [
     (["generate", "--checkpoint", "RUN", "--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
     (["generate", "--checkpoint", "RUN", "--top-k", "0"], "--top-k must be >= 1"),
     (["generate", "--checkpoint", "RUN", "--device", "banana"], "--device banana: not a device"),
+    (["generate", "--checkpoint", "RUN", "--prompt", "hi", "--kernels", "fused", "--device", "cpu"], "backend 'fused' cannot run"),
+    (["eval", "--checkpoint", "RUN", "--kernels", "fused", "--device", "cpu"], "backend 'fused' cannot run"),
     (["generate", "--checkpoint", "RUN", "--prompt", "caf\udce9"], "the value of --prompt is not valid UTF-8"),
     (["tokenizer", "train", "--out", "/nonexistent-dir/t.json"], "--out /nonexistent-dir/t.json: /nonexistent-dir is not an existing folder"),
     (["tokenizer", "train", "--out", "OUT/t.json", "--vocab-size", "10"], "--vocab-size must be at least 257"),
