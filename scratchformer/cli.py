@@ -348,6 +348,8 @@ def _cmd_eval(args) -> int:
     if args.stride is not None and args.stride > model.config.context:
         raise CliError(f"--stride {args.stride}: at most the model's context, {model.config.context}")
     data = args.data or payload["data"]
+    if not args.data and data not in datamod.CORPORA and not Path(data).exists():
+        raise CliError(f"the run's corpus {data} is not there any more: give it (or another text) with --data")
     corpus = datamod.load_corpus(data)
     if args.split not in corpus:
         raise CliError(f"--split {args.split}: {data} has the splits {', '.join(corpus)}")

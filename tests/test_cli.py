@@ -232,3 +232,16 @@ def test_a_damaged_tokenizer_beside_the_weights_is_named(run, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.strip().splitlines()) == 1, captured.err
     assert captured.err.startswith(f"scratchformer generate: error: {folder / 'tokenizer.json'}: not a readable tokenizer (")
+
+
+def test_eval_names_the_run_s_corpus_when_it_has_moved(run, tmp_path, capsys):
+    import torch
+
+    moved = tmp_path / "run"
+    shutil.copytree(run, moved)
+    payload = torch.load(moved / "checkpoint.pt", weights_only=False)
+    payload["data"] = str(tmp_path / "gone.txt")
+    torch.save(payload, moved / "checkpoint.pt")
+    assert cli.main(["eval", "--checkpoint", str(moved), "--device", "cpu"]) == 1
+    assert capsys.readouterr().err.strip() == (f"scratchformer eval: error: the run's corpus {tmp_path / 'gone.txt'} is not "
+                                               "there any more: give it (or another text) with --data")
