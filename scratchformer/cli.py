@@ -211,7 +211,7 @@ def _check_vocab_size(size: int) -> None:
 def _cmd_train(args) -> int:
     from . import ops
     from .config import preset, replace
-    from .training import check_out_dir, load_checkpoint, pick_device, train
+    from .training import check_out_dir, pick_device, resume_checkpoint, train
 
     # Every option is checked here, before any work starts.
     name = args.preset or ("gpt2" if args.init_from else "tiny")
@@ -236,7 +236,7 @@ def _cmd_train(args) -> int:
     if args.sample_tokens < 0:
         raise CliError(f"--sample-tokens must be 0 or more, got {args.sample_tokens}")
     if args.resume:  # the run's own settings, unless overridden here
-        saved = load_checkpoint(out)
+        saved = resume_checkpoint(out)
         model_cfg = type(model_cfg)(**saved["model_config"])
         train_cfg = type(train_cfg)(**saved["train_config"])
         if args.vocab_size is not None and args.vocab_size != model_cfg.vocab_size:

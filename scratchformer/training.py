@@ -176,6 +176,14 @@ def save_weights(path: Path, model: GPT, step: int, data: str) -> bool:
     return True
 
 
+def resume_checkpoint(out: str | os.PathLike) -> dict:
+    """The checkpoint a run in folder `out` resumes from."""
+    if not (Path(out) / CHECKPOINT).exists():
+        raise CheckpointError(f"{out}: no checkpoint there to resume (the run stopped before writing one): "
+                              "start it again without --resume")
+    return load_checkpoint(Path(out) / CHECKPOINT)
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """A run's checkpoint: a run folder, its checkpoint.pt, or its model.safetensors (weights,
     config and the tokenizer.json beside it; no optimizer state, so not for --resume)."""
@@ -183,7 +191,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if path.is_dir():
         path = path / CHECKPOINT
     if not path.exists():
-        hint = " (a Hugging Face model folder: give it with --hf)" if (path.parent / "config.json").exists() else ""
+        folder = path.parent if path.name == CHECKPOINT else None  # what else the folder holds
+        hint = (" (a Hugging Face model folder: give it with --hf)" if folder and (folder / "config.json").exists() else
+                f" (weights only: give {folder / WEIGHTS})" if folder and (folder / WEIGHTS).exists() else "")
         raise CheckpointError(f"{path}: no checkpoint there{hint}")
     if path.suffix == ".safetensors":
         return _load_weights(path)
@@ -347,7 +357,7 @@ def train(
     ckpt_path = out / CHECKPOINT
     payload = None
     if resume:
-        payload = load_checkpoint(ckpt_path)
+        payload = resume_checkpoint(out)
         saved = ModelConfig(**payload["model_config"])
         if saved != dataclasses.replace(model_config, vocab_size=saved.vocab_size):
             raise CheckpointError(

@@ -155,7 +155,8 @@ BAD_INPUT = [
     (["train", "--out", "RUN", "--resume", "--steps", "20", "--vocab-size", "500"], "holds a model with a vocabulary of 300, not 500"),
     (["train", "--out", "RUN", "--resume", "--steps", "20", "--d-model", "64"], r"holds a model with d_model=32 \(asked: 64\)"),
     (["train", "--out", "RUN"], "already holds a checkpoint"),
-    (["train", "--out", "OUT", "--resume"], "no checkpoint there"),
+    (["train", "--out", "OUT", "--resume"], "no checkpoint there to resume .*: start it again without --resume"),
+    (["eval", "--checkpoint", "TMP"], r"no checkpoint there \(weights only: give .*model.safetensors\)"),
     (["eval", "--checkpoint", "/no/such/run"], "no checkpoint there"),
     (["eval", "--checkpoint", "RUN", "--split", "test"], "--split test: .* has the splits train, eval"),
     (["generate", "--checkpoint", "RUN", "--max-new-tokens", "-3"], "--max-new-tokens must be at least 1, got -3"),
@@ -183,6 +184,7 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize("args, message", BAD_INPUT, ids=[" ".join(a)[:60] for a, _ in BAD_INPUT])
 def test_bad_input_is_one_clear_line_and_changes_nothing(args, message, run, small_text, tmp_path, capsys):
+    shutil.copy(run / "model.safetensors", tmp_path)  # TMP: a folder of weights alone
     binary = tmp_path / "model.bin"
     binary.write_bytes(bytes(range(256)) * 40)
     plain = tmp_path / "plain.txt"
