@@ -393,6 +393,14 @@ def train(
         raise ValueError(f"batch_size / grad_accum ({micro}) must be divisible by the {world.world} processes: "
                          f"use a --batch-size that is a multiple of {train_config.grad_accum * world.world}")
     corpus = datamod.load_corpus(data, progress=world.main and progress)
+    sources = {name: corpus[name].sha256 for name in ("train", "eval")}
+    if payload is not None:  # checkpoints from before sources were recorded have none to compare
+        changed = [name for name, digest in payload.get("sources", sources).items() if sources.get(name) != digest]
+        if changed:
+            raise CheckpointError(
+                f"{data}: the {' and '.join(changed)} text changed since {out} was trained on it (SHA-256 differs): "
+                "the run would continue on other data; restore the text, or start a new run in another --out"
+            )
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -464,7 +472,7 @@ def train(
             "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "sampler": sampler.get_state(),
             "rng": _rng_state(), "model_config": dataclasses.asdict(model_config),
             "train_config": dataclasses.asdict(train_config), "tokenizer": tok.to_dict(), "tokenizer_kind": tokenizer,
-            "data": data,
+            "data": data, "sources": sources,
         })
         save_weights(out / WEIGHTS, model, step, data)
         write_history()

@@ -87,6 +87,23 @@ def test_killed_run_resumes_to_the_same_weights(small_text, tmp_path):
     assert metrics(out) == metrics(tmp_path / "whole")
 
 
+def test_resume_refuses_a_corpus_whose_text_changed(small_text, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    text = small_text.read_text()
+    corpus.write_text(text)
+    train_config = dataclasses.replace(TRAIN, steps=2, eval_every=100)
+    out = tmp_path / "run"
+    train(MODEL, train_config, str(corpus), out, progress=False, device="cpu")
+    good = (out / "checkpoint.pt").read_bytes()
+    more = dataclasses.replace(train_config, steps=4)
+    corpus.write_text(text.replace("the", "a", 1))  # in the first line: the train split
+    with pytest.raises(CheckpointError, match="the train text changed since .* restore the text"):
+        train(MODEL, more, None, out, resume=True, progress=False, device="cpu")
+    assert (out / "checkpoint.pt").read_bytes() == good
+    corpus.write_text(text)
+    assert train(MODEL, more, None, out, resume=True, progress=False, device="cpu").history[-1]["step"] == 4
+
+
 def test_data_parallel_matches_one_process_on_the_same_global_batch(small_text, tmp_path):
     model = dataclasses.replace(MODEL, dropout=0.0)
     train_config = dataclasses.replace(TRAIN, steps=6, eval_every=100, checkpoint_every=100)
