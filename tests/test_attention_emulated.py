@@ -157,13 +157,14 @@ def test_the_emulator_catches_a_tail_tile_left_unfilled(tmp_path):
 @pytest.mark.parametrize("kv_heads, arch, t_q, t_k, dim", [(1, 80, 100, 100, 64), (2, 80, 100, 100, 64),
                                                             (2, 90, 100, 100, 64), (8, 80, 100, 100, 64),
                                                             (8, 90, 100, 100, 64), (2, 80, 150, 290, 64),
-                                                            (2, 80, 150, 290, 128)])
+                                                            (2, 80, 150, 290, 128), (2, 86, 100, 100, 64)])
 def test_emulated_backward_split_over_the_group_s_query_tiles_is_exact_and_reproducible(kernels, kv_heads, arch, t_q, t_k,
                                                                                        dim):
     """Few (batch, kv head, key tile) blocks for the GPU: each key tile's (query head, query tile)
     work over its kv group is cut into contiguous ranges among several blocks (some starting
     mid-head, of unequal lengths), whose sums are added in a fixed order: MQA, GQA and
-    (kv_heads = 8) MHA; at D = 128 on an A100, for the wide dk/dv kernel."""
+    (kv_heads = 8) MHA; at D = 128 on an A100, for the wide dk/dv kernel; on an RTX 30, whose
+    SMs hold one dk/dv block at D = 64."""
     q, k, v, dout = make_inputs(1, 8, kv_heads, t_q, t_k, dim, torch.bfloat16)
     scale = dim**-0.5
     out, lse, _ = kernels.forward(q, k, v, scale)
@@ -175,8 +176,8 @@ def test_emulated_backward_split_over_the_group_s_query_tiles_is_exact_and_repro
         return group * -(-(t_q - max(0, (t_k - 1) // block_keys * block_keys - (t_k - t_q))) // tile)
 
     # D = 64: 128-key tiles for both the mma.sync and the Hopper kernel; an SM holds two mma.sync
-    # dk/dv blocks, one Hopper block. D = 128 on an A100: the wide kernel, 128 keys and 64-query
-    # tiles, one block an SM. At most as many splits as the last key tile has query tiles over the
+    # dk/dv blocks (an RTX 30's one: two of 55.5 KB pass its 100 KB), one Hopper block. D = 128
+    # on an A100: the wide kernel, 128 keys and 64-query tiles, one block an SM. At most as many splits as the last key tile has query tiles over the
     # group, under the coarsest tiling that may run (mma.sync: 32-query tiles of 128 keys at D = 64,
     # 64 keys at D = 128; Hopper and the wide kernel: 64-query tiles of 128 keys).
     keys, per_sm = 128, 2 if arch == 80 and dim == 64 else 1

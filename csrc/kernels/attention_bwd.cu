@@ -47,10 +47,9 @@ __host__ __device__ constexpr int dkv_block_keys(int d) { return 4 * 16 * dkv_ke
 // leave registers for.
 __host__ __device__ constexpr int dkv_query_tile(int d) { return d <= 32 ? 64 : 32; }
 
-template <typename T, int D>
-__host__ __device__ constexpr int dkv_shared_bytes() {  // K, V, and two buffers of (Q, dO, lse, delta)
-  return (2 * dkv_block_keys(D) + 4 * dkv_query_tile(D)) * (D + 8) * int(sizeof(T)) +
-         4 * dkv_query_tile(D) * int(sizeof(float));
+// K, V, and two buffers of (Q, dO, lse, delta); elements of `size` bytes.
+__host__ __device__ constexpr int dkv_shared_bytes(int d, int size) {
+  return (2 * dkv_block_keys(d) + 4 * dkv_query_tile(d)) * (d + 8) * size + 4 * dkv_query_tile(d) * int(sizeof(float));
 }
 
 // Writes a warp's rows of dK (which = 0, scaled) or dV (which = 1): keys key0 + 8 r, r < 2 KT
@@ -773,6 +772,16 @@ bool block_may_have(int bytes) {
          cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess && most >= bytes;
 }
 
+// How many blocks using this much dynamic shared memory an SM of the current GPU holds at once.
+int blocks_per_sm(int bytes) {
+  int device = 0, per_sm = 0, reserved = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device) != cudaSuccess)
+    return 1;
+  return std::max(1, per_sm / (bytes + reserved));
+}
+
 // Whether dk/dv takes dkv_wide_kernel: D = 96 or 128 on a GPU that gives a block its shared memory.
 bool dkv_wide_runs(int head_dim) { return dkv_wide_takes(head_dim) && block_may_have(dkv_wide_shared_bytes(head_dim)); }
 
@@ -785,12 +794,13 @@ int attention_backward_dkv_splits(const AttentionShape& s, DType dtype, void* st
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
     return 1;
-  // Two waves of dk/dv blocks: an SM holds one block of the Hopper or the wide kernel, two of
-  // dkv_kernel (on A100- and H100-class SMs; sm_86/89/120 fit one above D = 32, so there this
-  // asks for four).
+  // Two waves of dk/dv blocks: an SM holds one block of the Hopper or the wide kernel; of
+  // dkv_kernel two where its shared memory allows (A100/H100; sm_86/89/120 one above D = 32), its
+  // registers (up to 256 a thread) never more.
   const bool hopper = hopper_takes(d) && hopper_kernels_usable(static_cast<cudaStream_t>(stream));
   const bool wide = !hopper && dkv_wide_runs(d);
-  const int keys = hopper ? kHopperDkvKeys : wide ? kWideKeys : dkv_block_keys(d), per_sm = hopper || wide ? 1 : 2;
+  const int keys = hopper ? kHopperDkvKeys : wide ? kWideKeys : dkv_block_keys(d);
+  const int per_sm = hopper || wide ? 1 : std::min(2, blocks_per_sm(dkv_shared_bytes(d, 2)));
   const int64_t blocks = int64_t(s.batch) * s.kv_heads * ((s.t_k + keys - 1) / keys), wanted = 2LL * per_sm * sm_count;
   // At most as many splits as the last key block (whose keys the fewest queries see) has query
   // tiles over the group, under any tiling that may run (the launcher may yet fall back from the
@@ -822,7 +832,7 @@ cudaError_t backward_dkv(const AttentionBackward& a, cudaStream_t stream) {
       return cudaSuccess;
     }
   }
-  constexpr int bytes = dkv_shared_bytes<T, D>();
+  constexpr int bytes = dkv_shared_bytes(D, sizeof(T));
   // Above 48 KB of dynamic shared memory a kernel must opt in.
   const cudaError_t err = cudaFuncSetAttribute(dkv_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err != cudaSuccess) return err;

@@ -59,7 +59,10 @@ struct dim3 {
 using cudaStream_t = void*;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount, cudaDevAttrComputeCapabilityMajor, cudaDevAttrMaxSharedMemoryPerBlockOptin };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount, cudaDevAttrComputeCapabilityMajor, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor, cudaDevAttrReservedSharedMemoryPerBlock
+};
 
 namespace emu {
 
@@ -344,7 +347,10 @@ inline cudaError_t cudaGetDevice(int* device) {
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int) {
   *value = attribute == cudaDevAttrComputeCapabilityMajor         ? emu::compute_capability / 10
            : attribute == cudaDevAttrMaxSharedMemoryPerBlockOptin ? emu::max_dynamic_smem()
-                                                                  : emu::sm_count;
+           // An SM's shared memory is a block's most plus the 1 KB the runtime reserves a block.
+           : attribute == cudaDevAttrMaxSharedMemoryPerMultiprocessor ? emu::max_dynamic_smem() + 1024
+           : attribute == cudaDevAttrReservedSharedMemoryPerBlock     ? 1024
+                                                                      : emu::sm_count;
   return cudaSuccess;
 }
 enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone, cudaStreamCaptureStatusActive };
