@@ -17,7 +17,7 @@ Building against the installed torch is the only way to be sure the two match.
 Environment:
   SCRATCHFORMER_CUDA    auto (default: build CUDA kernels when nvcc and a CUDA torch exist),
                         1 (require them: fail if they cannot be built), 0 (skip them).
-  TORCH_CUDA_ARCH_LIST  compute capabilities to compile for (default 8.0;9.0).
+  TORCH_CUDA_ARCH_LIST  compute capabilities to compile for (default 8.0;9.0a;10.0;12.0+PTX).
   CUDA_HOME             the CUDA toolkit (default: found from nvcc).
   MAX_JOBS              parallel compile jobs (ninja).
 """
@@ -91,8 +91,13 @@ kernel_args = dict(
 if skip:
     kernels = cpp_extension.CppExtension(sources=["csrc/kernels/ops.cpp"], **kernel_args)
 else:
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
     kernel_args["define_macros"] += [("SCRATCHFORMER_CUDA", None), ("USE_CUDA", None),
-                                     ("SCRATCHFORMER_PTX_ARCH", str(cuda_toolkit.ptx_arch(os.environ["TORCH_CUDA_ARCH_LIST"])))]
+                                     ("SCRATCHFORMER_PTX_ARCH", str(cuda_toolkit.ptx_arch(archs)))]
+    # Our own -gencode flags (torch then adds none): Blackwell's cubins share one front-end pass.
+    kernel_args["extra_compile_args"]["nvcc"] += cuda_toolkit.gencode_flags(archs)
+    # The cubins' capabilities for ops.cpp, which C++ compiles (nvcc would split the list at its commas).
+    kernel_args["extra_compile_args"]["cxx"] += [f"-DSCRATCHFORMER_CUDA_ARCHS={','.join(map(str, cuda_toolkit.real_archs(archs)))}"]
     kernels = cpp_extension.CUDAExtension(
         sources=["csrc/kernels/ops.cpp", *sorted(glob.glob("csrc/kernels/*.cu"))], **kernel_args
     )

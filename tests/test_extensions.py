@@ -83,6 +83,22 @@ def test_the_arch_list_builds_hopper_as_sm_90a(monkeypatch):
     assert cuda_toolkit.ptx_arch("8.0;9.0a+PTX") == 90 and cuda_toolkit.ptx_arch("9.0a") == 0
 
 
+def test_the_default_arch_list_compiles_blackwell_from_one_ptx():
+    """A cubin for each of the four capabilities; sm_100 and sm_120 from one compute_100 pass,
+    whose PTX is the one embedded (loadable from 10.0 on); sm_90a from its own."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import cuda_toolkit
+
+    assert cuda_toolkit.gencode_flags("8.0;9.0a;10.0;12.0+PTX") == [
+        "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",
+        "-gencode=arch=compute_100,code=sm_100", "-gencode=arch=compute_100,code=sm_120",
+        "-gencode=arch=compute_100,code=compute_100",
+    ]
+    assert cuda_toolkit.real_archs("8.0;9.0a;10.0;12.0+PTX") == [80, 90, 100, 120]
+    assert cuda_toolkit.ptx_arch("8.0;9.0a;10.0;12.0+PTX") == 100
+    assert cuda_toolkit.gencode_flags("8.6+PTX") == ["-gencode=arch=compute_86,code=sm_86", "-gencode=arch=compute_86,code=compute_86"]
+
+
 def test_check_ptxas_fails_on_the_notes_that_undo_the_hopper_kernel():
     """ptxas prints these as info lines; each means setmaxnreg or the wgmma overlap is lost."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))

@@ -38,14 +38,6 @@ HOPPER_WARNING = re.compile(r"\((C7508|C751\d|C752\d)\)|wgmma.mma_async instruct
 WARNINGS: list[str] = []  # the Hopper warnings seen, over all sources
 
 
-def gencode(arch_list: str) -> list[str]:
-    flags = []
-    for arch in filter(None, re.split(r"[;\s]+", arch_list)):
-        number = arch.replace("+PTX", "").replace(".", "")
-        flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
-    return flags
-
-
 def demangle(names: list[str]) -> list[str]:
     try:
         out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True).stdout
@@ -57,7 +49,7 @@ def demangle(names: list[str]) -> list[str]:
 def report(source: Path, nvcc: str, arch_list: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [nvcc, "-c", str(source), "-o", os.path.join(tmp, "k.o"), "-I", str(KERNELS),
-               "-Xptxas", "-v", *BUILD_FLAGS, *gencode(arch_list)]
+               "-Xptxas", "-v", *BUILD_FLAGS, *cuda_toolkit.gencode_flags(arch_list)]
         result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"nvcc failed on {source.name}:\n{result.stderr}")

@@ -67,7 +67,41 @@ def arch_list() -> str:
     return ";".join("9.0a" if a == "9.0" else a for a in re.split(r"[;\s]+", given.strip()) if a)
 
 
+def _entries(arch_list: str) -> list[tuple[int, str, bool]]:
+    """(capability, suffix, +PTX) per entry: "9.0a" -> (90, "a", False)."""
+    out = []
+    for entry in filter(None, re.split(r"[;\s]+", arch_list)):
+        name = entry.removesuffix("+PTX")
+        suffix = name[-1] if name[-1].isalpha() else ""
+        out.append((int(name.removesuffix(suffix).replace(".", "")), suffix, entry.endswith("+PTX")))
+    return out
+
+
+def _virtual(capability: int, suffix: str) -> str:
+    """The virtual architecture whose PTX a cubin is assembled from. Blackwell's (10.0 and up, not
+    architecture-specific) share compute_100: nvcc 13.0 emits the same PTX for compute_100 and
+    compute_120, only the .target line differs, so one front-end pass per file feeds all their
+    cubins, and the PTX it embeds loads on every GPU from 10.0 on (compute_120's only from 12.0)."""
+    return "100" if capability >= 100 and not suffix else f"{capability}{suffix}"
+
+
+def gencode_flags(arch_list: str) -> list[str]:
+    """nvcc's -gencode flags: a cubin per entry, PTX for the +PTX ones (nvcc runs its front end
+    once per distinct virtual architecture)."""
+    flags = []
+    for capability, suffix, ptx in _entries(arch_list):
+        virtual = _virtual(capability, suffix)
+        flags.append(f"-gencode=arch=compute_{virtual},code=sm_{capability}{suffix}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{virtual},code=compute_{virtual}")
+    return list(dict.fromkeys(flags))
+
+
+def real_archs(arch_list: str) -> list[int]:
+    """The capabilities an arch list has cubins for: "8.0;9.0a;12.0+PTX" -> [80, 90, 120]."""
+    return list(dict.fromkeys(capability for capability, _, _ in _entries(arch_list)))
+
+
 def ptx_arch(arch_list: str) -> int:
-    """The compute capability whose PTX an arch list embeds ("12.0+PTX" -> 120), or 0."""
-    with_ptx = [a for a in re.split(r"[;\s]+", arch_list) if a.endswith("+PTX")]
-    return max((int(a.removesuffix("+PTX").rstrip("a").replace(".", "")) for a in with_ptx), default=0)
+    """The compute capability whose PTX an arch list embeds ("12.0+PTX" -> 100, see _virtual), or 0."""
+    return max((int(re.sub(r"\D", "", _virtual(c, s))) for c, s, ptx in _entries(arch_list) if ptx), default=0)

@@ -111,10 +111,6 @@ const char* launch_attention_forward(const AttentionForward& args, void* stream)
 int attention_backward_dkv_splits(const AttentionShape& shape, DType dtype, void* stream);
 const char* launch_attention_backward(const AttentionBackward& args, void* stream);
 
-// Compute capabilities (e.g. 80, 90) that the kernels were compiled for; returns how many,
-// writing at most `capacity` of them.
-int compiled_cuda_archs(int* out, int capacity);
-
 // The compute capability whose PTX is embedded (e.g. 120: a GPU of that capability or newer can
 // compile the kernels at load time), or 0.
 int compiled_ptx_arch();

@@ -325,10 +325,12 @@ namespace {
 
 PyObject* cuda_archs(PyObject*, PyObject*) {
 #ifdef SCRATCHFORMER_CUDA
-  int archs[32];
-  const int n = scratchformer::compiled_cuda_archs(archs, 32);
-  PyObject* out = PyTuple_New(n < 32 ? n : 32);
-  for (int i = 0; i < n && i < 32; ++i) PyTuple_SetItem(out, i, PyLong_FromLong(archs[i]));
+  // The cubins' compute capabilities, from setup.py's arch list (nvcc's __CUDA_ARCH_LIST__ names
+  // only virtual architectures, which several cubins share).
+  static constexpr int archs[] = {SCRATCHFORMER_CUDA_ARCHS};
+  constexpr int n = sizeof(archs) / sizeof(archs[0]);
+  PyObject* out = PyTuple_New(n);
+  for (int i = 0; i < n; ++i) PyTuple_SetItem(out, i, PyLong_FromLong(archs[i]));
   return out;
 #else
   return PyTuple_New(0);
