@@ -98,9 +98,11 @@ else:
     kernel_args["extra_compile_args"]["nvcc"] += cuda_toolkit.gencode_flags(archs)
     # The cubins' capabilities for ops.cpp, which C++ compiles (nvcc would split the list at its commas).
     kernel_args["extra_compile_args"]["cxx"] += [f"-DSCRATCHFORMER_CUDA_ARCHS={','.join(map(str, cuda_toolkit.real_archs(archs)))}"]
-    kernels = cpp_extension.CUDAExtension(
-        sources=["csrc/kernels/ops.cpp", *sorted(glob.glob("csrc/kernels/*.cu"))], **kernel_args
-    )
+    # Longest compile first: ninja starts jobs in this order, so on few cores none starts last and
+    # runs alone.
+    slowest = ["attention_bwd.cu", "layernorm.cu", "attention_simt.cu", "attention_fwd.cu", "attention_hopper.cu"]
+    cuda_sources = sorted(glob.glob("csrc/kernels/*.cu"), key=lambda f: (slowest + [os.path.basename(f)]).index(os.path.basename(f)))
+    kernels = cpp_extension.CUDAExtension(sources=[*cuda_sources, "csrc/kernels/ops.cpp"], **kernel_args)
 
 bpe = Pybind11Extension("scratchformer._bpe", sorted(glob.glob("csrc/bpe/*.cpp")), cxx_std=17)
 bpe.extra_compile_args += ["-O3"]
