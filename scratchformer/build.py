@@ -29,7 +29,7 @@ class BuildInfo:
         def yes(flag: bool, detail: str = "") -> str:
             return ("yes" + (f" ({detail})" if detail else "")) if flag else "no"
 
-        archs = ", ".join(f"sm_{a}" + (" + PTX" if a == self.ptx_arch else "") for a in self.cuda_archs)
+        archs = ", ".join(f"sm_{a}" for a in self.cuda_archs) + (f" + PTX of compute_{self.ptx_arch}" if self.ptx_arch else "")
         lines = [
             f"scratchformer {self.version}",
             f"  torch            {self.torch} (CUDA {self.torch_cuda or 'none: CPU build'})",

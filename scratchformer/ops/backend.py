@@ -77,7 +77,7 @@ def arch_reason(capability: int, archs: tuple[int, ...], ptx_arch: int) -> str |
     major version); PTX is compiled by the driver for any GPU at least as new."""
     if any(a // 10 == capability // 10 and a <= capability for a in archs) or (ptx_arch and capability >= ptx_arch):
         return None
-    built = ", ".join(f"sm_{a}" for a in archs) + (f" (+ PTX of sm_{ptx_arch})" if ptx_arch else "")
+    built = ", ".join(f"sm_{a}" for a in archs) + (f" (+ PTX of compute_{ptx_arch})" if ptx_arch else "")
     return (
         f"the kernels were compiled for {built}, this GPU is sm_{capability}: reinstall with "
         f"TORCH_CUDA_ARCH_LIST={capability // 10}.{capability % 10}"

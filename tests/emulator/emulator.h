@@ -40,7 +40,6 @@
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 #define CUDART_VERSION 13000
-#define __CUDA_ARCH_LIST__ 800, 900
 
 inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
 inline int min(int a, int b) { return a < b ? a : b; }
