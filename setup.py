@@ -74,7 +74,10 @@ if skip:
     log(f"building without CUDA kernels ({skip}); every op falls back to its PyTorch reference")
 else:
     os.environ["CUDA_HOME"] = cuda_home
-    os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_toolkit.arch_list()
+    try:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_toolkit.arch_list()
+    except ValueError as e:
+        sys.exit(f"scratchformer: {e}")
     log(f"building CUDA kernels with {cuda_home} for compute capabilities {os.environ['TORCH_CUDA_ARCH_LIST']}")
 
 from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME when imported)

@@ -1,10 +1,12 @@
 """The compiled extensions load and report what was built."""
 
+import re
 import subprocess
 import sys
 import unicodedata
 from pathlib import Path
 
+import pytest
 import torch
 
 import scratchformer
@@ -80,7 +82,14 @@ def test_the_arch_list_builds_hopper_as_sm_90a(monkeypatch):
     assert cuda_toolkit.arch_list() == "8.0;9.0a;10.0;12.0+PTX"
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0 9.0;12.0+PTX")
     assert cuda_toolkit.arch_list() == "8.0;9.0a;12.0+PTX"
-    assert cuda_toolkit.ptx_arch("8.0;9.0a+PTX") == 90 and cuda_toolkit.ptx_arch("9.0a") == 0
+    # compute_90a PTX loads on 9.0 alone, where the sm_90a cubin runs anyway: no later GPU gains.
+    assert cuda_toolkit.ptx_arch("8.0;9.0a+PTX") == 0 and cuda_toolkit.ptx_arch("8.6+PTX") == 86
+    for bad in ("Hopper", "native", "8.0+ptx", "sm_80"):
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", bad)
+        with pytest.raises(ValueError, match=f"TORCH_CUDA_ARCH_LIST: '{re.escape(bad)}' is not a compute capability"):
+            cuda_toolkit.arch_list()
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", " ; ")
+    assert cuda_toolkit.arch_list() == cuda_toolkit.DEFAULT_ARCH_LIST
 
 
 def test_the_default_arch_list_compiles_blackwell_from_one_ptx():
@@ -97,6 +106,10 @@ def test_the_default_arch_list_compiles_blackwell_from_one_ptx():
     assert cuda_toolkit.real_archs("8.0;9.0a;10.0;12.0+PTX") == [80, 90, 100, 120]
     assert cuda_toolkit.ptx_arch("8.0;9.0a;10.0;12.0+PTX") == 100
     assert cuda_toolkit.gencode_flags("8.6+PTX") == ["-gencode=arch=compute_86,code=sm_86", "-gencode=arch=compute_86,code=compute_86"]
+    # torch adds no -gencode flags of its own beside them.
+    from torch.utils import cpp_extension
+
+    assert cpp_extension._get_cuda_arch_flags(["-O3", *cuda_toolkit.gencode_flags(cuda_toolkit.DEFAULT_ARCH_LIST)]) == []
 
 
 def test_check_ptxas_fails_on_the_notes_that_undo_the_hopper_kernel():

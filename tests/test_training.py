@@ -102,6 +102,12 @@ def test_resume_refuses_a_corpus_whose_text_changed(small_text, tmp_path):
     assert (out / "checkpoint.pt").read_bytes() == good
     corpus.write_text(text)
     assert train(MODEL, more, None, out, resume=True, progress=False, device="cpu").history[-1]["step"] == 4
+    # A checkpoint from before the sources were recorded resumes without the comparison.
+    payload = load_checkpoint(out)
+    del payload["sources"]
+    torch.save(payload, out / "checkpoint.pt")
+    corpus.write_text(text.replace("the", "a", 1))
+    assert train(MODEL, dataclasses.replace(more, steps=5), None, out, resume=True, progress=False, device="cpu").history[-1]["step"] == 5
 
 
 def test_data_parallel_matches_one_process_on_the_same_global_batch(small_text, tmp_path):

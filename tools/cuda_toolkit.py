@@ -15,8 +15,8 @@ import shutil
 import subprocess
 
 # A100 (and sm_86/89 through it), H100 (as sm_90a: wgmma and setmaxnreg need the
-# architecture-specific target), Blackwell datacenter and desktop, and PTX of the newest so that a
-# later GPU can compile the kernels when it first loads them.
+# architecture-specific target), Blackwell datacenter and desktop, and PTX (compute_100's, see
+# _virtual) so that a later GPU can compile the kernels when it first loads them.
 DEFAULT_ARCH_LIST = "8.0;9.0a;10.0;12.0+PTX"
 
 
@@ -63,8 +63,15 @@ def arch_list() -> str:
     """TORCH_CUDA_ARCH_LIST if set, else DEFAULT_ARCH_LIST (also when no GPU is present). A bare
     9.0 becomes 9.0a: its machine code runs on the same GPUs (H100, H200) and holds the wgmma
     kernels, which plain sm_90 cannot."""
-    given = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
-    return ";".join("9.0a" if a == "9.0" else a for a in re.split(r"[;\s]+", given.strip()) if a)
+    entries = [a for a in re.split(r"[;\s]+", os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()) if a]
+    for entry in entries:
+        if not re.fullmatch(r"\d+\.\d[af]?(\+PTX)?", entry):
+            raise ValueError(
+                f"TORCH_CUDA_ARCH_LIST: {entry!r} is not a compute capability: give them as numbers, e.g. "
+                f"{DEFAULT_ARCH_LIST} (the default) or 8.6 for an RTX 30 (`nvidia-smi --query-gpu=compute_cap "
+                "--format=csv` tells a GPU's)"
+            )
+    return ";".join("9.0a" if a == "9.0" else a for a in entries) or DEFAULT_ARCH_LIST
 
 
 def _entries(arch_list: str) -> list[tuple[int, str, bool]]:
@@ -103,5 +110,7 @@ def real_archs(arch_list: str) -> list[int]:
 
 
 def ptx_arch(arch_list: str) -> int:
-    """The compute capability whose PTX an arch list embeds ("12.0+PTX" -> 100, see _virtual), or 0."""
-    return max((int(re.sub(r"\D", "", _virtual(c, s))) for c, s, ptx in _entries(arch_list) if ptx), default=0)
+    """The compute capability from which on GPUs load the PTX an arch list embeds ("12.0+PTX" ->
+    100, see _virtual), or 0. Architecture- or family-specific PTX (9.0a+PTX) counts as none: it
+    loads only where the same entry's cubin already runs."""
+    return max((int(_virtual(c, s)) for c, s, ptx in _entries(arch_list) if ptx and not s), default=0)

@@ -111,7 +111,7 @@ const char* launch_attention_forward(const AttentionForward& args, void* stream)
 int attention_backward_dkv_splits(const AttentionShape& shape, DType dtype, void* stream);
 const char* launch_attention_backward(const AttentionBackward& args, void* stream);
 
-// The compute capability whose PTX is embedded (e.g. 120: a GPU of that capability or newer can
+// The compute capability whose PTX is embedded (e.g. 100: a GPU of that capability or newer can
 // compile the kernels at load time), or 0.
 int compiled_ptx_arch();
 
