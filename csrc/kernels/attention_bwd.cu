@@ -767,17 +767,15 @@ __global__ void __launch_bounds__(256) dkv_reduce_kernel(const float* __restrict
 
 // Whether the current GPU lets a kernel opt in to this much dynamic shared memory a block.
 bool block_may_have(int bytes) {
-  int device = 0, most = 0;
-  return cudaGetDevice(&device) == cudaSuccess &&
-         cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess && most >= bytes;
+  int most = 0;
+  return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, &most) && most >= bytes;
 }
 
 // How many blocks using this much dynamic shared memory an SM of the current GPU holds at once.
 int blocks_per_sm(int bytes) {
-  int device = 0, per_sm = 0, reserved = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device) != cudaSuccess)
+  int per_sm = 0, reserved = 0;
+  if (!device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, &per_sm) ||
+      !device_attribute(cudaDevAttrReservedSharedMemoryPerBlock, &reserved))
     return 1;
   return std::max(1, per_sm / (bytes + reserved));
 }
@@ -790,10 +788,8 @@ bool dkv_wide_runs(int head_dim) { return dkv_wide_takes(head_dim) && block_may_
 int attention_backward_dkv_splits(const AttentionShape& s, DType dtype, void* stream) {
   if (dtype == DType::kFloat32) return 1;  // the CUDA-core backward is not split
   const int group = s.heads / s.kv_heads, d = s.head_dim;
-  int device = 0, sm_count = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-    return 1;
+  int sm_count = 0;
+  if (!device_attribute(cudaDevAttrMultiProcessorCount, &sm_count)) return 1;
   // Two waves of dk/dv blocks: an SM holds one block of the Hopper or the wide kernel; of
   // dkv_kernel two where its shared memory allows (A100/H100; sm_86/89/120 one above D = 32), its
   // registers (up to 256 a thread) never more.

@@ -249,10 +249,8 @@ bool attention_head_dim_supported(int head_dim) {
 
 int attention_forward_splits(const AttentionShape& shape, DType) {
   if (shape.t_q > kDecodeMaxQueries) return 1;
-  int device = 0, sm_count = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-    return 1;
+  int sm_count = 0;
+  if (!device_attribute(cudaDevAttrMultiProcessorCount, &sm_count)) return 1;
   return forward_simt_splits(shape, sm_count);
 }
 

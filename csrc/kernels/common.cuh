@@ -6,8 +6,15 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 namespace scratchformer {
+
+// An attribute of the current GPU into *value; false when it cannot be read.
+inline bool device_attribute(cudaDeviceAttr attribute, int* value) {
+  int device = 0;
+  return cudaGetDevice(&device) == cudaSuccess && cudaDeviceGetAttribute(value, attribute, device) == cudaSuccess;
+}
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }

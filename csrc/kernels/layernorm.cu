@@ -323,10 +323,8 @@ struct Backward {
 int layer_norm_backward_chunks(int64_t rows, int64_t C) {
   // Two blocks of the backward kernel per SM, each over a run of rows (at least one row lane's
   // worth); fixed for a device, so the order of the sums, and the result, is too.
-  int device = 0, sm_count = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-    sm_count = 1;
+  int sm_count = 0;
+  if (!device_attribute(cudaDevAttrMultiProcessorCount, &sm_count)) sm_count = 1;
   const int lanes = kBackwardThreads / backward_row_threads(int(C < kMaxBackwardC ? C : kMaxBackwardC), 8);
   const int64_t by_rows = (rows + lanes - 1) / lanes;
   const int64_t chunks = 2LL * sm_count < by_rows ? 2LL * sm_count : by_rows;
