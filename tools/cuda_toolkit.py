@@ -59,13 +59,20 @@ def nvcc_version(cuda_home: str) -> str | None:
     return match.group(1) if match else None
 
 
+_ENTRY = re.compile(r"(\d+)\.(\d)([af]?)(\+PTX)?")  # an arch list entry: 8.6, 9.0a, 12.0+PTX
+
+
+def _split(arch_list: str) -> list[str]:
+    return [a for a in re.split(r"[;\s]+", arch_list.strip()) if a]
+
+
 def arch_list() -> str:
     """TORCH_CUDA_ARCH_LIST if set, else DEFAULT_ARCH_LIST (also when no GPU is present). A bare
     9.0 becomes 9.0a: its machine code runs on the same GPUs (H100, H200) and holds the wgmma
     kernels, which plain sm_90 cannot."""
-    entries = [a for a in re.split(r"[;\s]+", os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()) if a]
+    entries = _split(os.environ.get("TORCH_CUDA_ARCH_LIST", ""))
     for entry in entries:
-        if not re.fullmatch(r"\d+\.\d[af]?(\+PTX)?", entry):
+        if not _ENTRY.fullmatch(entry):
             raise ValueError(
                 f"TORCH_CUDA_ARCH_LIST: {entry!r} is not a compute capability: give them as numbers, e.g. "
                 f"{DEFAULT_ARCH_LIST} (the default) or 8.6 for an RTX 30 (`nvidia-smi --query-gpu=compute_cap "
@@ -75,13 +82,8 @@ def arch_list() -> str:
 
 
 def _entries(arch_list: str) -> list[tuple[int, str, bool]]:
-    """(capability, suffix, +PTX) per entry: "9.0a" -> (90, "a", False)."""
-    out = []
-    for entry in filter(None, re.split(r"[;\s]+", arch_list)):
-        name = entry.removesuffix("+PTX")
-        suffix = name[-1] if name[-1].isalpha() else ""
-        out.append((int(name.removesuffix(suffix).replace(".", "")), suffix, entry.endswith("+PTX")))
-    return out
+    """(capability, suffix, +PTX) per entry of a checked list (arch_list()): "9.0a" -> (90, "a", False)."""
+    return [(int(m[1] + m[2]), m[3], bool(m[4])) for m in map(_ENTRY.fullmatch, _split(arch_list))]
 
 
 def _virtual(capability: int, suffix: str) -> str:
