@@ -71,7 +71,7 @@ skip = cuda_skip_reason(mode, cuda_home)
 if skip and mode == "1":
     sys.exit(f"scratchformer: SCRATCHFORMER_CUDA=1 but the CUDA kernels cannot be built: {skip}")
 if skip:
-    log(f"building without CUDA kernels ({skip}); every op falls back to its PyTorch reference")
+    log(f"building without CUDA kernels ({skip}); every op runs PyTorch's own")
 else:
     os.environ["CUDA_HOME"] = cuda_home
     try:

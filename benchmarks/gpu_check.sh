@@ -33,6 +33,8 @@ if [ $quick = 1 ]; then  # machine code for this GPU only: a third of the defaul
 fi
 step build env SCRATCHFORMER_CUDA=1 python -m pip install -v --no-build-isolation --no-deps --no-cache-dir .
 step info python -c "import scratchformer; print(scratchformer.build_info())"
+# Whether a rejected input reaches Python as an error or kills the process (each case alone).
+step unwind_check python tools/unwind_check.py
 step selftest scratchformer selftest
 [ $quick = 1 ] || step ptxas python tools/check_ptxas.py
 step cuda_tests python -m pytest -m cuda -v -p no:cacheprovider tests

@@ -28,8 +28,6 @@ bpe, bpe_error = _load("_bpe")
 
 cuda_archs: tuple[int, ...] = tuple(kernels.cuda_archs()) if kernels is not None else ()
 ptx_arch: int = kernels.ptx_arch() if kernels is not None else 0
-# The widest row the LayerNorm backward kernel takes (None: no CUDA kernels).
-layer_norm_max_channels: int | None = kernels.layer_norm_max_channels() if kernels is not None else None
 
 
 def cuda_mismatch(kernels_cuda: str | None, torch_cuda: str | None) -> str | None:

@@ -39,7 +39,7 @@ class BuildInfo:
             f"  GPU              {self.gpu or 'none visible'}",
         ]
         if not self.cuda_kernels:
-            lines.append("  every op runs its PyTorch reference")
+            lines.append("  every op runs PyTorch's own (backend \"auto\")")
         lines += [f"  problem: {p}" for p in self.problems]
         return "\n".join(lines)
 

@@ -175,7 +175,7 @@ def _cmd_selftest(args) -> int:
 
     if not torch.cuda.is_available():
         print("scratchformer selftest: no CUDA GPU visible: the fused kernels run only on GPUs, so there is nothing "
-              "to check here (every op runs its reference)")
+              "to check here (every op runs PyTorch's own)")
         return 0
     info = build_info()
     if not info.cuda_kernels:
@@ -189,7 +189,7 @@ def _cmd_selftest(args) -> int:
         print(f"| {r.op} | {r.config} | {r.worst()} | {'ok' if r.passed else 'FAIL'} |")
     failed = [r for r in results if not r.passed]
     print(f"\n{len(results) - len(failed)} of {len(results)} configurations match the reference"
-          + (f"; `auto` runs the reference instead of the {len(failed)} that do not" if failed else ""))
+          + (f"; `auto` runs PyTorch's op instead of the {len(failed)} that do not" if failed else ""))
     return 1 if failed else 0
 
 

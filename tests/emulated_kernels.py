@@ -13,6 +13,7 @@ a GPU.
 from __future__ import annotations
 
 import ctypes
+import platform
 import re
 import shutil
 import subprocess
@@ -37,6 +38,27 @@ def _fresh_shared(match: re.Match) -> str:
     names = re.findall(r"(\w+)\s*\[", match.group(0))
     assert names, f"no array in the shared memory declaration {match.group(0)!r}"
     return match.group(0) + "".join(f" emu::fresh_shared({n}, sizeof({n}));" for n in names)
+
+
+def _contraction_flags() -> list[str] | None:
+    """g++ flags under which a * b + c becomes one fused multiply-add wherever nvcc would fuse
+    it (nvcc contracts by default), or None if this CPU has no FMA instruction. At -O1, g++ forms
+    fmas only with -fexpensive-optimizations."""
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return ["-ffp-contract=fast", "-fexpensive-optimizations"]
+    if machine in ("x86_64", "amd64"):
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+        return ["-mfma", "-ffp-contract=fast", "-fexpensive-optimizations"] if re.search(r"^flags\s*:.*\bfma\b", flags, re.M) else None
+    return None
+
+
+def contracts() -> bool:
+    """Whether the emulated kernels fuse multiply-adds as the GPU build does."""
+    return _contraction_flags() is not None
 
 
 def build(work: Path, patches: dict[str, tuple[str, str]] | None = None) -> Path:
@@ -70,7 +92,10 @@ def build(work: Path, patches: dict[str, tuple[str, str]] | None = None) -> Path
         sources.append(str(path))
     library = work / "libattention_emulated.so"
     # Locals start as a byte pattern, not whatever the stack held (often zeros), like registers.
+    # Multiply-adds fused as nvcc fuses them: an expression whose result depends on rounding a
+    # product (one that needs __fmul_rn) shows it here too.
     cmd = ["g++", "-std=c++17", "-O1", "-fPIC", "-shared", "-fno-strict-aliasing", "-ftrivial-auto-var-init=pattern",
+           *(_contraction_flags() or []),
            "-I", str(src), "-I", str(EMULATOR),
            *sources, str(EMULATOR / "harness.cpp"), "-o", str(library)]
     result = subprocess.run(cmd, capture_output=True, text=True)

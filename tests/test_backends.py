@@ -1,10 +1,12 @@
 """Backend selection: defaults, per-call choice, fallbacks, errors, autograd on every backend."""
 
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from scratchformer import _extensions, ops
 from scratchformer.ops import backend as backend_module
@@ -49,13 +51,50 @@ def test_every_backend_gives_the_reference_result(name):
     torch.testing.assert_close(ops.layer_norm(x, w, b, backend=name), reference.layer_norm(x, w, b)[0], rtol=1e-12, atol=1e-12)
 
 
-def test_auto_on_cpu_runs_the_reference(monkeypatch):
+def counting(monkeypatch, module, name, calls):
+    real = getattr(module, name)
+    label = ("F." if module is F else "reference.") + name
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(label) or real(*a, **kw))
+
+
+def test_auto_on_cpu_runs_pytorchs_op_never_the_reference(monkeypatch):
     calls = []
-    real = reference.causal_attention
-    monkeypatch.setattr(reference, "causal_attention", lambda *a: calls.append("ref") or real(*a))
-    ops.causal_attention(*qkv())
-    assert calls == ["ref"]
-    assert backend_module.choose("layer_norm", None, ln_inputs()) == "reference"
+    for module, name in ((reference, "causal_attention"), (reference, "layer_norm"),
+                         (F, "scaled_dot_product_attention"), (F, "layer_norm")):
+        counting(monkeypatch, module, name, calls)
+    ops.causal_attention(*qkv(dtype=torch.float32))
+    ops.layer_norm(*ln_inputs(dtype=torch.float32))
+    assert calls == ["F.scaled_dot_product_attention", "F.layer_norm"]
+
+
+@pytest.mark.parametrize("head_dim", [16, 80, 256])
+def test_auto_on_a_head_dim_the_kernel_lacks_runs_sdpa_and_says_why_once(monkeypatch, head_dim):
+    """As on a GPU whose kernels cannot take the call: PyTorch's op runs, one warning per reason."""
+    monkeypatch.setattr(backend_module, "_gpu_reason", lambda tensors: None)
+    monkeypatch.setattr(backend_module, "_said", set())
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    calls = []
+    counting(monkeypatch, F, "scaled_dot_product_attention", calls)
+    counting(monkeypatch, reference, "causal_attention", calls)
+    q, k, v = (torch.randn(1, 2, 5, head_dim) for _ in range(3))
+    with pytest.warns(RuntimeWarning, match=f"causal_attention runs on PyTorch's own op here: head_dim {head_dim} is not"):
+        ops.causal_attention(q, k, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.causal_attention(q, k, v)  # said once
+    assert calls == ["F.scaled_dot_product_attention"] * 2
+
+
+def test_auto_on_a_dtype_the_layer_norm_kernel_lacks_runs_pytorchs_layer_norm(monkeypatch):
+    monkeypatch.setattr(backend_module, "_gpu_reason", lambda tensors: None)
+    calls = []
+    counting(monkeypatch, F, "layer_norm", calls)
+    counting(monkeypatch, reference, "layer_norm", calls)
+    x, w, b = ln_inputs()  # float64: no kernel takes it
+    y = ops.layer_norm(x, w, b)
+    assert calls == ["F.layer_norm"]
+    torch.testing.assert_close(y, F.layer_norm(x, (24,), w, b))
+    assert backend_module.choose("layer_norm", None, (x,), lambda: "no") == "torch"
 
 
 def test_per_call_backend_overrides_the_default(monkeypatch):
@@ -72,7 +111,7 @@ def test_per_call_backend_overrides_the_default(monkeypatch):
 def test_forcing_fused_without_a_kernel_names_the_reason():
     with pytest.raises(ops.FusedUnavailableError, match="rotary: backend 'fused' cannot run: this build has no fused rotary kernel"):
         backend_module.choose("rotary", "fused", qkv())
-    assert backend_module.choose("rotary", "auto", qkv()) == "reference"
+    assert backend_module.choose("rotary", "auto", qkv()) == "torch"
 
 
 def test_forcing_fused_attention_on_cpu_tensors_names_the_reason():
@@ -89,7 +128,7 @@ def test_forcing_fused_on_cpu_tensors_names_the_reason():
     reason = "run on CUDA tensors, got cpu" if _extensions.cuda_archs else "built without CUDA kernels"
     with pytest.raises(ops.FusedUnavailableError, match=f"layer_norm: backend 'fused' cannot run: .*{reason}"):
         ops.layer_norm(*ln_inputs(dtype=torch.float32), backend="fused")
-    assert backend_module.choose("layer_norm", "auto", ln_inputs(), lambda: None) == "reference"
+    assert backend_module.choose("layer_norm", "auto", ln_inputs(), lambda: None) == "torch"
 
 
 def test_fused_reasons_for_an_op_with_a_kernel(monkeypatch):
@@ -111,7 +150,7 @@ def test_fused_reasons_for_an_op_with_a_kernel(monkeypatch):
     monkeypatch.setattr(_extensions, "kernels_error", "ImportError: undefined symbol: foo")
     with pytest.raises(ops.FusedUnavailableError, match="did not load .*undefined symbol: foo"):
         backend_module.choose("layer_norm", "fused", tensors, never_mind)
-    assert backend_module.choose("layer_norm", "auto", tensors, never_mind) == "reference"
+    assert backend_module.choose("layer_norm", "auto", tensors, never_mind) == "torch"
 
 
 @pytest.mark.parametrize("name", ["reference", "torch"])

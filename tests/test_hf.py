@@ -19,12 +19,13 @@ VOCAB = 101
 
 def gpt2_config(**kw):
     kw = {"attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0, **kw}
-    return transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+    # head_dim 32: a size the fused kernel takes, so the `cuda` tests run it (no fallback)
+    return transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=128, n_layer=2, n_head=4,
                                    bos_token_id=0, eos_token_id=0, **kw)
 
 
 def llama_config(kv_heads):
-    return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
                                     bos_token_id=0, eos_token_id=0)
 
@@ -105,9 +106,13 @@ def test_patched_layer_norms_keep_the_parameters_and_match_eager():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("arch", CONFIGS)
-def test_fused_kernels_in_hf_models_equal_eager(arch, dtype):
-    ops.set_backend("fused")  # an error rather than a silent reference run
+def test_fused_kernels_in_hf_models_equal_eager(arch, dtype, monkeypatch):
+    ops.set_backend("fused")  # an error rather than a fallback
+    calls = []
+    kernel = torch.ops.scratchformer.attention_fwd
+    monkeypatch.setattr(torch.ops.scratchformer, "attention_fwd", lambda *a: calls.append(1) or kernel(*a))
     check_against_eager(arch, dtype, "cuda", patch_norms=arch == "gpt2")
+    assert len(calls) == CONFIGS[arch]().num_hidden_layers  # our kernel ran in every layer
 
 
 @pytest.mark.parametrize("arch", CONFIGS)

@@ -9,6 +9,7 @@ pass and added in order by a second kernel.
 import pytest
 import torch
 
+from emulated_kernels import contracts as emulated_kernels_contract
 from scratchformer.ops import reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -91,9 +92,38 @@ def test_the_emulator_gives_each_block_garbage_shared_memory(tmp_path):
     assert not torch.isfinite(got[0]).all()
 
 
-def test_emulated_layer_norm_backward_refuses_rows_wider_than_its_limit(emulated):
-    """Its per-column sums live in registers: a wider row gets a message, not a wrong answer."""
-    x, _, w, b, dy, _ = make_inputs(2, 8193, torch.bfloat16)
-    _, _, mean, rstd = emulated.layer_norm_forward(x, w, b)
-    with pytest.raises(AssertionError, match="C above the kernel's limit"):
-        emulated.layer_norm_backward(dy, x, w, mean, rstd)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("rows, channels", [(3, 8193), (5, 12289), (2, 16384), (2, 65536)])
+def test_emulated_wide_rows_against_float64(emulated, rows, channels, dtype):
+    """Rows wider than the register-resident backward (8192) take the two-pass path: dx from one
+    block per row, dweight/dbias column by column; odd widths take its element-wise loads."""
+    x, r, w, b, dy, dh = make_inputs(rows, channels, dtype)
+    got = emulated_run(emulated, x, None, w, b, dy, None)
+    assert_within_twice_the_reference(got, reference_run(x, None, w, b, dy, None, lambda t: t),
+                                      reference_run(x, None, w, b, dy, None, lambda t: t.double()))
+    got = emulated_run(emulated, x, r, w, b, dy, dh)  # with the residual's gradient added to dx
+    assert_within_twice_the_reference(got, reference_run(x, r, w, b, dy, dh, lambda t: t),
+                                      reference_run(x, r, w, b, dy, dh, lambda t: t.double()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_emulated_one_channel_gives_exactly_zero_dx(emulated, dtype):
+    """With C = 1, x - mean is exactly 0, and so is g - mean(g): dx must be exactly 0 (rstd is
+    1/sqrt(eps), about 316, so any rounding left in g - mean(g) would show)."""
+    x, _, w, b, dy, _ = make_inputs(1000, 1, dtype)
+    got = emulated_run(emulated, x, None, w, b, dy, None)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+
+
+@pytest.mark.skipif(not emulated_kernels_contract(), reason="the host compiler cannot emit fused multiply-adds here")
+def test_the_emulator_contracts_multiply_adds_as_nvcc_does(tmp_path):
+    """nvcc fuses a * b - c into one fma (no rounding of a * b); the emulator's build does too
+    (-ffp-contract=fast with FMA), so the product computed twice unrounded, as before the kernel
+    rounded g = dy * weight once, leaves dx of a one-channel row nonzero here as on the GPU."""
+    from emulated_kernels import EmulatedKernels, build
+
+    rounded = "const float g = __fmul_rn(d[k], w[k]);  // the g of the sums above, bit for bit"
+    mutated = EmulatedKernels(build(tmp_path, {"layernorm.cu": (rounded, "const float g = d[k] * w[k];")}))
+    x, _, w, b, dy, _ = make_inputs(1000, 1, torch.float32)
+    got = emulated_run(mutated, x, None, w, b, dy, None)
+    assert got[1].abs().max() > 0

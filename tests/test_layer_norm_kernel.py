@@ -12,7 +12,7 @@ from scratchformer import _extensions, ops
 from scratchformer.ops import reference
 from scratchformer.ops.layer_norm import _fused_reason
 
-CHANNELS = [1, 7, 64, 511, 512, 768, 1024, 4096, 5000, 16384]
+CHANNELS = [1, 7, 64, 511, 512, 768, 1024, 4096, 5000, 8192, 8193, 12289, 16384, 65536]  # past 8192: the two-pass backward
 ROWS = [1, 3, 1000, 65537]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -81,11 +81,8 @@ def test_what_the_kernel_refuses():
     xb = torch.randn(4, 8).bfloat16()
     assert _fused_reason(xb, torch.ones(8), torch.zeros(8)) is None
     assert "share x's dtype or be float32" in _fused_reason(xb, torch.ones(8).half(), torch.zeros(8).half())
-    if _extensions.layer_norm_max_channels is not None:  # a CUDA build: its backward's limit is known
-        limit = _extensions.layer_norm_max_channels
-        wide = torch.randn(2, limit + 1).bfloat16()
-        assert f"wider than the backward kernel's {limit}" in _fused_reason(wide, torch.ones(limit + 1), torch.zeros(limit + 1))
-        assert _fused_reason(wide[:, :limit], torch.ones(limit), torch.zeros(limit)) is None
+    wide = torch.randn(2, 65537).bfloat16()  # any width: rows too wide for registers take a two-pass backward
+    assert _fused_reason(wide, torch.ones(65537), torch.zeros(65537)) is None
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
@@ -117,6 +114,8 @@ def test_forward_and_backward_against_float64(channels, rows, dtype):
     low = run("reference", x, None, w, b, dy)
     truth = run("truth", x, None, w, b, dy)
     assert_within_twice_the_reference(fused, low, truth, ["y", "dx", "dweight", "dbias"])
+    if channels == 1:  # x - mean and dy * w - mean(dy * w) are exactly 0: so is dx
+        assert torch.equal(fused[1], torch.zeros_like(fused[1]))
 
 
 @pytest.mark.cuda
@@ -130,7 +129,7 @@ def test_float32_parameters_with_low_precision_input(dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("channels", [7, 512, 5000])
+@pytest.mark.parametrize("channels", [7, 512, 5000, 16384, 20001])
 def test_residual_variant(channels, dtype):
     x, r, w, b, dy = make_inputs(257, channels, dtype, residual=True)
     dh = torch.randn_like(x)

@@ -798,6 +798,10 @@ int attention_backward_dkv_splits(const AttentionShape& s, DType dtype, void* st
   const int keys = hopper ? kHopperDkvKeys : wide ? kWideKeys : dkv_block_keys(d);
   const int per_sm = hopper || wide ? 1 : std::min(2, blocks_per_sm(dkv_shared_bytes(d, 2)));
   const int64_t blocks = int64_t(s.batch) * s.kv_heads * ((s.t_k + keys - 1) / keys), wanted = 2LL * per_sm * sm_count;
+  // A grid of at least one of the two waves gains little from splitting and its fp32 partials
+  // (2 x splits x dk's elements) would be the largest: no split. Below that, blocks x splits <
+  // 1.5 x wanted, so the partials stay under 1.5 x wanted x keys x D x 8 bytes on any problem.
+  if (2 * blocks > wanted) return 1;
   // At most as many splits as the last key block (whose keys the fewest queries see) has query
   // tiles over the group, under any tiling that may run (the launcher may yet fall back from the
   // Hopper kernel): every split of every block gets work (dkv_share).

@@ -52,8 +52,6 @@ const char* launch_layer_norm_backward(const LayerNormBackward& args, void* stre
 // Row chunks of the deterministic dweight/dbias reduction on the current device (sizes its
 // scratch buffer).
 int layer_norm_backward_chunks(int64_t rows, int64_t C);
-// The widest row (C) the backward takes: its per-column sums stay in registers.
-int layer_norm_backward_max_channels();
 
 // Causal attention (attention_*.cu). q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D]; Hq % Hkv == 0 and
 // query head h reads kv head h / (Hq / Hkv); 1 <= Tq <= Tk and query i sees keys j <= i + Tk - Tq.

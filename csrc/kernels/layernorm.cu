@@ -16,6 +16,16 @@
 // loads, so DRAM sees x and dy once and dx once (3n bytes). The block then adds its row
 // lanes' sums in a fixed order into a [chunks, C] fp32 buffer, and a second kernel adds the
 // chunks in order, one thread per column. chunks: two blocks per SM, fixed for a device.
+//
+// Rows wider than kMaxBackwardC (d_model 12288, 16384...) have too many columns for registers:
+// there dx comes from one block per row, two passes over the row (its sums, then dx; the second
+// from L1/L2), and dweight/dbias from a second kernel that re-reads x and dy column-wise, each
+// thread one column over a chunk of rows, into the same [chunks, C] buffer and final sum.
+// Deterministic as well; 5n bytes instead of 3n, on a path no model of ours takes.
+//
+// g = dy * weight is rounded to fp32 once and that same value used twice: were the compiler to
+// contract g - mean(g) into one fma, a row of one channel (where g - mean(g) is exactly 0) would
+// get dx = rstd * (rounding error of g), with rstd up to 1/sqrt(eps).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -29,6 +39,7 @@ namespace {
 
 constexpr int kBackwardThreads = 512;
 constexpr int kMaxBackwardC = 8192;  // the widest row whose column sums fit in a thread's registers (no spills)
+constexpr int kWideThreads = 512;    // wide rows: dx block size, and columns per dweight/dbias block
 
 template <typename T>
 __host__ __device__ constexpr int vec_of() {
@@ -137,7 +148,7 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) layer_norm_bwd_kernel(
       load_floats<ALIGNED>(weight, i, C, w);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        const float xhat = (a[k] - mean) * rstd, g = d[k] * w[k];  // past C: d is zero, nothing is added
+        const float xhat = (a[k] - mean) * rstd, g = __fmul_rn(d[k], w[k]);  // past C: d is zero, nothing is added
         sum_g += g;
         sum_gx += g * xhat;
         if (live) {
@@ -160,7 +171,10 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) layer_norm_bwd_kernel(
       load_floats<ALIGNED>(dy_row, i, C, d);
       load_floats<ALIGNED>(weight, i, C, w);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) out[k] = rstd * (d[k] * w[k] - mean_g - (a[k] - mean) * rstd * mean_gx);
+      for (int k = 0; k < VEC; ++k) {
+        const float g = __fmul_rn(d[k], w[k]);  // the g of the sums above, bit for bit
+        out[k] = rstd * (g - mean_g - (a[k] - mean) * rstd * mean_gx);
+      }
       if constexpr (GRAD_H) {
         float e[VEC];
         load_floats<ALIGNED>(grad_h + row * int64_t(C), i, C, e);
@@ -199,6 +213,73 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) layer_norm_bwd_kernel(
       }
     }
   }
+}
+
+// Wide rows, dx: one block per row (see the top of this file).
+template <typename T, typename W, bool ALIGNED, bool GRAD_H>
+__global__ void __launch_bounds__(kWideThreads) layer_norm_bwd_wide_dx_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, int64_t x_stride, const W* __restrict__ weight,
+    const float* __restrict__ mean_in, const float* __restrict__ rstd_in, const T* __restrict__ grad_h,
+    T* __restrict__ dx, int C) {
+  constexpr int VEC = vec_of<T>();
+  __shared__ float scratch[1][32];
+  const int64_t row = blockIdx.x;
+  const T* x_row = x + row * x_stride;
+  const T* dy_row = dy + row * int64_t(C);
+  const float mean = mean_in[row], rstd = rstd_in[row];
+  const int step = blockDim.x * VEC;
+  float sum_g = 0.f, sum_gx = 0.f;
+  for (int i = threadIdx.x * VEC; i < C; i += step) {
+    float a[VEC], d[VEC], w[VEC];
+    load_floats<ALIGNED>(x_row, i, C, a);
+    load_floats<ALIGNED>(dy_row, i, C, d);
+    load_floats<ALIGNED>(weight, i, C, w);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float g = __fmul_rn(d[k], w[k]);  // past C: d is zero
+      sum_g += g;
+      sum_gx += g * (a[k] - mean) * rstd;
+    }
+  }
+  const float mean_g = block_sum(sum_g, scratch) / C;
+  const float mean_gx = block_sum(sum_gx, scratch) / C;
+  T* dx_row = dx + row * int64_t(C);
+  for (int i = threadIdx.x * VEC; i < C; i += step) {
+    float a[VEC], d[VEC], w[VEC], out[VEC];
+    load_floats<ALIGNED>(x_row, i, C, a);
+    load_floats<ALIGNED>(dy_row, i, C, d);
+    load_floats<ALIGNED>(weight, i, C, w);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out[k] = rstd * (__fmul_rn(d[k], w[k]) - mean_g - (a[k] - mean) * rstd * mean_gx);
+    if constexpr (GRAD_H) {
+      float e[VEC];
+      load_floats<ALIGNED>(grad_h + row * int64_t(C), i, C, e);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) out[k] += e[k];
+    }
+    store_floats<ALIGNED>(dx_row, i, C, out);
+  }
+}
+
+// Wide rows, dweight/dbias: thread (blockIdx.x, threadIdx.x) owns one column, blockIdx.y one
+// chunk of rows; a warp reads 32 consecutive values of a row, so each row is read coalesced.
+template <typename T>
+__global__ void __launch_bounds__(kWideThreads) layer_norm_bwd_wide_dwdb_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, int64_t x_stride, const float* __restrict__ mean_in,
+    const float* __restrict__ rstd_in, float* __restrict__ partial_w, float* __restrict__ partial_b, int64_t rows,
+    int C, int64_t rows_per_chunk) {
+  const int col = blockIdx.x * blockDim.x + threadIdx.x;
+  if (col >= C) return;
+  const int64_t first = blockIdx.y * rows_per_chunk;
+  const int64_t last = first + rows_per_chunk < rows ? first + rows_per_chunk : rows;
+  float w = 0.f, b = 0.f;
+  for (int64_t row = first; row < last; ++row) {
+    const float d = to_float(dy[row * int64_t(C) + col]);
+    w += d * ((to_float(x[row * x_stride + col]) - mean_in[row]) * rstd_in[row]);
+    b += d;
+  }
+  partial_w[blockIdx.y * int64_t(C) + col] = w;
+  partial_b[blockIdx.y * int64_t(C) + col] = b;
 }
 
 template <typename W>
@@ -258,14 +339,34 @@ const char* forward(const LayerNormForward& a, cudaStream_t stream) {
 // up to 512; beyond, V vectors each (MAXV the next of 1, 2 (4 for float32) at or above V).
 int backward_row_threads(int C, int vec) { return row_threads(C, vec) < kBackwardThreads ? row_threads(C, vec) : kBackwardThreads; }
 
+bool wide(int64_t C) { return C > kMaxBackwardC; }
+
 template <typename T, typename W>
-const char* backward(const LayerNormBackward& a, cudaStream_t stream) {
+void backward_wide(const LayerNormBackward& a, bool vec_ok, int chunks, cudaStream_t stream) {
+  auto dy = static_cast<const T*>(a.dy);
+  auto x = static_cast<const T*>(a.x);
+  auto w = static_cast<const W*>(a.weight);
+  auto gh = static_cast<const T*>(a.grad_h);
+  auto dx = static_cast<T*>(a.dx);
+  auto launch = [&](auto aligned_, auto grad_h_) {
+    constexpr bool A = decltype(aligned_)::value, G = decltype(grad_h_)::value;
+    layer_norm_bwd_wide_dx_kernel<T, W, A, G><<<unsigned(a.rows), kWideThreads, 0, stream>>>(
+        dy, x, a.x_stride, w, a.mean, a.rstd, gh, dx, a.C);
+  };
+  auto with_grad_h = [&](auto aligned_) {
+    if (a.grad_h) launch(aligned_, std::true_type{}); else launch(aligned_, std::false_type{});
+  };
+  if (vec_ok) with_grad_h(std::true_type{}); else with_grad_h(std::false_type{});
+  const int64_t rows_per_chunk = (a.rows + chunks - 1) / chunks;
+  const dim3 grid((a.C + kWideThreads - 1) / kWideThreads, chunks);
+  layer_norm_bwd_wide_dwdb_kernel<T><<<grid, kWideThreads, 0, stream>>>(
+      dy, x, a.x_stride, a.mean, a.rstd, a.partial, a.partial + int64_t(chunks) * a.C, a.rows, a.C, rows_per_chunk);
+}
+
+template <typename T, typename W>
+void backward_narrow(const LayerNormBackward& a, bool vec_ok, int chunks, cudaStream_t stream) {
   constexpr int VEC = vec_of<T>();
-  if (a.C > kMaxBackwardC) return "layer_norm backward: C above the kernel's limit (layer_norm_backward_max_channels)";
-  const bool vec_ok = a.C % VEC == 0 && a.x_stride % VEC == 0 && aligned(a.dy) && aligned(a.x) &&
-                      aligned(a.weight, sizeof(W) * VEC) && aligned(a.dx) && (a.grad_h == nullptr || aligned(a.grad_h));
   const int bx = backward_row_threads(a.C, VEC), v = (a.C + bx * VEC - 1) / (bx * VEC);
-  const int chunks = layer_norm_backward_chunks(a.rows, a.C);
   const int64_t rows_per_chunk = (a.rows + chunks - 1) / chunks;
   const dim3 block(bx, kBackwardThreads / bx);
   auto dy = static_cast<const T*>(a.dy);
@@ -290,6 +391,21 @@ const char* backward(const LayerNormBackward& a, cudaStream_t stream) {
     if (a.grad_h) with_maxv(aligned_, std::true_type{}); else with_maxv(aligned_, std::false_type{});
   };
   if (vec_ok) with_grad_h(std::true_type{}); else with_grad_h(std::false_type{});
+}
+
+template <typename T, typename W>
+const char* backward(const LayerNormBackward& a, cudaStream_t stream) {
+  constexpr int VEC = vec_of<T>();
+  const bool vec_ok = a.C % VEC == 0 && a.x_stride % VEC == 0 && aligned(a.dy) && aligned(a.x) &&
+                      aligned(a.weight, sizeof(W) * VEC) && aligned(a.dx) && (a.grad_h == nullptr || aligned(a.grad_h));
+  const int chunks = layer_norm_backward_chunks(a.rows, a.C);
+  float* partial_w = a.partial;
+  float* partial_b = a.partial + int64_t(chunks) * a.C;
+  if (wide(a.C)) {
+    backward_wide<T, W>(a, vec_ok, chunks, stream);
+  } else {
+    backward_narrow<T, W>(a, vec_ok, chunks, stream);
+  }
   if (const char* err = last_error()) return err;
   layer_norm_dwdb_final_kernel<W><<<(a.C + 255) / 256, 256, 0, stream>>>(
       partial_w, partial_b, chunks, a.C, static_cast<W*>(a.dweight), static_cast<W*>(a.dbias));
@@ -321,17 +437,23 @@ struct Backward {
 }  // namespace
 
 int layer_norm_backward_chunks(int64_t rows, int64_t C) {
-  // Two blocks of the backward kernel per SM, each over a run of rows (at least one row lane's
-  // worth); fixed for a device, so the order of the sums, and the result, is too.
+  // About two blocks per SM, each over a run of rows (narrow rows: at least one row lane's worth;
+  // wide rows: the dweight/dbias kernel's column blocks times its row chunks); fixed for a
+  // device, so the order of the sums, and the result, is too.
   int sm_count = 0;
   if (!device_attribute(cudaDevAttrMultiProcessorCount, &sm_count)) sm_count = 1;
-  const int lanes = kBackwardThreads / backward_row_threads(int(C < kMaxBackwardC ? C : kMaxBackwardC), 8);
-  const int64_t by_rows = (rows + lanes - 1) / lanes;
-  const int64_t chunks = 2LL * sm_count < by_rows ? 2LL * sm_count : by_rows;
+  int64_t chunks;
+  if (wide(C)) {
+    const int64_t column_blocks = (C + kWideThreads - 1) / kWideThreads;
+    chunks = (2LL * sm_count + column_blocks - 1) / column_blocks;
+    chunks = chunks < rows ? chunks : rows;
+  } else {
+    const int lanes = kBackwardThreads / backward_row_threads(int(C), 8);
+    const int64_t by_rows = (rows + lanes - 1) / lanes;
+    chunks = 2LL * sm_count < by_rows ? 2LL * sm_count : by_rows;
+  }
   return int(chunks < 1 ? 1 : chunks);
 }
-
-int layer_norm_backward_max_channels() { return kMaxBackwardC; }
 
 const char* launch_layer_norm_forward(const LayerNormForward& args, void* stream) {
   return dispatch<Forward>(args, stream);

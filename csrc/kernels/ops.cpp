@@ -4,6 +4,10 @@
 // in every torch from the version it targets on (setup.py sets TORCH_TARGET_VERSION). Each op
 // here checks its inputs, allocates outputs and launches a kernel declared in kernels.h. Fake
 // (meta) implementations and autograd are registered from Python (scratchformer/ops).
+//
+// The ops are registered for the CPU key too, with the same checks: a CPU tensor is refused by
+// our own first check ("x must be a CUDA tensor"), so every build, GPU or not, runs the path by
+// which a failed check reaches Python as a RuntimeError (tests/test_extensions.py).
 #include <Python.h>  // limited API (Py_LIMITED_API is set by setup.py)
 
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
@@ -19,12 +23,29 @@
 
 #include "kernels.h"
 
+#ifndef SCRATCHFORMER_CUDA
+// Without CUDA kernels only the CPU registration exists, whose inputs every op refuses at its
+// first check; these stand in for the kernels past it, so the glue is one code in every build.
+namespace scratchformer {
+namespace {
+constexpr const char* kNoKernels = "scratchformer was built without CUDA kernels";
+}
+const char* launch_layer_norm_forward(const LayerNormForward&, void*) { return kNoKernels; }
+const char* launch_layer_norm_backward(const LayerNormBackward&, void*) { return kNoKernels; }
+int layer_norm_backward_chunks(int64_t, int64_t) { return 1; }
+bool attention_head_dim_supported(int) { return false; }
+int attention_forward_splits(const AttentionShape&, DType) { return 1; }
+int attention_backward_dkv_splits(const AttentionShape&, DType, void*) { return 1; }
+const char* launch_attention_forward(const AttentionForward&, void*) { return kNoKernels; }
+const char* launch_attention_backward(const AttentionBackward&, void*) { return kNoKernels; }
+}  // namespace scratchformer
+#endif
+
 namespace {
 
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
-#ifdef SCRATCHFORMER_CUDA
 scratchformer::DType cuda_dtype(const char* op, ScalarType t) {
   switch (t) {
     case ScalarType::Float: return scratchformer::DType::kFloat32;
@@ -38,7 +59,11 @@ scratchformer::DType cuda_dtype(const char* op, ScalarType t) {
 
 void* current_stream(const Tensor& t) {
   void* stream = nullptr;
+#ifdef SCRATCHFORMER_CUDA  // a CPU-only torch has no CUDA streams (nor this function)
   TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream));
+#else
+  (void)t;
+#endif
   return stream;
 }
 
@@ -126,9 +151,6 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(Tensor dy, Tensor x, Tensor we
                         t->is_contiguous(),
                     op, ": mean and rstd must be contiguous float32 of shape [rows]");
   }
-  const int max_channels = scratchformer::layer_norm_backward_max_channels();
-  STD_TORCH_CHECK(C <= max_channels, op, ": rows of ", C, " values are wider than the kernel's ", max_channels,
-                  " (its per-column sums live in registers); use backend=\"reference\" for them");
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   Tensor dx = torch::stable::new_empty(x, {rows, C});
   Tensor dweight = torch::stable::new_empty(weight, {C});
@@ -297,7 +319,6 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(Tensor dout, Tensor q, Tensor k
   STD_TORCH_CHECK(err == nullptr, op, ": CUDA launch failed: ", err);
   return {dq, dk, dv};
 }
-#endif
 
 }  // namespace
 
@@ -310,14 +331,17 @@ STABLE_TORCH_LIBRARY(scratchformer, m) {
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
+#define SCRATCHFORMER_IMPL_ALL(m)                         \
+  m.impl("layer_norm_fwd", TORCH_BOX(&layer_norm_fwd));   \
+  m.impl("layer_norm_bwd", TORCH_BOX(&layer_norm_bwd));   \
+  m.impl("attention_fwd", TORCH_BOX(&attention_fwd));     \
+  m.impl("attention_bwd", TORCH_BOX(&attention_bwd))
+
 #ifdef SCRATCHFORMER_CUDA
-STABLE_TORCH_LIBRARY_IMPL(scratchformer, CUDA, m) {
-  m.impl("layer_norm_fwd", TORCH_BOX(&layer_norm_fwd));
-  m.impl("layer_norm_bwd", TORCH_BOX(&layer_norm_bwd));
-  m.impl("attention_fwd", TORCH_BOX(&attention_fwd));
-  m.impl("attention_bwd", TORCH_BOX(&attention_bwd));
-}
+STABLE_TORCH_LIBRARY_IMPL(scratchformer, CUDA, m) { SCRATCHFORMER_IMPL_ALL(m); }
 #endif
+// CPU tensors meet the ops' own checks, which refuse them (see the top of this file).
+STABLE_TORCH_LIBRARY_IMPL(scratchformer, CPU, m) { SCRATCHFORMER_IMPL_ALL(m); }
 
 // A Python module too, so `import scratchformer._kernels` loads the library (which registers the
 // ops above) and tells what was compiled into it.
@@ -345,14 +369,6 @@ PyObject* ptx_arch(PyObject*, PyObject*) {
 #endif
 }
 
-PyObject* layer_norm_max_channels(PyObject*, PyObject*) {
-#ifdef SCRATCHFORMER_CUDA
-  return PyLong_FromLong(scratchformer::layer_norm_backward_max_channels());
-#else
-  Py_RETURN_NONE;
-#endif
-}
-
 PyObject* cuda_version(PyObject*, PyObject*) {
 #ifdef SCRATCHFORMER_CUDA
   const int v = scratchformer::compiled_cuda_version();
@@ -372,8 +388,6 @@ PyMethodDef methods[] = {
      "Compute capabilities the CUDA kernels were compiled for (e.g. (80, 90)); () without CUDA."},
     {"ptx_arch", ptx_arch, METH_NOARGS,
      "Compute capability whose PTX is embedded (newer GPUs compile it at load time), or 0."},
-    {"layer_norm_max_channels", layer_norm_max_channels, METH_NOARGS,
-     "The widest row the LayerNorm backward kernel takes, or None without CUDA."},
     {"cuda_version", cuda_version, METH_NOARGS,
      "CUDA version the kernels were compiled with, or None without CUDA."},
     {"torch_version", torch_version, METH_NOARGS, "torch version whose headers built this."},

@@ -5,14 +5,19 @@
 | `fused`     | scratchformer's CUDA kernel                             | CUDA tensors, kernels built |
 | `reference` | the from-scratch math in `reference.py`                 | everywhere             |
 | `torch`     | PyTorch's own op (scaled_dot_product_attention, layer_norm) | everywhere         |
-| `auto`      | `fused` where it can run and has passed its first-use check (selfcheck.py), `reference` otherwise | |
+| `auto`      | `fused` where it can run and has passed its first-use check (selfcheck.py), `torch` otherwise | |
 
 Each op takes `backend=` per call; `set_backend` sets the default for the process.
-Asking for `fused` where it cannot run raises `FusedUnavailableError` saying why.
+Asking for `fused` where it cannot run raises `FusedUnavailableError` saying why. `auto` never
+falls back to `reference`: it materialises what the kernels avoid (attention's T x T scores) and
+is many times slower than PyTorch's op on a GPU; it is the definition tests check against. On a
+GPU, each fallback is said once per op and reason (a warning); on the CPU, where no kernel
+exists, PyTorch's op is simply what runs.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -110,11 +115,23 @@ def choose(
             device = next(iter(tensors)).device
             index = -1 if device.type != "cuda" else device.index if device.index is not None else torch.cuda.current_device()
             if not selfcheck.trusted(op, index, config):
-                return "reference"
+                return "torch"  # selfcheck has said why
         return "fused"
     if name == "fused":
         raise FusedUnavailableError(
-            f"{op}: backend 'fused' cannot run: {reason}. Use backend 'auto' to fall back to the "
-            "reference, or 'reference' / 'torch' explicitly."
+            f"{op}: backend 'fused' cannot run: {reason}. Use backend 'auto' to fall back to "
+            "PyTorch's op, or 'torch' / 'reference' explicitly."
         )
-    return "reference"
+    if any(t.is_cuda for t in tensors):
+        _say_once(op, reason)
+    return "torch"
+
+
+_said: set[tuple[str, str]] = set()
+
+
+def _say_once(op: str, reason: str) -> None:
+    if (op, reason) in _said or torch.compiler.is_compiling():
+        return
+    _said.add((op, reason))
+    warnings.warn(f"scratchformer: {op} runs on PyTorch's own op here: {reason}", RuntimeWarning, stacklevel=4)

@@ -52,9 +52,6 @@ def _fused_reason(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
         return f"the kernel takes float32, float16 or bfloat16, not {x.dtype}"
     if weight.dtype != bias.dtype or weight.dtype not in (x.dtype, torch.float32):
         return f"weight and bias must share x's dtype or be float32, got {weight.dtype} and {bias.dtype}"
-    limit = _extensions.layer_norm_max_channels
-    if limit is not None and x.shape[-1] > limit:
-        return f"rows of C = {x.shape[-1]} are wider than the backward kernel's {limit} (its per-column sums live in registers)"
     return None
 
 

@@ -5,7 +5,7 @@ or a compiler can still disagree. So the `auto` backend runs each fused configur
 dtype, a head size; per device) once per process on a small problem, forward and backward,
 against the float64 reference, with the rule of the tests: the kernel's error at most twice that
 of the reference in the same precision, plus a small floor. A configuration that fails is
-reported once (a warning naming it and the errors) and runs on the reference from then on;
+reported once (a warning naming it and the errors) and runs on PyTorch's op from then on;
 `backend="fused"` is never second-guessed. `SCRATCHFORMER_SELFCHECK=0` turns the check off.
 `scratchformer selftest` runs every configuration and prints the table.
 """
@@ -141,7 +141,7 @@ def trusted(op: str, device_index: int, config: tuple) -> bool:
         if not result.passed:
             warnings.warn(
                 f"scratchformer: the fused {op} kernel ({result.config}) disagrees with the reference on "
-                f"{device_name(device)}: {result.worst()}; the reference runs instead of it in this process. "
+                f"{device_name(device)}: {result.worst()}; PyTorch's op runs instead of it in this process. "
                 "`scratchformer selftest` shows every configuration; please report it with that table.",
                 RuntimeWarning, stacklevel=4)
     return _verdicts[key]

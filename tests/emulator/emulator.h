@@ -327,6 +327,9 @@ inline void __syncthreads() { emu::block_barrier(); }
 // A warp barrier: every lane arrives (and has made its shared-memory writes) before any goes on.
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_all(0); }
 inline float __fdividef(float x, float y) { return x / y; }
+// mul.rn: a product rounded to float, never fused into a later add (the build contracts
+// a * b + c into fma elsewhere, as nvcc does); out of line, so no fma can absorb it.
+__attribute__((noinline)) inline float __fmul_rn(float x, float y) { return x * y; }
 
 template <typename V>
 inline V __shfl_sync(unsigned, V v, int src) {
