@@ -217,7 +217,7 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) layer_norm_bwd_kernel(
 
 // Wide rows, dx: one block per row (see the top of this file).
 template <typename T, typename W, bool ALIGNED, bool GRAD_H>
-__global__ void __launch_bounds__(kWideThreads) layer_norm_bwd_wide_dx_kernel(
+__global__ void __launch_bounds__(kWideThreads, 1) layer_norm_bwd_wide_dx_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, int64_t x_stride, const W* __restrict__ weight,
     const float* __restrict__ mean_in, const float* __restrict__ rstd_in, const T* __restrict__ grad_h,
     T* __restrict__ dx, int C) {
