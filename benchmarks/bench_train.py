@@ -27,7 +27,8 @@ def run_one(args) -> dict:
     from scratchformer.config import preset
     from scratchformer.model import GPT
     from scratchformer.ops import FusedUnavailableError
-    from scratchformer.training import autocast, check_backend, lm_loss
+    from scratchformer.run import check_backend
+    from scratchformer.step import autocast, lm_loss
 
     device = torch.device(args.device)
     amp = "bf16" if device.type == "cuda" else "off"

@@ -37,27 +37,25 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
                         "PyTorch's own, or auto (fused where it can run)")
 
 
-# (option, type, what it sets): the model and training settings a preset fills in.
-MODEL_OPTIONS = (
-    ("n-layers", int, "transformer blocks"),
-    ("d-model", int, "width of the residual stream"),
-    ("n-heads", int, "attention (query) heads; must divide --d-model"),
-    ("n-kv-heads", int, "key/value heads: 1 is multi-query, a divisor of --n-heads grouped-query; unset is one per query head"),
-    ("d-ff", int, "hidden width of each feed-forward layer"),
-    ("context", int, "longest sequence the model sees, in tokens"),
-    ("dropout", float, "dropout probability"),
-)
-TRAIN_OPTIONS = (
-    ("steps", int, "optimizer steps in the whole run"),
-    ("batch-size", int, "sequences per optimizer step, over all processes and accumulation"),
-    ("grad-accum", int, "micro-batches per optimizer step (must divide --batch-size)"),
-    ("lr-scale", float, "factor on Vaswani's learning rate d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)"),
-    ("warmup", int, "steps over which the learning rate rises"),
-    ("label-smoothing", float, "probability mass spread over all tokens in the training loss"),
-    ("clip", float, "largest gradient norm (0: no clipping)"),
-    ("eval-every", int, "steps between evaluations on the eval split"),
-    ("checkpoint-every", int, "steps between checkpoints"),
-    ("seed", int, "seed of the initial weights and of the training windows"),
+# (group, option, type, what it sets): the model and training settings a preset fills in.
+PRESET_OPTIONS = (
+    ("model", "n-layers", int, "transformer blocks"),
+    ("model", "d-model", int, "width of the residual stream"),
+    ("model", "n-heads", int, "attention (query) heads; must divide --d-model"),
+    ("model", "n-kv-heads", int, "key/value heads: 1 is multi-query, a divisor of --n-heads grouped-query; unset is one per query head"),
+    ("model", "d-ff", int, "hidden width of each feed-forward layer"),
+    ("model", "context", int, "longest sequence the model sees, in tokens"),
+    ("model", "dropout", float, "dropout probability"),
+    ("training", "steps", int, "optimizer steps in the whole run"),
+    ("training", "batch-size", int, "sequences per optimizer step, over all processes and accumulation"),
+    ("training", "grad-accum", int, "micro-batches per optimizer step (must divide --batch-size)"),
+    ("training", "lr-scale", float, "factor on Vaswani's learning rate d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)"),
+    ("training", "warmup", int, "steps over which the learning rate rises"),
+    ("training", "label-smoothing", float, "probability mass spread over all tokens in the training loss"),
+    ("training", "clip", float, "largest gradient norm (0: no clipping)"),
+    ("training", "eval-every", int, "steps between evaluations on the eval split"),
+    ("training", "checkpoint-every", int, "steps between checkpoints"),
+    ("training", "seed", int, "seed of the initial weights and of the training windows"),
 )
 
 
@@ -101,14 +99,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--tokenizer", choices=["bpe", "gpt2"],
                    help="bpe: train a byte-level BPE on the training split (default); gpt2: GPT-2's vocabulary of 50257 tokens")
     t.add_argument("--vocab-size", type=int, help="size of the trained BPE vocabulary, at least 257 (default 8192)")
-    g = t.add_argument_group("model (overrides the preset)")
-    for name, kind, what in MODEL_OPTIONS:
-        g.add_argument(f"--{name}", type=kind, help=f"{what} ({_preset_values(name.replace('-', '_'))})")
+    groups = {name: t.add_argument_group(f"{name} (overrides the preset)") for name in ("model", "training")}
+    for group, name, kind, what in PRESET_OPTIONS:
+        groups[group].add_argument(f"--{name}", type=kind, help=f"{what} ({_preset_values(name.replace('-', '_'))})")
+    g = groups["model"]
     g.add_argument("--positions", choices=["sinusoidal", "rotary", "learned"], help=f"position encoding ({_preset_values('positions')})")
     g.add_argument("--tied", action="store_true", help=f"reuse the embedding matrix as the output layer ({_preset_values('tie_embeddings')})")
-    g = t.add_argument_group("training (overrides the preset)")
-    for name, kind, what in TRAIN_OPTIONS:
-        g.add_argument(f"--{name}", type=kind, help=f"{what} ({_preset_values(name.replace('-', '_'))})")
+    g = groups["training"]
     g.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto", help="mixed precision (default: bf16 on GPUs that have it, off on CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--sample-tokens", type=int, default=60, help="tokens of text to print after training (0: none)")
@@ -171,7 +168,7 @@ def _cmd_selftest(args) -> int:
 
     from . import build_info
     from .ops import selfcheck
-    from .training import pick_device
+    from .run import pick_device
 
     if not torch.cuda.is_available():
         print("scratchformer selftest: no CUDA GPU visible: the fused kernels run only on GPUs, so there is nothing "
@@ -211,7 +208,9 @@ def _check_vocab_size(size: int) -> None:
 def _cmd_train(args) -> int:
     from . import ops
     from .config import preset, replace
-    from .training import check_out_dir, pick_device, resume_checkpoint, train
+    from .records import resume_checkpoint
+    from .run import check_out_dir, pick_device
+    from .training import train
 
     # Every option is checked here, before any work starts.
     name = args.preset or ("gpt2" if args.init_from else "tiny")
@@ -224,7 +223,8 @@ def _cmd_train(args) -> int:
             raise CliError("--init-from starts a new run from pretrained weights, --resume continues a run: give one of them")
         if tokenizer != "gpt2":
             raise CliError("--init-from trains GPT-2's weights with GPT-2's tokenizer: leave --tokenizer out")
-        shape = [f"--{n}" for n, _, _ in MODEL_OPTIONS if n not in ("context", "dropout") and getattr(args, n.replace("-", "_")) is not None]
+        shape = [f"--{n}" for group, n, _, _ in PRESET_OPTIONS
+                 if group == "model" and n not in ("context", "dropout") and getattr(args, n.replace("-", "_")) is not None]
         shape += ["--positions"] * (args.positions is not None) + ["--tied"] * args.tied
         if shape:
             raise CliError(f"{', '.join(shape)}: the model's shape comes from the pretrained weights (--init-from); "
@@ -324,7 +324,8 @@ def _hf_gpt2(name: str, option: str):
 
 def _model_from(args):
     from . import ops
-    from .training import check_backend, load_checkpoint, model_from_checkpoint, pick_device
+    from .records import load_checkpoint, model_from_checkpoint
+    from .run import check_backend, pick_device
 
     device = pick_device(args.device)
     if getattr(args, "hf", None):
@@ -340,7 +341,7 @@ def _model_from(args):
 
 def _cmd_eval(args) -> int:
     from . import data as datamod
-    from .training import evaluate
+    from .evaluation import evaluate
 
     if args.stride is not None and args.stride < 1:
         raise CliError(f"--stride must be at least 1, got {args.stride}")
@@ -459,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     run = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "tokenizer": _cmd_tokenizer, "info": _cmd_info,
            "selftest": _cmd_selftest}[args.command]
     from .ops import FusedUnavailableError
-    from .training import TrainingDiverged, TrainingInterrupted
+    from .step import TrainingDiverged
+    from .training import TrainingInterrupted
 
     try:
         return run(args)

@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 
 from . import ops
+from .config import ModelConfig
+from .model import GPT, LayerNorm
 
 NAME = "scratchformer"
 
@@ -160,8 +162,6 @@ def _eager_attention(module, query, key, value, attention_mask, scaling, dropout
 def patch_layer_norm(model: nn.Module) -> int:
     """Replace every `nn.LayerNorm` over the last dimension in `model` by scratchformer's, keeping
     its parameters (the same tensors) and eps. Returns how many were replaced."""
-    from .model import LayerNorm
-
     replaced = 0
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
@@ -201,8 +201,6 @@ def _check_gpt2_config(hf_config) -> None:
 
 def config_from_hf(hf_config):
     """Our ModelConfig for a transformers GPT2Config."""
-    from .config import ModelConfig
-
     _check_gpt2_config(hf_config)
     return ModelConfig(
         vocab_size=hf_config.vocab_size, context=hf_config.n_positions, n_layers=hf_config.n_layer, d_model=hf_config.n_embd,
@@ -213,8 +211,6 @@ def config_from_hf(hf_config):
 
 
 def _config_from_state_dict(sd: dict):
-    from .config import ModelConfig
-
     vocab, d_model = sd["wte.weight"].shape
     n_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("h."))
     tied = "lm_head.weight" not in sd or torch.equal(sd["lm_head.weight"], sd["wte.weight"])
@@ -230,8 +226,6 @@ def from_hf(source, config=None):
     """Our GPT with the weights of a GPT-2: a transformers GPT2LMHeadModel / GPT2Model, or a state
     dict in GPT-2's names (with or without the "transformer." prefix; `config`, a GPT2Config, gives
     the head count, which a state dict of a published GPT-2 size implies)."""
-    from .model import GPT
-
     if isinstance(source, nn.Module):
         config, state = source.config, source.state_dict()
     else:

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from . import ops
 from .config import ModelConfig
+from .kv_cache import KVCache
+from .sampling import Sampling, decode
 
 
 def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
@@ -39,24 +41,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].float(), x[..., half:].float()
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-
-
-class KVCache:
-    """Keys and values of the positions seen so far, per layer, for incremental decoding."""
-
-    def __init__(self, config: ModelConfig, batch_size: int, device=None, dtype=torch.float32):
-        shape = (batch_size, config.kv_heads, config.context, config.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.length = 0  # positions cached
-        self.capacity = config.context
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's k, v [B, Hkv, T, D] for `layer`; return all cached keys and values."""
-        end = self.length + k.shape[2]
-        self.keys[layer][:, :, self.length : end] = k
-        self.values[layer][:, :, self.length : end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
 class LayerNorm(nn.Module):
@@ -205,8 +189,6 @@ class GPT(nn.Module):
         show text as it comes. A prompt longer than the context keeps its last `context` tokens
         (with a warning), as nanoGPT and Hugging Face do.
         """
-        from .sampling import Sampling, decode
-
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         device = next(self.parameters()).device
@@ -233,20 +215,6 @@ class GPT(nn.Module):
                 streamer(token)
         out = torch.cat([prompts] + [t[:, None] for t in new], dim=1)
         return out[0] if single else out
-
-    @classmethod
-    def from_hf(cls, source, config=None) -> "GPT":
-        """Our model with a GPT-2's weights: a transformers GPT-2 model, or its state dict
-        (see `scratchformer.hf.from_hf`)."""
-        from .hf import from_hf
-
-        return from_hf(source, config)
-
-    def to_hf(self):
-        """This model as a transformers GPT2LMHeadModel (GPT-2's architecture: learned positions, biases)."""
-        from .hf import to_hf
-
-        return to_hf(self)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from .model import GPT, KVCache
+from .kv_cache import KVCache
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def next_token(logits: torch.Tensor, sampling: Sampling, previous: torch.Tensor,
 
 @torch.no_grad()
 def decode(
-    model: GPT,
+    model: torch.nn.Module,
     idx: torch.Tensor,
     max_new_tokens: int,
     sampling: Sampling = Sampling(),
@@ -84,7 +84,8 @@ def decode(
     Decodes with the KV cache: each step runs the model on the newest tokens only. When the
     context is full, the cache is rebuilt from the last three quarters of the context (a
     sliding window) and decoding goes on. A sequence that produced `eos` goes on producing it;
-    decoding stops when every sequence has. GPT.generate is the front door to this.
+    decoding stops when every sequence has. GPT.generate is the front door to this; `model` is
+    any module called as model(idx, cache) -> logits with a `config` (this module knows no model).
     """
     sampling.validate()
     context = model.config.context

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scratchformer import _bpe, data
-from scratchformer.tokenizer import EOT, BPETokenizer, TokenizerError, pretokenize
+from scratchformer.bpe_reference import pretokenize
+from scratchformer.tokenizer import EOT, BPETokenizer, TokenizerError
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 

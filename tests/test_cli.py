@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from scratchformer import cli, training
+from scratchformer import cli
+from scratchformer import step as stepmod
 from scratchformer.config import PRESETS, ModelConfig
 from scratchformer.tokenizer import BPETokenizer
-from scratchformer.training import load_checkpoint
+from scratchformer.records import load_checkpoint
 
 SMALL = ["--n-layers", "1", "--d-model", "32", "--n-heads", "4", "--d-ff", "64", "--context", "16",
          "--vocab-size", "300", "--batch-size", "8", "--warmup", "5", "--no-progress", "--device", "cpu"]
@@ -50,7 +51,7 @@ def test_run_files_get_the_mode_of_a_normal_write(run):
 
 
 def test_ctrl_c_names_the_last_checkpoint_and_the_resume_command(small_text, tmp_path, monkeypatch, capsys):
-    real, calls = training.lm_loss, []
+    real, calls = stepmod.lm_loss, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -58,7 +59,7 @@ def test_ctrl_c_names_the_last_checkpoint_and_the_resume_command(small_text, tmp
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training, "lm_loss", interrupted)
+    monkeypatch.setattr(stepmod, "lm_loss", interrupted)
     out = tmp_path / "run"
     assert cli.main(["train", "--data", str(small_text), "--out", str(out), "--steps", "20", "--checkpoint-every", "4", *SMALL]) == 130
     err = capsys.readouterr().err.strip()
@@ -85,7 +86,7 @@ def test_every_option_is_explained_with_the_presets_values():
             if action.option_strings and action.dest != "help":
                 assert action.help and len(action.help) > 10, f"{name} {action.option_strings[0]} has no help"
     train_help = {a.dest: a.help for a in commands["train"]._actions}
-    for option, _, _ in cli.MODEL_OPTIONS + cli.TRAIN_OPTIONS:
+    for _, option, _, _ in cli.PRESET_OPTIONS:
         field = option.replace("-", "_")
         which = 0 if hasattr(ModelConfig, field) else 1
         for preset in PRESETS:

@@ -48,3 +48,15 @@ def test_multi_gpu_on_two_cpu_processes(small_text, tmp_path):
     out = run(["bash", EXAMPLES / "multi_gpu.sh", "run", "--data", str(small_text), "--vocab-size", "300"], tmp_path)
     assert "+ 2 processes on cpu" in out and "sample:" in out
     assert (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_own_loop(small_text, tmp_path):
+    """The loop of `step.py`'s docstring and the README, on the training API's parts."""
+    out = run([sys.executable, EXAMPLES / "own_loop.py", small_text, "--steps", "40", "--out", "own.pt"], tmp_path)
+    losses = [float(x) for x in re.findall(r"train loss ([\d.]+)", out)]
+    loss, unigram = map(float, re.search(r"eval loss ([\d.]+) nats/token; a unigram model gets ([\d.]+)", out).groups())
+    assert len(losses) == 4 and losses[-1] < losses[0] and loss < 1.5 * unigram
+    from scratchformer.records import load_checkpoint, model_from_checkpoint
+
+    model, tok = model_from_checkpoint(load_checkpoint(tmp_path / "own.pt"))  # what it saved loads as a run's would
+    assert model.config.vocab_size == tok.vocab_size

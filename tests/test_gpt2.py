@@ -13,10 +13,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 from scratchformer import cli, data  # noqa: E402
 from scratchformer.config import GPT2  # noqa: E402
-from scratchformer.hf import ConversionError  # noqa: E402
+from scratchformer.hf import ConversionError, from_hf, to_hf  # noqa: E402
 from scratchformer.model import GPT  # noqa: E402
 from scratchformer.tokenizer import BPETokenizer  # noqa: E402
-from scratchformer.training import load_checkpoint, model_from_checkpoint  # noqa: E402
+from scratchformer.records import load_checkpoint, model_from_checkpoint  # noqa: E402
 
 
 def random_gpt2(vocab=300, context=32, d_model=128, heads=2, layers=2, **kw):
@@ -34,11 +34,11 @@ def random_gpt2(vocab=300, context=32, d_model=128, heads=2, layers=2, **kw):
 @pytest.mark.parametrize("tied", [True, False])
 def test_hf_gpt2_converted_gives_the_same_logits_and_round_trips_exactly(tied):
     hf = random_gpt2(tie_word_embeddings=tied)
-    ours = GPT.from_hf(hf).eval()
+    ours = from_hf(hf).eval()
     assert ours.config.positions == "learned" and ours.config.tie_embeddings == tied and (ours.head is None) == tied
     idx = torch.randint(0, 300, (3, 32))
     torch.testing.assert_close(ours(idx), hf(idx).logits, rtol=1e-5, atol=1e-5)
-    back = ours.to_hf().state_dict()
+    back = to_hf(ours).state_dict()
     expected = hf.state_dict()
     assert back.keys() == expected.keys()
     assert all(torch.equal(back[k], expected[k]) for k in expected)
@@ -46,37 +46,37 @@ def test_hf_gpt2_converted_gives_the_same_logits_and_round_trips_exactly(tied):
 
 def test_a_gpt2_state_dict_in_any_of_its_spellings():
     hf = random_gpt2(d_model=768, heads=12, layers=1)  # GPT-2 small's width: 12 heads, as a state dict alone implies
-    reference = GPT.from_hf(hf).state_dict()
+    reference = from_hf(hf).state_dict()
     state = hf.state_dict()
     bare = {k.removeprefix("transformer."): v for k, v in state.items() if k != "lm_head.weight"}
     old = dict(bare) | {"h.0.attn.bias": torch.ones(1, 1, 32, 32), "h.0.attn.masked_bias": torch.tensor(-1e4)}  # older files
     for sd in (state, bare, old):
-        model = GPT.from_hf(sd)
-        assert model.config == GPT.from_hf(hf).config
+        model = from_hf(sd)
+        assert model.config == from_hf(hf).config
         assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
     with pytest.raises(ConversionError, match="weights left over .*h.0.extra"):
-        GPT.from_hf(bare | {"h.0.extra": torch.zeros(1)})
+        from_hf(bare | {"h.0.extra": torch.zeros(1)})
     with pytest.raises(ConversionError, match="not a GPT-2 state dict"):
-        GPT.from_hf({"embedding.weight": torch.zeros(3, 4)})
+        from_hf({"embedding.weight": torch.zeros(3, 4)})
     odd = random_gpt2(d_model=64, heads=4).state_dict()  # not a published size: the head count is unknown
     with pytest.raises(ConversionError, match="does not say how many heads its 64 channels form"):
-        GPT.from_hf(odd)
-    assert GPT.from_hf(odd, config=random_gpt2(d_model=64, heads=4).config).config.n_heads == 4
+        from_hf(odd)
+    assert from_hf(odd, config=random_gpt2(d_model=64, heads=4).config).config.n_heads == 4
 
 
 def test_what_the_conversion_refuses():
     with pytest.raises(ConversionError, match="scale_attn_by_inverse_layer_idx=True"):
-        GPT.from_hf(random_gpt2(scale_attn_by_inverse_layer_idx=True))
+        from_hf(random_gpt2(scale_attn_by_inverse_layer_idx=True))
     with pytest.raises(ConversionError, match="activation 'silu'"):
-        GPT.from_hf(random_gpt2(activation_function="silu"))
+        from_hf(random_gpt2(activation_function="silu"))
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                                    num_attention_heads=2, bos_token_id=0, eos_token_id=0))
     with pytest.raises(ConversionError, match="converts GPT-2 models, not 'llama'"):
-        GPT.from_hf(llama)
+        from_hf(llama)
     from scratchformer.config import ModelConfig
 
     with pytest.raises(ConversionError, match="a GPT-2 needs positions=learned, this model has sinusoidal"):
-        GPT(ModelConfig(vocab_size=50, context=8, n_layers=1, d_model=32, n_heads=2, d_ff=64)).to_hf()
+        to_hf(GPT(ModelConfig(vocab_size=50, context=8, n_layers=1, d_model=32, n_heads=2, d_ff=64)))
 
 
 def test_the_gpt2_preset_is_gpt2_small():
@@ -135,7 +135,7 @@ def test_train_init_from_fine_tunes_the_pretrained_weights(gpt2_folder, small_te
     assert "model.safetensors" in capsys.readouterr().out
     payload = load_checkpoint(out)
     assert payload["tokenizer_kind"] == "gpt2" and payload["model_config"]["context"] == 32
-    pretrained = GPT.from_hf(transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder)).state_dict()
+    pretrained = from_hf(transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder)).state_dict()
     for name, weight in payload["model"].items():  # a learning rate of ~1e-12: the pretrained weights, barely moved
         expected = pretrained[name][:32] if name == "position_embedding.weight" else pretrained[name]
         torch.testing.assert_close(weight, expected, rtol=0, atol=1e-8)

@@ -122,7 +122,7 @@ def test_the_emulator_contracts_multiply_adds_as_nvcc_does(tmp_path):
     rounded g = dy * weight once, leaves dx of a one-channel row nonzero here as on the GPU."""
     from emulated_kernels import EmulatedKernels, build
 
-    rounded = "const float g = __fmul_rn(d[k], w[k]);  // the g of the sums above, bit for bit"
+    rounded = "const float g = __fmul_rn(d[k], w[k]);  // the g of the row's sums, bit for bit"
     mutated = EmulatedKernels(build(tmp_path, {"layernorm.cu": (rounded, "const float g = d[k] * w[k];")}))
     x, _, w, b, dy, _ = make_inputs(1000, 1, torch.float32)
     got = emulated_run(mutated, x, None, w, b, dy, None)

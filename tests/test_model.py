@@ -5,8 +5,9 @@ import torch
 
 from scratchformer import ops
 from scratchformer.config import ConfigError, ModelConfig
-from scratchformer.model import GPT, KVCache
-from scratchformer.training import lm_loss
+from scratchformer.kv_cache import KVCache
+from scratchformer.model import GPT
+from scratchformer.step import lm_loss
 
 VARIANTS = [
     (positions, kv_heads) for positions in ("sinusoidal", "rotary", "learned") for kv_heads in (4, 2, 1)

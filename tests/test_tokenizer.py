@@ -7,7 +7,8 @@ from importlib import resources
 import pytest
 
 from scratchformer import data
-from scratchformer.tokenizer import EOT, BPETokenizer, TokenizerError, pretokenize
+from scratchformer.bpe_reference import pretokenize
+from scratchformer.tokenizer import EOT, BPETokenizer, TokenizerError
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from scratchformer import training
+from scratchformer import data as datamod
+from scratchformer import step as stepmod
 from scratchformer.config import ModelConfig, TrainConfig
-from scratchformer.training import CheckpointError, TrainingDiverged, load_checkpoint, train, vaswani_lr
+from scratchformer.evaluation import evaluate, unigram_loss
+from scratchformer.model import GPT
+from scratchformer.records import CheckpointError, load_checkpoint
+from scratchformer.step import TrainingDiverged, vaswani_lr
+from scratchformer.training import train
 
 MODEL = ModelConfig(vocab_size=320, context=16, n_layers=1, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, dropout=0.1)
 TRAIN = TrainConfig(steps=30, batch_size=8, warmup=10, eval_every=10, checkpoint_every=10, seed=3)
@@ -125,7 +130,7 @@ def test_data_parallel_matches_one_process_on_the_same_global_batch(small_text, 
     for name, tensor in single.model.state_dict().items():
         assert torch.equal(rank0[name], rank1[name]), f"ranks differ in {name}"
         torch.testing.assert_close(rank0[name], tensor, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
-    assert not torch.equal(rank0["embedding.weight"], training.GPT(single.model.config).embedding.weight)
+    assert not torch.equal(rank0["embedding.weight"], GPT(single.model.config).embedding.weight)
 
 
 def test_gradient_accumulation_matches_one_big_batch(small_text, tmp_path):
@@ -138,14 +143,14 @@ def test_gradient_accumulation_matches_one_big_batch(small_text, tmp_path):
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_checkpoint(small_text, tmp_path, monkeypatch):
-    real, calls = training.lm_loss, []
+    real, calls = stepmod.lm_loss, []
 
     def exploding(logits, targets, *args, **kwargs):
         loss = real(logits, targets, *args, **kwargs)
         calls.append(1)
         return loss * float("nan") if len(calls) == 13 else loss
 
-    monkeypatch.setattr(training, "lm_loss", exploding)
+    monkeypatch.setattr(stepmod, "lm_loss", exploding)
     with pytest.raises(TrainingDiverged, match=r"the loss became nan at step 13; weights were not updated and the last good checkpoint is .*checkpoint.pt"):
         train(MODEL, dataclasses.replace(TRAIN, eval_every=100), str(small_text), tmp_path, progress=False, device="cpu")
     assert load_checkpoint(tmp_path)["step"] == 10
@@ -177,12 +182,12 @@ def test_evaluation_counts_every_token_once_and_word_perplexity(small_text):
     import numpy as np
 
     torch.manual_seed(0)
-    model = training.GPT(dataclasses.replace(MODEL, vocab_size=50)).eval()
+    model = GPT(dataclasses.replace(MODEL, vocab_size=50)).eval()
     tokens = np.random.default_rng(0).integers(0, 50, 1001).astype(np.uint16)
-    result = training.evaluate(model, tokens, words=250, device=torch.device("cpu"), batch_size=7)
+    result = evaluate(model, tokens, words=250, device=torch.device("cpu"), batch_size=7)
     assert result["tokens"] == 1000
     with torch.no_grad():
-        logits = torch.cat([model(x) for x, _, _ in training.datamod.evaluation_windows(tokens, 16)], dim=1)
+        logits = torch.cat([model(x) for x, _, _ in datamod.evaluation_windows(tokens, 16)], dim=1)
     expected = torch.nn.functional.cross_entropy(logits[0], torch.from_numpy(tokens[1:].astype(np.int64)))
     assert result["loss"] == pytest.approx(expected.item(), rel=1e-5)
     assert result["word_ppl"] == pytest.approx(math.exp(result["loss"] * 1000 / 250), rel=1e-6)
@@ -192,15 +197,15 @@ def test_evaluation_with_stride_one_predicts_each_token_from_the_full_context_be
     import numpy as np
 
     torch.manual_seed(0)
-    model = training.GPT(dataclasses.replace(MODEL, vocab_size=50)).eval()
+    model = GPT(dataclasses.replace(MODEL, vocab_size=50)).eval()
     tokens = np.random.default_rng(1).integers(0, 50, 60).astype(np.uint16)
     ids = torch.from_numpy(tokens.astype(np.int64))
     with torch.no_grad():  # target i from the (up to) 16 tokens before it, one forward each
         nll = [torch.nn.functional.cross_entropy(model(ids[max(0, i - 16) : i][None])[0, -1], ids[i]) for i in range(1, 60)]
-    result = training.evaluate(model, tokens, words=59, device=torch.device("cpu"), batch_size=5, stride=1)
+    result = evaluate(model, tokens, words=59, device=torch.device("cpu"), batch_size=5, stride=1)
     assert result["tokens"] == 59
     assert result["loss"] == pytest.approx(torch.stack(nll).mean().item(), rel=1e-5)
-    strided = training.evaluate(model, tokens, words=59, device=torch.device("cpu"), stride=8)
+    strided = evaluate(model, tokens, words=59, device=torch.device("cpu"), stride=8)
     assert strided["tokens"] == 59 and strided["loss"] != pytest.approx(result["loss"], rel=1e-6)
 
 
@@ -210,7 +215,7 @@ def test_unigram_baseline():
     train_tokens = np.array([0, 0, 0, 1], dtype=np.uint16)  # counts +1: [4, 2, 1] of 7
     eval_tokens = np.array([2, 0, 1], dtype=np.uint16)  # targets 0 and 1
     expected = -(math.log(4 / 7) + math.log(2 / 7)) / 2
-    assert training.unigram_loss(train_tokens, eval_tokens, 3) == pytest.approx(expected)
+    assert unigram_loss(train_tokens, eval_tokens, 3) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

@@ -111,6 +111,29 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, int64_t x_stride,
   }
 }
 
+// dx of the VEC columns at i of one row, from the row's mean(g) and mean(g * xhat); plus grad_h's.
+template <bool ALIGNED, bool GRAD_H, typename T, typename W>
+__device__ __forceinline__ void store_dx(const T* x_row, const T* dy_row, const W* weight, const T* grad_h_row, T* dx_row,
+                                         int i, int C, float mean, float rstd, float mean_g, float mean_gx) {
+  constexpr int VEC = vec_of<T>();
+  float a[VEC], d[VEC], w[VEC], out[VEC];
+  load_floats<ALIGNED>(x_row, i, C, a);
+  load_floats<ALIGNED>(dy_row, i, C, d);
+  load_floats<ALIGNED>(weight, i, C, w);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    const float g = __fmul_rn(d[k], w[k]);  // the g of the row's sums, bit for bit
+    out[k] = rstd * (g - mean_g - (a[k] - mean) * rstd * mean_gx);
+  }
+  if constexpr (GRAD_H) {
+    float e[VEC];
+    load_floats<ALIGNED>(grad_h_row, i, C, e);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out[k] += e[k];
+  }
+  store_floats<ALIGNED>(dx_row, i, C, out);
+}
+
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * weight, xhat = (x - mean) * rstd;
 // plus grad_h, the gradient that reached h directly (the residual variant's second output).
 // Also this chunk's sums of dy * xhat and dy for every column (see the top of this file).
@@ -166,22 +189,7 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) layer_norm_bwd_kernel(
     for (int j = 0; j < MAXV; ++j) {
       const int i = (threadIdx.x + j * bx) * VEC;
       if (i >= C) break;
-      float a[VEC], d[VEC], w[VEC], out[VEC];
-      load_floats<ALIGNED>(x_row, i, C, a);
-      load_floats<ALIGNED>(dy_row, i, C, d);
-      load_floats<ALIGNED>(weight, i, C, w);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const float g = __fmul_rn(d[k], w[k]);  // the g of the sums above, bit for bit
-        out[k] = rstd * (g - mean_g - (a[k] - mean) * rstd * mean_gx);
-      }
-      if constexpr (GRAD_H) {
-        float e[VEC];
-        load_floats<ALIGNED>(grad_h + row * int64_t(C), i, C, e);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) out[k] += e[k];
-      }
-      store_floats<ALIGNED>(dx_row, i, C, out);
+      store_dx<ALIGNED, GRAD_H>(x_row, dy_row, weight, GRAD_H ? grad_h + row * int64_t(C) : nullptr, dx_row, i, C, mean, rstd, mean_g, mean_gx);
     }
   }
 
@@ -244,21 +252,8 @@ __global__ void __launch_bounds__(kWideThreads, 1) layer_norm_bwd_wide_dx_kernel
   const float mean_g = block_sum(sum_g, scratch) / C;
   const float mean_gx = block_sum(sum_gx, scratch) / C;
   T* dx_row = dx + row * int64_t(C);
-  for (int i = threadIdx.x * VEC; i < C; i += step) {
-    float a[VEC], d[VEC], w[VEC], out[VEC];
-    load_floats<ALIGNED>(x_row, i, C, a);
-    load_floats<ALIGNED>(dy_row, i, C, d);
-    load_floats<ALIGNED>(weight, i, C, w);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) out[k] = rstd * (__fmul_rn(d[k], w[k]) - mean_g - (a[k] - mean) * rstd * mean_gx);
-    if constexpr (GRAD_H) {
-      float e[VEC];
-      load_floats<ALIGNED>(grad_h + row * int64_t(C), i, C, e);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) out[k] += e[k];
-    }
-    store_floats<ALIGNED>(dx_row, i, C, out);
-  }
+  for (int i = threadIdx.x * VEC; i < C; i += step)
+    store_dx<ALIGNED, GRAD_H>(x_row, dy_row, weight, GRAD_H ? grad_h + row * int64_t(C) : nullptr, dx_row, i, C, mean, rstd, mean_g, mean_gx);
 }
 
 // Wide rows, dweight/dbias: thread (blockIdx.x, threadIdx.x) owns one column, blockIdx.y one

@@ -6,6 +6,7 @@ See `backend.py` for how the implementation is chosen, `reference.py` for the ma
 from .attention import causal_attention
 from .backend import BACKENDS, FusedUnavailableError, get_backend, set_backend
 from .layer_norm import add_layer_norm, layer_norm
+from . import selfcheck  # noqa: E402,I001  (installs the first-use check that `auto` consults)
 
 __all__ = [
     "BACKENDS",

@@ -23,11 +23,18 @@ from typing import Callable, Iterable
 import torch
 
 from .. import _extensions
-from . import selfcheck
 
 BACKENDS = ("auto", "fused", "reference", "torch")
 
 _default = "auto"
+# Whether `auto` may run a fused configuration on a device: (op, device index, config) -> bool.
+# selfcheck.py, a layer above the ops, installs its first-use check here; None trusts them all.
+_first_use_check: Callable[[str, int, tuple], bool] | None = None
+
+
+def set_first_use_check(check: Callable[[str, int, tuple], bool] | None) -> None:
+    global _first_use_check
+    _first_use_check = check
 
 
 class FusedUnavailableError(RuntimeError):
@@ -111,11 +118,11 @@ def choose(
     else:
         reason = _gpu_reason(tensors) or fused_reason()
     if reason is None:
-        if name == "auto" and selfcheck.enabled():
+        if name == "auto" and _first_use_check is not None:
             device = next(iter(tensors)).device
             index = -1 if device.type != "cuda" else device.index if device.index is not None else torch.cuda.current_device()
-            if not selfcheck.trusted(op, index, config):
-                return "torch"  # selfcheck has said why
+            if not _first_use_check(op, index, config):
+                return "torch"  # the check has said why
         return "fused"
     if name == "fused":
         raise FusedUnavailableError(

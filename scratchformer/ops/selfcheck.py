@@ -18,7 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import reference
+from . import backend, reference
+from .attention import FUSED_DTYPES as ATTENTION_DTYPES
+from .attention import FUSED_HEAD_DIMS, causal_attention
+from .layer_norm import add_layer_norm, layer_norm
 
 
 @dataclass
@@ -43,14 +46,10 @@ def _within(got: torch.Tensor, low: torch.Tensor, truth: torch.Tensor) -> tuple[
 
 
 def _fused_attention(q, k, v):
-    from .attention import causal_attention
-
     return causal_attention(q, k, v, backend="fused")
 
 
 def _fused_layer_norm(x, w, b, r):
-    from .layer_norm import add_layer_norm, layer_norm
-
     if r is None:
         return layer_norm(x, w, b, backend="fused"), None
     return add_layer_norm(x, r, w, b, backend="fused")
@@ -147,6 +146,14 @@ def trusted(op: str, device_index: int, config: tuple) -> bool:
     return _verdicts[key]
 
 
+def first_use_check(op: str, device_index: int, config: tuple) -> bool:
+    """What `auto` asks before running a fused configuration (installed in backend.py below)."""
+    return not enabled() or trusted(op, device_index, config)
+
+
+backend.set_first_use_check(first_use_check)
+
+
 def run_check(op: str, device: torch.device, config: tuple) -> Result:
     if op == "causal_attention":
         return check_attention(device, *config)
@@ -162,8 +169,6 @@ def device_name(device: torch.device) -> str:
 
 def all_checks(device: torch.device) -> list[Result]:
     """Every fused configuration `auto` can pick on a GPU, checked now (for `scratchformer selftest`)."""
-    from .attention import FUSED_DTYPES as ATTENTION_DTYPES, FUSED_HEAD_DIMS
-
     results = [check_attention(device, dtype, d) for dtype in ATTENTION_DTYPES for d in FUSED_HEAD_DIMS]
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for weight_dtype in {dtype, torch.float32}:

@@ -1,0 +1,46 @@
+"""Evaluation: the loss over every token of a split, and the unigram baseline training must beat."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import data as datamod
+from .model import GPT
+from .step import autocast, lm_loss
+
+
+@torch.no_grad()
+def evaluate(model: GPT, tokens: np.ndarray, words: int, device: torch.device, amp: str = "off", batch_size: int = 32,
+             stride: int | None = None) -> dict:
+    """Loss over every token of the split exactly once, with token- and word-level perplexity.
+    `stride` < context slides overlapping windows (see `data.evaluation_windows`)."""
+    was_training = model.training
+    model.eval()
+    total_nll, count = 0.0, 0
+    windows = list(datamod.evaluation_windows(tokens, model.config.context, stride))
+    full = [w for w in windows if w[0].shape[1] == model.config.context]
+    rest = [w for w in windows if w[0].shape[1] != model.config.context]
+    groups = [full[i : i + batch_size] for i in range(0, len(full), batch_size)] + [[w] for w in rest]
+    for group in groups:
+        x = torch.cat([w[0] for w in group]).to(device)
+        y = torch.cat([w[1] for w in group]).to(device)
+        first = torch.tensor([w[2] for w in group], device=device)
+        with autocast(device, amp):
+            logits = model(x)
+        nll = lm_loss(logits, y, reduction="none").view(y.shape)
+        scored = torch.arange(y.shape[1], device=device)[None] >= first[:, None]
+        total_nll += nll[scored].sum().item()
+        count += int(scored.sum())
+    model.train(was_training)
+    loss = total_nll / count
+    return {"loss": loss, "ppl": math.exp(loss), "word_ppl": math.exp(total_nll / max(words, 1)), "tokens": count}
+
+
+def unigram_loss(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy on the eval split of token frequencies counted on the training split (add-one
+    smoothed): the loss of a model that ignores context, which training must beat."""
+    counts = np.bincount(train_tokens, minlength=vocab_size).astype(np.float64) + 1.0
+    return float(-np.log(counts[eval_tokens[1:]] / counts.sum()).mean())
