@@ -70,7 +70,7 @@ CASES = [
     (1, 2, 1, 150, 290, 32, torch.bfloat16),  # dk/dv: three 128-key blocks, the last partial
     (1, 2, 2, 70, 200, 96, torch.bfloat16),
     (2, 4, 2, 1, 1, 64, torch.bfloat16),
-    (1, 4, 1, 1, 700, 128, torch.float16),
+    pytest.param(1, 4, 1, 1, 700, 128, torch.float16, marks=pytest.mark.slow),  # 18 s
     (2, 4, 4, 5, 300, 64, torch.bfloat16),
     (1, 4, 2, 1, 200, 96, torch.bfloat16),  # two rows per block: two warps per row
     (1, 4, 2, 16, 257, 32, torch.float32),
@@ -84,7 +84,8 @@ def case_id(case):
     return f"B{batch}-H{heads}/{kv_heads}-T{t_q}x{t_k}-D{dim}-{str(dtype).split('.')[-1]}"
 
 
-@pytest.mark.parametrize("batch, heads, kv_heads, t_q, t_k, dim, dtype", CASES, ids=map(case_id, CASES))
+@pytest.mark.parametrize("batch, heads, kv_heads, t_q, t_k, dim, dtype", CASES,
+                         ids=[case_id(c.values if hasattr(c, "values") else c) for c in CASES])
 def test_emulated_kernels_against_float64(kernels, batch, heads, kv_heads, t_q, t_k, dim, dtype):
     q, k, v, dout = make_inputs(batch, heads, kv_heads, t_q, t_k, dim, dtype)
     got, splits = emulated_run(kernels, q, k, v, dout)
@@ -142,6 +143,7 @@ def test_emulated_perturbing_a_key_never_reaches_the_queries_that_cannot_see_it(
         assert not torch.equal(x[:, :, ~blind], y[:, :, ~blind]), f"{name} of queries that see key {j} did not change"
 
 
+@pytest.mark.slow
 def test_the_emulator_catches_a_tail_tile_left_unfilled(tmp_path):
     """Shared memory holds garbage on a GPU; so it does here. A kernel that skipped the zero fill of
     rows past the sequence end would multiply masked (zero) probabilities by garbage: 0 x NaN."""
@@ -154,6 +156,7 @@ def test_the_emulator_catches_a_tail_tile_left_unfilled(tmp_path):
     assert not all(torch.isfinite(t).all() for t in got)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kv_heads, arch, t_q, t_k, dim", [(1, 80, 100, 100, 64), (2, 80, 100, 100, 64),
                                                             (2, 90, 100, 100, 64), (8, 80, 100, 100, 64),
                                                             (8, 90, 100, 100, 64), (2, 80, 150, 290, 64),
@@ -197,6 +200,7 @@ def test_emulated_backward_split_over_the_group_s_query_tiles_is_exact_and_repro
     assert len(results) >= 2 and min(results) == 1 and max(results) == most
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dim, dtype", [(96, torch.float16), (128, torch.bfloat16)])
 def test_emulated_backward_at_d_96_and_128_on_gpus_with_and_without_160_kb_of_shared_memory(kernels, dim, dtype):
     """An A100 gives a block 163 KB of shared memory: dk/dv at D 96 and 128 take dkv_wide_kernel,
@@ -214,6 +218,7 @@ WIDE_MISTAKES = [  # (output it spoils, the mutation) in each of the 8-warp kern
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output, mutation", WIDE_MISTAKES, ids=[m[0] for m in WIDE_MISTAKES])
 def test_emulated_wide_kernels_run_where_the_gpu_gives_their_shared_memory(tmp_path, output, mutation):
     """With dkv_wide_kernel (dS^T written as P^T) or dq_wide_kernel (delta dropped) broken, an
@@ -244,6 +249,7 @@ HOPPER_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch, heads, kv_heads, t_q, t_k, dim, dtype", HOPPER_CASES, ids=map(case_id, HOPPER_CASES))
 def test_emulated_hopper_kernels_against_float64(kernels, batch, heads, kv_heads, t_q, t_k, dim, dtype):
     """The wgmma forward, dk/dv and dq kernels on an emulated H100."""
@@ -309,6 +315,7 @@ torch.save(emulated_run(lib, q, k, v, dout, arch=90)[0], Path(sys.argv[1]) / "go
 """.format(tests=str(Path(__file__).resolve().parent))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mistake", HOPPER_MISTAKES)
 def test_emulator_catches_hopper_forward_mistakes(tmp_path, mistake):
     from emulated_kernels import build

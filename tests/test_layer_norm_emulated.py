@@ -79,6 +79,7 @@ def test_emulated_residual_variant_with_float32_parameters_and_strided_rows(emul
     assert_within_twice_the_reference(got, low, truth)
 
 
+@pytest.mark.slow
 def test_the_emulator_gives_each_block_garbage_shared_memory(tmp_path):
     """A block reduction that read all 32 slots of its shared scratch, not only those its warps
     wrote, reads zeros from a zero-initialised array and passes; on a GPU, and here, it reads
@@ -115,6 +116,7 @@ def test_emulated_one_channel_gives_exactly_zero_dx(emulated, dtype):
     assert torch.equal(got[1], torch.zeros_like(got[1]))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not emulated_kernels_contract(), reason="the host compiler cannot emit fused multiply-adds here")
 def test_the_emulator_contracts_multiply_adds_as_nvcc_does(tmp_path):
     """nvcc fuses a * b - c into one fma (no rounding of a * b); the emulator's build does too
