@@ -132,7 +132,10 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--hf", metavar="GPT2", help="a pretrained GPT-2 instead: a Hugging Face name or a local folder (hf extra)")
     gen.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     gen.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate at most (default 100)")
-    gen.add_argument("--temperature", type=float, default=0.8, help="divides the logits; 0 is greedy (default 0.8)")
+    from .sampling import Sampling
+
+    gen.add_argument("--temperature", type=float, default=Sampling.temperature,
+                     help=f"divides the logits; 0 is greedy (default {Sampling.temperature})")
     gen.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
     gen.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set of tokens with probability >= p")
     gen.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 makes tokens already in the text less likely (default 1.0: off)")

@@ -171,7 +171,7 @@ class GPT(nn.Module):
         self,
         idx,
         max_new_tokens: int,
-        temperature: float = 1.0,
+        temperature: float = Sampling.temperature,
         top_k: int | None = None,
         top_p: float | None = None,
         repetition_penalty: float = 1.0,

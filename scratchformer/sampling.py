@@ -13,7 +13,7 @@ from .kv_cache import KVCache
 
 @dataclass(frozen=True)
 class Sampling:
-    temperature: float = 1.0  # 0: greedy (always the most likely token)
+    temperature: float = 0.8  # 0: greedy (always the most likely token); GPT.generate and the CLI default to this too
     top_k: int | None = None  # keep the k most likely tokens
     top_p: float | None = None  # keep the smallest set of tokens whose probability reaches p
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the text (CTRL)

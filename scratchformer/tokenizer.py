@@ -208,6 +208,10 @@ class BPETokenizer:
             merges = [tuple(m) for m in merges]
         else:
             tokens, merges = train_merges(texts, n_merges, bar.update)
+        # The C++ core reports every 1000 merges, and training stops early when no piece has a
+        # pair left: the bar ends at the merges made, full.
+        bar.total = len(merges)
+        bar.update(len(merges) - bar.n)
         bar.close()
         special = {s: len(tokens) + i for i, s in enumerate(special_tokens)}
         return cls(tokens, merges, special, core)

@@ -239,3 +239,11 @@ def test_which_gpus_the_default_build_runs_on(capability, runs):
     if not runs:
         assert f"this GPU is sm_{capability}: reinstall with TORCH_CUDA_ARCH_LIST={capability // 10}.{capability % 10}" in reason
     assert arch_reason(130, (80, 90), 0) is not None  # without PTX, a newer major needs a rebuild
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("name", ["auto", "reference", "torch"])
+def test_every_backend_refuses_a_scale_that_is_not_positive(name, scale):
+    """SDPA returned NaN for them and the kernel refuses them: no backend answers differently."""
+    with pytest.raises(ValueError, match=f"scale must be a positive number, got {scale}"):
+        ops.causal_attention(*qkv(), scale=scale, backend=name)

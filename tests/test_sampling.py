@@ -1,5 +1,6 @@
 """Sampling filters on hand-made distributions, and GPT.generate()."""
 
+import argparse
 import math
 
 import pytest
@@ -145,3 +146,14 @@ def test_prompt_errors():
         model.generate([1], 2, top_p=1.5)
     with pytest.raises(ValueError, match="temperature must be a finite number >= 0, got nan"):
         model.generate([1], 2, temperature=float("nan"))
+
+
+def test_generate_and_the_cli_sample_at_one_default_temperature():
+    import inspect
+
+    from scratchformer import cli
+
+    default = inspect.signature(GPT.generate).parameters["temperature"].default
+    parser = cli._parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert default == Sampling().temperature == commands["generate"].get_default("temperature") == 0.8

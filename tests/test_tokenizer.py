@@ -162,3 +162,29 @@ def test_tiktoken_names(gpt2, tiktoken_gpt2):
         gpt2.token_to_id(b" worldwide peace")
     with pytest.raises(KeyError, match="outside the vocabulary"):
         gpt2.id_to_token(50257)
+
+
+@pytest.mark.parametrize("core", ["cpp", "python"])
+@pytest.mark.parametrize("vocab_size", [1500, 100000])  # 1500: not a whole 1000 merges; 100000: runs out of pairs
+def test_the_training_bar_ends_full_at_the_merges_made(monkeypatch, core, vocab_size):
+    from scratchformer import tokenizer as tokenizer_module
+
+    bars = []
+
+    class Recording:
+        def __init__(self, total, **kwargs):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, k=1):
+            self.n += k
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(tokenizer_module, "tqdm", Recording)
+    texts = ["".join(chr(0x4e00 + (i * 7919 + j * 104729) % 3000) for j in range(60)) + f" word{i}" for i in range(300)]
+    tok = BPETokenizer.train(texts, vocab_size, progress=True, core=core)
+    merges = len(tok.merges)
+    assert (merges == vocab_size - 257) == (vocab_size == 1500)
+    assert bars[0].n == bars[0].total == merges and bars[0].closed

@@ -224,3 +224,16 @@ def test_mixed_precision_trains(small_text, tmp_path, amp):
     result = train(MODEL, config, str(small_text), tmp_path, progress=False, device="cpu")
     assert math.isfinite(result.final_eval["loss"]) and result.final_eval["loss"] < math.log(result.tokenizer.vocab_size) + 1
     assert load_checkpoint(tmp_path)["train_config"]["amp"] == amp
+
+
+def test_a_run_and_its_resume_leave_no_file_open(small_text, tmp_path):
+    import gc
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", ResourceWarning)
+        config = dataclasses.replace(TRAIN, steps=2, eval_every=2, checkpoint_every=2)
+        train(MODEL, config, str(small_text), tmp_path, progress=False, device="cpu")
+        train(MODEL, dataclasses.replace(config, steps=4), None, tmp_path, resume=True, progress=False, device="cpu")
+        gc.collect()
+    assert [str(w.message) for w in seen if issubclass(w.category, ResourceWarning)] == []

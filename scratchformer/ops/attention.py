@@ -7,6 +7,8 @@ The fused backend is `torch.ops.scratchformer.attention_fwd` / `attention_bwd`
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -18,7 +20,10 @@ FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FUSED_HEAD_DIMS = (32, 64, 96, 128)
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> None:
+    # Every backend refuses what not all of them compute alike (SDPA gives NaN for scale <= 0).
+    if scale is not None and not 0 < scale < math.inf:
+        raise ValueError(f"causal_attention: scale must be a positive number, got {scale} (default: head_dim ** -0.5)")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"causal_attention: {name} must be 4-D [batch, heads, time, head_dim], got shape {tuple(t.shape)}")
@@ -46,10 +51,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
 
 
-def _fused_reason(q: torch.Tensor, scale: float | None = None) -> str | None:
+def _fused_reason(q: torch.Tensor) -> str | None:
     """Why the kernel cannot take these inputs, or None."""
-    if scale is not None and not scale > 0:
-        return f"the kernel takes a positive scale (it scales the scores after their row max), not {scale}"
     if q.dtype not in FUSED_DTYPES:
         return f"the kernel takes float32, float16 or bfloat16, not {q.dtype}"
     if q.shape[-1] not in FUSED_HEAD_DIMS:
@@ -83,8 +86,8 @@ def causal_attention(
     aligned bottom-right (query i sees keys j <= i + Tk - Tq); scale defaults to D ** -0.5.
     `backend` picks the implementation for this call (default: `get_backend()`).
     """
-    _check_inputs(q, k, v)
-    which = choose("causal_attention", backend, (q, k, v), lambda: _fused_reason(q, scale), (q.dtype, q.shape[-1]))
+    _check_inputs(q, k, v, scale)
+    which = choose("causal_attention", backend, (q, k, v), lambda: _fused_reason(q), (q.dtype, q.shape[-1]))
     if which == "fused":
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         return torch.ops.scratchformer.attention_fwd(q, k, v, scale)[0]
