@@ -344,7 +344,7 @@ def _model_from(args):
 
 def _cmd_eval(args) -> int:
     from . import data as datamod
-    from .evaluation import evaluate
+    from .evaluation import evaluate, summary
 
     if args.stride is not None and args.stride < 1:
         raise CliError(f"--stride must be at least 1, got {args.stride}")
@@ -363,8 +363,7 @@ def _cmd_eval(args) -> int:
     tokens = datamod.tokenize(split, tok, datamod.token_cache_path(data, args.split + "-detok" * args.detokenize, tok))
     result = evaluate(model, tokens, split.words, device, args.amp, stride=args.stride)
     which = args.hf if args.hf else f"step {payload['step']}"
-    print(f"{split.name}: {result['tokens']} tokens, loss {result['loss']:.4f}, "
-          f"perplexity {result['ppl']:.2f} per token, {result['word_ppl']:.2f} per word ({which})")
+    print(f"{split.name}: {result['tokens']} tokens, loss {result['loss']:.4f}, {summary(result, digits=2)} ({which})")
     return 0
 
 

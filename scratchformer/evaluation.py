@@ -36,7 +36,20 @@ def evaluate(model: GPT, tokens: np.ndarray, words: int, device: torch.device, a
         count += int(scored.sum())
     model.train(was_training)
     loss = total_nll / count
-    return {"loss": loss, "ppl": math.exp(loss), "word_ppl": math.exp(total_nll / max(words, 1)), "tokens": count}
+    return {"loss": loss, "ppl": perplexity(loss), "word_ppl": perplexity(total_nll / words) if words else None, "tokens": count}
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp of a mean negative log-likelihood, inf where that overflows a float (a diverged model,
+    or text of few "words", such as Chinese or Thai without spaces)."""
+    return math.exp(mean_nll) if mean_nll < 709.0 else math.inf
+
+
+def summary(result: dict, digits: int = 1) -> str:
+    """"perplexity P per token, W per word" of an evaluate() result."""
+    word_ppl = result["word_ppl"]
+    per_word = f"{word_ppl:.{digits}f} per word" if word_ppl is not None else "no words to count per word"
+    return f"perplexity {result['ppl']:.{digits}f} per token, {per_word}"
 
 
 def unigram_loss(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab_size: int) -> float:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from . import data as datamod
 from . import records, run
 from .config import ModelConfig, TrainConfig
-from .evaluation import evaluate, unigram_loss
+from .evaluation import evaluate, summary, unigram_loss
 from .model import GPT
 from .step import Optimization, TrainingDiverged, forward_backward, update
 from .tokenizer import BPETokenizer
@@ -165,15 +165,19 @@ class Trainer:
                     continue
                 done = self.step
                 bar.set_postfix(loss=f"{float(row['train_loss']):.3f}", lr=f"{float(row['lr']):.2e}", tok_s=row["tokens_per_s"])
+                self.history.append(row)
+                # The checkpoint first: an evaluation that fails loses no training.
+                saved = done % cfg.checkpoint_every == 0 or done == cfg.steps
+                if saved:
+                    self.checkpoint()
                 if done % cfg.eval_every == 0 or done == cfg.steps:
                     final_eval = evaluate(self.model, self.data.streams["eval"], self.data.corpus["eval"].words, self.device, cfg.amp)
+                    word_ppl = final_eval["word_ppl"]
                     row.update(eval_loss=f"{final_eval['loss']:.5f}", eval_ppl=f"{final_eval['ppl']:.2f}",
-                               eval_word_ppl=f"{final_eval['word_ppl']:.2f}")
-                    bar.write(f"step {done}: eval loss {final_eval['loss']:.4f}, perplexity {final_eval['ppl']:.1f} per token, "
-                              f"{final_eval['word_ppl']:.1f} per word")
-                self.history.append(row)
-                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                    self.checkpoint()
+                               eval_word_ppl=f"{word_ppl:.2f}" if word_ppl is not None else "")
+                    bar.write(f"step {done}: eval loss {final_eval['loss']:.4f}, {summary(final_eval)}")
+                    if saved:
+                        records.write_history(out / "metrics.csv", self.history)
         except KeyboardInterrupt:
             bar.close()
             where = (f"the last checkpoint is step {self.saved_step}, continue it with `scratchformer train --out {out} --resume`"

@@ -237,3 +237,28 @@ def test_a_run_and_its_resume_leave_no_file_open(small_text, tmp_path):
         train(MODEL, dataclasses.replace(config, steps=4), None, tmp_path, resume=True, progress=False, device="cpu")
         gc.collect()
     assert [str(w.message) for w in seen if issubclass(w.category, ResourceWarning)] == []
+
+
+def test_perplexities_that_overflow_are_inf_and_text_without_words_says_so():
+    from scratchformer.evaluation import perplexity, summary
+
+    model = GPT(dataclasses.replace(MODEL, vocab_size=50)).eval()
+    tokens = torch.randint(0, 50, (300,), generator=torch.Generator().manual_seed(0)).numpy()
+    result = evaluate(model, tokens, words=0, device=torch.device("cpu"))
+    assert result["word_ppl"] is None and "no words to count per word" in summary(result)
+    assert perplexity(800.0) == math.inf and perplexity(2.0) == pytest.approx(math.exp(2.0))
+    one_word = evaluate(model, tokens, words=1, device=torch.device("cpu"))  # 300 tokens' loss on one "word"
+    assert one_word["word_ppl"] == math.inf and "inf per word" in summary(one_word)
+
+
+def test_a_failed_evaluation_loses_no_checkpoint(small_text, tmp_path, monkeypatch):
+    from scratchformer import training
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("the evaluation failed")
+
+    monkeypatch.setattr(training, "evaluate", failing)
+    config = dataclasses.replace(TRAIN, steps=4, eval_every=2, checkpoint_every=2)
+    with pytest.raises(RuntimeError, match="the evaluation failed"):
+        train(MODEL, config, str(small_text), tmp_path, progress=False, device="cpu")
+    assert load_checkpoint(tmp_path)["step"] == 2  # written before the evaluation at step 2
