@@ -155,6 +155,7 @@ BAD_INPUT = [
     (["train", "--out", "RUN", "--resume", "--steps", "20", "--tokenizer", "gpt2"], "was trained with the bpe tokenizer, not gpt2"),
     (["train", "--out", "RUN", "--resume", "--steps", "20", "--vocab-size", "500"], "holds a model with a vocabulary of 300, not 500"),
     (["train", "--out", "RUN", "--resume", "--steps", "20", "--d-model", "64"], r"holds a model with d_model=32 \(asked: 64\)"),
+    (["train", "--out", "RUN", "--resume", "--steps", "20", "--preset", "seed"], "--preset seed: .* holds a model of other settings: resume without --preset"),
     (["train", "--out", "RUN"], "already holds a checkpoint"),
     (["train", "--out", "OUT", "--resume"], "no checkpoint there to resume .*: start it again without --resume"),
     (["eval", "--checkpoint", "TMP"], r"no checkpoint there \(weights only: give .*model.safetensors\)"),
