@@ -175,7 +175,7 @@ def test_layer_norm_gradients_on_every_backend(name):
         (lambda: (torch.randn(4, 4, 8), torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 8)), "q must be 4-D"),
         (lambda: (torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 8), torch.randn(1, 4, 5, 8)), "k and v must have the same shape"),
         (lambda: (torch.randn(1, 4, 4, 16), torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 8)), "agree on batch and head_dim"),
-        (lambda: (torch.ones(1, 4, 4, 8, dtype=torch.long),) * 3, "must be floating-point tensors, got torch.int64"),
+        (lambda: (torch.ones(1, 4, 4, 8, dtype=torch.long),) * 3, "must be float16, bfloat16, float32 or float64, got torch.int64"),
     ],
 )
 @pytest.mark.parametrize("name", ["auto", "reference", "torch"])
@@ -247,3 +247,18 @@ def test_every_backend_refuses_a_scale_that_is_not_positive(name, scale):
     """SDPA returned NaN for them and the kernel refuses them: no backend answers differently."""
     with pytest.raises(ValueError, match=f"scale must be a positive number, got {scale}"):
         ops.causal_attention(*qkv(), scale=scale, backend=name)
+
+
+def test_attention_input_mistakes_are_one_clear_error():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="causal_attention: q must be a torch.Tensor, got list"):
+        ops.causal_attention(q.tolist(), k, v)
+    with pytest.raises(ValueError, match="must be float16, bfloat16, float32 or float64, got torch.float8_e4m3fn"):
+        ops.causal_attention(*(t.to(torch.float8_e4m3fn) for t in (q, k, v)))
+    empty = torch.zeros(2, 4, 9, 0)
+    with pytest.raises(ValueError, match="head_dim must be at least 1"):
+        ops.causal_attention(empty, empty, empty)
+    # The model's [B, T, H, D] passed as it is: T read as heads, H as time.
+    b_t_h_d = torch.randn(2, 9, 4, 8)
+    with pytest.raises(ValueError, match=r"did you pass \[batch, time, heads, head_dim\]\? \.transpose\(1, 2\)"):
+        ops.causal_attention(b_t_h_d, torch.randn(2, 13, 4, 8), torch.randn(2, 13, 4, 8))

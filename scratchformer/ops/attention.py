@@ -18,6 +18,9 @@ from .backend import choose
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FUSED_HEAD_DIMS = (32, 64, 96, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what every backend computes
+# The usual mistake behind a heads or time mismatch: the model's [B, T, H, D] passed as it is.
+LAYOUT_HINT = " (did you pass [batch, time, heads, head_dim]? .transpose(1, 2) gives [batch, heads, time, head_dim])"
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> None:
@@ -25,10 +28,13 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     if scale is not None and not 0 < scale < math.inf:
         raise ValueError(f"causal_attention: scale must be a positive number, got {scale} (default: head_dim ** -0.5)")
     for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"causal_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"causal_attention: {name} must be 4-D [batch, heads, time, head_dim], got shape {tuple(t.shape)}")
-    if not q.is_floating_point():
-        raise ValueError(f"causal_attention: q, k and v must be floating-point tensors, got {q.dtype}")
+    if q.dtype not in DTYPES:
+        raise ValueError(f"causal_attention: q, k and v must be float16, bfloat16, float32 or float64, got {q.dtype} "
+                         "(convert them with .to(torch.bfloat16), for example)")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"causal_attention: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -36,6 +42,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     if k.shape != v.shape:
         raise ValueError(f"causal_attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     (batch, n_heads, t_q, dim), (kv_batch, n_kv_heads, t_k, kv_dim) = q.shape, k.shape
+    if dim == 0:
+        raise ValueError(f"causal_attention: head_dim must be at least 1, got q of shape {tuple(q.shape)}")
     if batch != kv_batch or dim != kv_dim:
         raise ValueError(
             f"causal_attention: q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on batch and head_dim"
@@ -43,11 +51,12 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     if n_kv_heads == 0 or n_heads % n_kv_heads:
         raise ValueError(
             f"causal_attention: the {n_heads} query heads must be a multiple of the {n_kv_heads} key/value heads"
+            + LAYOUT_HINT
         )
     if not 1 <= t_q <= t_k:
         raise ValueError(
             f"causal_attention: need 1 <= query length <= key length, got {t_q} queries and {t_k} keys "
-            "(queries are the last positions of the keys, as with a KV cache)"
+            "(queries are the last positions of the keys, as with a KV cache)" + LAYOUT_HINT
         )
 
 
