@@ -191,6 +191,7 @@ def _wikitext(name: str, text: str) -> Split:
 
 # Bytes that are not UTF-8 (seen as lone surrogates) and control characters other than whitespace.
 _NOT_TEXT = re.compile("[\udc80-\udcff\x00-\x08\x0e-\x1f\x7f]")
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f]")
 MAX_NOT_TEXT = 0.1  # the share of such characters above which a file is refused as not text
 
 
@@ -203,6 +204,12 @@ def _read_text(path: Path) -> str:
     text = raw.decode("utf-8", errors="surrogateescape")
     bad = len(_NOT_TEXT.findall(text))
     if text and bad / len(text) > MAX_NOT_TEXT:
+        if not _CONTROL.search(text):  # no control characters: text in a one-byte encoding, not binary
+            raise DataError(
+                f"--data {path}: {bad / len(text):.0%} of its bytes are not UTF-8, but it reads as text in a "
+                f"one-byte encoding (Latin-1 or Windows-1252?): convert it, for example with "
+                f"`iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}`, and give that file"
+            )
         raise DataError(
             f"--data {path}: {bad / len(text):.0%} of it is not text (bytes that are not UTF-8, or control "
             "characters): give UTF-8 text files, not binary ones"

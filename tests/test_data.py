@@ -240,7 +240,8 @@ def test_wikitext2_train_split_checksums_are_the_published_ones():
 
 def test_binary_data_is_refused_and_a_few_bad_bytes_are_not(tmp_path):
     binary = tmp_path / "model.bin"
-    binary.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(20000)))
+    rng = random.Random(0)
+    binary.write_bytes(bytes(rng.randrange(256) for _ in range(20000)))
     with pytest.raises(data.DataError, match=r"model.bin: \d+% of it is not text .*give UTF-8 text files"):
         data.load_corpus(str(binary))
     zeros = tmp_path / "zeros.txt"
@@ -259,3 +260,10 @@ def test_wikitext_detokenize_undoes_wikitext_spacing_and_keeps_the_word_count():
     out = data.wikitext_detokenize(split)
     assert out.documents == [" == Early life == \n He was born in 1,000-year-old town (now Mill's), on 3.5 acres; it wasn't.\n"]
     assert out.words == split.words == len(raw.split()) and out.sha256 != split.sha256
+
+
+def test_text_in_latin1_is_refused_with_the_command_that_converts_it(tmp_path):
+    latin1 = tmp_path / "notes.txt"
+    latin1.write_bytes("Ça a été déjà vu à Orléans, où l'été est doré.\n".encode("latin-1") * 50)
+    with pytest.raises(data.DataError, match=r"notes.txt: \d+% of its bytes are not UTF-8.*`iconv -f latin1 -t utf-8 .*notes.txt > notes.utf8.txt`"):
+        data.load_corpus(str(latin1))
