@@ -240,10 +240,9 @@ def _cmd_train(args) -> int:
         raise CliError(f"--sample-tokens must be 0 or more, got {args.sample_tokens}")
     if args.resume:  # the run's own settings, unless overridden here
         saved = resume_checkpoint(out)
-        if args.preset and replace(model_cfg, vocab_size=saved["model_config"]["vocab_size"]) != type(model_cfg)(**saved["model_config"]):
-            raise CliError(f"--preset {args.preset}: {out} holds a model of other settings: resume without --preset "
-                           "(it continues with the run's own), or train the preset into another --out")
-        model_cfg = type(model_cfg)(**saved["model_config"])
+        preset_cfg, model_cfg = model_cfg, type(model_cfg)(**saved["model_config"])
+        if args.preset and replace(preset_cfg, vocab_size=model_cfg.vocab_size) != model_cfg:
+            raise CliError(f"--preset {args.preset}: {out} holds a model of other settings: resume without --preset, or use another --out")
         train_cfg = type(train_cfg)(**saved["train_config"])
         if args.vocab_size is not None and args.vocab_size != model_cfg.vocab_size:
             raise CliError(f"{out} holds a model with a vocabulary of {model_cfg.vocab_size}, not {args.vocab_size}: "
