@@ -1,4 +1,4 @@
-"""The GPT: token embeddings, positions, pre-norm Transformer blocks, LM head, KV cache.
+"""The GPT: token embeddings, positions, pre-norm Transformer blocks, LM head, generate() (on kv_cache.py and sampling.py).
 
 Attention and LayerNorm go through `scratchformer.ops`, so the backend (fused CUDA kernels,
 the from-scratch reference, or PyTorch's own) is a switch: `ops.set_backend(...)`.
