@@ -81,6 +81,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     from .config import PRESETS
+    from .sampling import Sampling
 
     parser = _Parser(prog="scratchformer", description="A GPT-2-style language model built from scratch, on its own kernels.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
@@ -132,8 +133,6 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--hf", metavar="GPT2", help="a pretrained GPT-2 instead: a Hugging Face name or a local folder (hf extra)")
     gen.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     gen.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate at most (default 100)")
-    from .sampling import Sampling
-
     gen.add_argument("--temperature", type=float, default=Sampling.temperature,
                      help=f"divides the logits; 0 is greedy (default {Sampling.temperature})")
     gen.add_argument("--top-k", type=int, help="sample from the k most likely tokens")

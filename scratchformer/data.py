@@ -190,8 +190,9 @@ def _wikitext(name: str, text: str) -> Split:
 
 
 # Bytes that are not UTF-8 (seen as lone surrogates) and control characters other than whitespace.
-_NOT_TEXT = re.compile("[\udc80-\udcff\x00-\x08\x0e-\x1f\x7f]")
-_CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f]")
+_CONTROL_CHARS = "\x00-\x08\x0e-\x1f\x7f"
+_CONTROL = re.compile(f"[{_CONTROL_CHARS}]")
+_NOT_TEXT = re.compile(f"[\udc80-\udcff{_CONTROL_CHARS}]")
 MAX_NOT_TEXT = 0.1  # the share of such characters above which a file is refused as not text
 
 
