@@ -337,7 +337,8 @@ int backward_row_threads(int C, int vec) { return row_threads(C, vec) < kBackwar
 bool wide(int64_t C) { return C > kMaxBackwardC; }
 
 template <typename T, typename W>
-void backward_wide(const LayerNormBackward& a, bool vec_ok, int chunks, cudaStream_t stream) {
+void backward_wide(const LayerNormBackward& a, bool vec_ok, int chunks, float* partial_w, float* partial_b,
+                   cudaStream_t stream) {
   auto dy = static_cast<const T*>(a.dy);
   auto x = static_cast<const T*>(a.x);
   auto w = static_cast<const W*>(a.weight);
@@ -355,11 +356,12 @@ void backward_wide(const LayerNormBackward& a, bool vec_ok, int chunks, cudaStre
   const int64_t rows_per_chunk = (a.rows + chunks - 1) / chunks;
   const dim3 grid((a.C + kWideThreads - 1) / kWideThreads, chunks);
   layer_norm_bwd_wide_dwdb_kernel<T><<<grid, kWideThreads, 0, stream>>>(
-      dy, x, a.x_stride, a.mean, a.rstd, a.partial, a.partial + int64_t(chunks) * a.C, a.rows, a.C, rows_per_chunk);
+      dy, x, a.x_stride, a.mean, a.rstd, partial_w, partial_b, a.rows, a.C, rows_per_chunk);
 }
 
 template <typename T, typename W>
-void backward_narrow(const LayerNormBackward& a, bool vec_ok, int chunks, cudaStream_t stream) {
+void backward_narrow(const LayerNormBackward& a, bool vec_ok, int chunks, float* partial_w, float* partial_b,
+                     cudaStream_t stream) {
   constexpr int VEC = vec_of<T>();
   const int bx = backward_row_threads(a.C, VEC), v = (a.C + bx * VEC - 1) / (bx * VEC);
   const int64_t rows_per_chunk = (a.rows + chunks - 1) / chunks;
@@ -369,8 +371,6 @@ void backward_narrow(const LayerNormBackward& a, bool vec_ok, int chunks, cudaSt
   auto w = static_cast<const W*>(a.weight);
   auto gh = static_cast<const T*>(a.grad_h);
   auto dx = static_cast<T*>(a.dx);
-  float* partial_w = a.partial;
-  float* partial_b = a.partial + int64_t(chunks) * a.C;
   auto launch = [&](auto aligned_, auto grad_h_, auto maxv) {
     constexpr bool A = decltype(aligned_)::value, G = decltype(grad_h_)::value;
     constexpr int M = decltype(maxv)::value;
@@ -397,9 +397,9 @@ const char* backward(const LayerNormBackward& a, cudaStream_t stream) {
   float* partial_w = a.partial;
   float* partial_b = a.partial + int64_t(chunks) * a.C;
   if (wide(a.C)) {
-    backward_wide<T, W>(a, vec_ok, chunks, stream);
+    backward_wide<T, W>(a, vec_ok, chunks, partial_w, partial_b, stream);
   } else {
-    backward_narrow<T, W>(a, vec_ok, chunks, stream);
+    backward_narrow<T, W>(a, vec_ok, chunks, partial_w, partial_b, stream);
   }
   if (const char* err = last_error()) return err;
   layer_norm_dwdb_final_kernel<W><<<(a.C + 255) / 256, 256, 0, stream>>>(
