@@ -16,6 +16,7 @@ from scratchformer.model import GPT
 from scratchformer.records import FORMAT, save_checkpoint
 from scratchformer.step import Optimization, forward_backward, update
 from scratchformer.tokenizer import BPETokenizer
+from scratchformer.windows import sample_windows
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("text", help="a UTF-8 text file or a folder of .txt files")
@@ -37,7 +38,7 @@ opt = Optimization.for_model(model, model_config, train_config, device)
 sampler = torch.Generator().manual_seed(0)
 
 for step in range(1, args.steps + 1):
-    x, y = data.sample_windows(tokens["train"], train_config.batch_size, model_config.context, sampler)
+    x, y = sample_windows(tokens["train"], train_config.batch_size, model_config.context, sampler)
     loss = forward_backward(model, [(x, y)], opt, train_config, device)
     lr = update(model, opt, train_config.clip)
     if step % max(args.steps // 4, 1) == 0:

@@ -1,12 +1,15 @@
-"""Loads the compiled extensions once, remembering why one is missing."""
+"""Loads the compiled extensions once, remembering why one is missing.
+
+The tokenizer core (_bpe) loads without torch, so the tokenizer commands stay quick; the kernels
+library links against libtorch, so it (and torch) load on first use of `kernels`, `cuda_archs`,
+`ptx_arch` or `cuda_problem`.
+"""
 
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
 from types import ModuleType
-
-import torch  # noqa: F401  (the kernels library links against libtorch: load torch first)
 
 
 def _load(name: str) -> tuple[ModuleType | None, str | None]:
@@ -23,15 +26,13 @@ def _load(name: str) -> tuple[ModuleType | None, str | None]:
         return None, error
 
 
-kernels, kernels_error = _load("_kernels")  # importing it registers the torch.ops.scratchformer ops
 bpe, bpe_error = _load("_bpe")
-
-cuda_archs: tuple[int, ...] = tuple(kernels.cuda_archs()) if kernels is not None else ()
-ptx_arch: int = kernels.ptx_arch() if kernels is not None else 0
 
 
 def cuda_mismatch(kernels_cuda: str | None, torch_cuda: str | None) -> str | None:
     """Why CUDA kernels compiled with `kernels_cuda` cannot run beside a torch on `torch_cuda`."""
+    import torch
+
     if kernels_cuda is None or (torch_cuda or "").split(".")[0] == kernels_cuda.split(".")[0]:
         return None
     return (
@@ -41,4 +42,22 @@ def cuda_mismatch(kernels_cuda: str | None, torch_cuda: str | None) -> str | Non
     )
 
 
-cuda_problem = cuda_mismatch(kernels.cuda_version() if kernels is not None else None, torch.version.cuda)
+def _load_kernels() -> dict:
+    import torch  # the kernels library links against libtorch: load torch first
+
+    kernels, error = _load("_kernels")  # importing it registers the torch.ops.scratchformer ops
+    return {
+        "kernels": kernels,
+        "kernels_error": error,
+        "cuda_archs": tuple(kernels.cuda_archs()) if kernels is not None else (),
+        "ptx_arch": kernels.ptx_arch() if kernels is not None else 0,
+        "cuda_problem": cuda_mismatch(kernels.cuda_version() if kernels is not None else None, torch.version.cuda),
+    }
+
+
+def __getattr__(name: str):
+    if name in ("kernels", "kernels_error", "cuda_archs", "ptx_arch", "cuda_problem"):
+        loaded = _load_kernels()
+        globals().update(loaded)  # later lookups (and tests' monkeypatching) see plain attributes
+        return loaded[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import difflib
+import errno
 import math
 import os
 import re
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import NoReturn
 
@@ -80,10 +83,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .config import PRESETS
-    from .sampling import Sampling
+    from .config import PRESETS, Sampling
 
     parser = _Parser(prog="scratchformer", description="A GPT-2-style language model built from scratch, on its own kernels.")
+    parser.add_argument("--version", action="version", version=f"scratchformer {metadata.version('scratchformer')}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     t = commands.add_parser("train", help=HELP["train"], description=HELP["train"] + ". Presets: " + ", ".join(PRESETS)
@@ -97,8 +100,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "or a UTF-8 text file / folder of .txt files; default wikitext2-mini, or the run's own with --resume")
     t.add_argument("--out", help="run folder for checkpoint, tokenizer, metrics.csv and loss.png (default runs/PRESET)")
     t.add_argument("--resume", action="store_true", help="continue the checkpoint in --out, on its own corpus and tokenizer")
-    t.add_argument("--tokenizer", choices=["bpe", "gpt2"],
-                   help="bpe: train a byte-level BPE on the training split (default); gpt2: GPT-2's vocabulary of 50257 tokens")
+    t.add_argument("--tokenizer", help="bpe: train a byte-level BPE on the training split (default); gpt2: GPT-2's vocabulary "
+                                       "of 50257 tokens; or a tokenizer file (`scratchformer tokenizer train` writes one)")
     t.add_argument("--vocab-size", type=int, help="size of the trained BPE vocabulary, at least 257 (default 8192)")
     groups = {name: t.add_argument_group(f"{name} (overrides the preset)") for name in ("model", "training")}
     for group, name, kind, what in PRESET_OPTIONS:
@@ -125,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--detokenize", action="store_true", help="undo WikiText's tokenization (1 @,@ 000 -> 1,000) first, as "
                                                              "the GPT-2 paper did; word counts stay the original's")
     e.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision (default off)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_runtime(e)
 
     gen = commands.add_parser("generate", help=HELP["generate"], description=HELP["generate"] + ", streaming the text as it comes.")
@@ -149,20 +153,41 @@ def _parser() -> argparse.ArgumentParser:
     tt.add_argument("--out", required=True, help="where to write the tokenizer (JSON)")
     for action, what in (("encode", "text to token ids"), ("decode", "token ids to text")):
         a = tk_cmd.add_parser(action, help=what)
-        a.add_argument("--tokenizer", default="gpt2", help="gpt2 (default) or a tokenizer.json")
+        a.add_argument("--tokenizer", default="gpt2", help="gpt2 (default), a tokenizer.json, or a run folder (its tokenizer.json)")
         a.add_argument("input", nargs="+", help="the text" if action == "encode" else "the ids")
 
     commands.add_parser("info", help=HELP["info"], description=HELP["info"])
     st = commands.add_parser("selftest", help=HELP["selftest"], description=HELP["selftest"] + ": forward and backward on "
                              "small problems against the float64 reference, as `auto` does once per configuration before trusting it.")
     st.add_argument("--device", default="cuda", help="the GPU to check (default cuda, the current one)")
+    parser.commands = {**commands.choices, **{f"tokenizer {a}": p for a, p in tk_cmd.choices.items()}}
     return parser
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The arguments; an option the command does not have is that command's error, with the
+    nearest option it does have."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        command = parser.commands[args.command + (f" {args.action}" if args.command == "tokenizer" else "")]
+        known = [s for action in command._actions for s in action.option_strings]
+        hints = [close[0] for e in extra if e.startswith("-") and (close := difflib.get_close_matches(e.split("=")[0], known, 1))]
+        command.error(f"unrecognized arguments: {' '.join(extra)}" + (f": did you mean {' '.join(hints)}?" if hints else ""))
+    return args
+
+
 def _load_tokenizer(name: str):
+    """gpt2, a tokenizer file, or a run folder's tokenizer.json."""
     from .tokenizer import BPETokenizer
 
-    return BPETokenizer.from_gpt2() if name == "gpt2" else BPETokenizer.load(name)
+    if name == "gpt2":
+        return BPETokenizer.from_gpt2()
+    if Path(name).is_dir():
+        if not (Path(name) / "tokenizer.json").exists():
+            raise CliError(f"--tokenizer {name}: a folder without a tokenizer.json: give a run folder or a tokenizer file")
+        name = str(Path(name) / "tokenizer.json")
+    return BPETokenizer.load(name)
 
 
 def _cmd_selftest(args) -> int:
@@ -207,19 +232,20 @@ def _check_vocab_size(size: int) -> None:
         raise CliError(f"--vocab-size must be at least {MIN_VOCAB} (the 256 bytes and <|endoftext|>), got {size}")
 
 
-def _cmd_train(args) -> int:
-    from . import ops
-    from .config import preset, replace
-    from .records import resume_checkpoint
-    from .run import check_out_dir, pick_device
-    from .training import train
+# Settings named as the options that set them: "d_model (128) must ..." -> "--d-model (128) must ...".
+_OPTIONS = {name.replace("-", "_"): f"--{name}" for _, name, _, _ in PRESET_OPTIONS} | {
+    "vocab_size": "--vocab-size", "positions": "--positions", "tie_embeddings": "--tied", "amp": "--amp"}
 
-    # Every option is checked here, before any work starts.
-    name = args.preset or ("gpt2" if args.init_from else "tiny")
-    model_cfg, train_cfg = preset(name)
-    out = args.out or os.path.join("runs", name)
-    check_out_dir(Path(out))
-    tokenizer = args.tokenizer or ("gpt2" if name == "gpt2" or args.init_from else None)
+
+def _as_options(message: str) -> str:
+    """A config's error in the CLI's words: settings with an underscore wherever they appear, the
+    others ("context", "positions") where they lead the sentence."""
+    message = re.sub(r"\b[a-z]+(?:_[a-z]+)+\b", lambda m: _OPTIONS.get(m.group(), m.group()), message)
+    return re.sub(r"^[a-z]+\b", lambda m: _OPTIONS.get(m.group(), m.group()), message)
+
+
+def _check_train_options(args, tokenizer: str | None) -> None:
+    """The options that cannot go together, refused before any work starts."""
     if args.init_from:
         if args.resume:
             raise CliError("--init-from starts a new run from pretrained weights, --resume continues a run: give one of them")
@@ -234,9 +260,27 @@ def _cmd_train(args) -> int:
     if args.vocab_size is not None:
         if tokenizer == "gpt2":
             raise CliError("--vocab-size sets the size of a trained BPE; GPT-2's vocabulary has 50257 tokens: leave it out")
+        if tokenizer not in (None, "bpe"):
+            raise CliError(f"--vocab-size sets the size of a trained BPE; --tokenizer {tokenizer} has its own: leave it out")
         _check_vocab_size(args.vocab_size)
     if args.sample_tokens < 0:
         raise CliError(f"--sample-tokens must be 0 or more, got {args.sample_tokens}")
+
+
+def _cmd_train(args) -> int:
+    from . import ops
+    from .config import preset, replace
+    from .records import resume_checkpoint
+    from .run import check_out_dir, pick_device
+    from .training import train
+
+    # Every option is checked here, before any work starts.
+    name = args.preset or ("gpt2" if args.init_from else "tiny")
+    model_cfg, train_cfg = preset(name)
+    out = args.out or os.path.join("runs", name)
+    check_out_dir(Path(out))
+    tokenizer = args.tokenizer or ("gpt2" if name == "gpt2" or args.init_from else None)
+    _check_train_options(args, tokenizer)
     if args.resume:  # the run's own settings, unless overridden here
         saved = resume_checkpoint(out)
         preset_cfg, model_cfg = model_cfg, type(model_cfg)(**saved["model_config"])
@@ -246,11 +290,14 @@ def _cmd_train(args) -> int:
         if args.vocab_size is not None and args.vocab_size != model_cfg.vocab_size:
             raise CliError(f"{out} holds a model with a vocabulary of {model_cfg.vocab_size}, not {args.vocab_size}: "
                            "resume without --vocab-size, or train into another --out")
-    model_cfg = replace(
-        model_cfg, vocab_size=args.vocab_size, n_layers=args.n_layers, d_model=args.d_model, n_heads=args.n_heads,
-        n_kv_heads=args.n_kv_heads, d_ff=args.d_ff, context=args.context, dropout=args.dropout, positions=args.positions,
-        tie_embeddings=True if args.tied else None,
-    )
+    try:
+        model_cfg = replace(
+            model_cfg, vocab_size=args.vocab_size, n_layers=args.n_layers, d_model=args.d_model, n_heads=args.n_heads,
+            n_kv_heads=args.n_kv_heads, d_ff=args.d_ff, context=args.context, dropout=args.dropout, positions=args.positions,
+            tie_embeddings=True if args.tied else None,
+        )
+    except ValueError as e:
+        raise CliError(_as_options(str(e))) from None
     init_weights = None
     if args.init_from:
         pretrained, _ = _hf_gpt2(args.init_from, "--init-from")
@@ -270,8 +317,8 @@ def _cmd_train(args) -> int:
             warmup=args.warmup, label_smoothing=args.label_smoothing, clip=args.clip, eval_every=args.eval_every,
             checkpoint_every=args.checkpoint_every, seed=args.seed, amp=amp,
         )
-    except ValueError as e:  # named as the option that set it: "lr_scale must ..." -> "--lr-scale must ..."
-        raise CliError(re.sub(r"^(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
+    except ValueError as e:
+        raise CliError(_as_options(str(e))) from None
     ops.set_backend(args.kernels)
     result = train(model_cfg, train_cfg, args.data, out, tokenizer=tokenizer, device=str(device), resume=args.resume,
                    compile=args.compile, progress=not args.no_progress, init_weights=init_weights)
@@ -298,28 +345,22 @@ def torch_bf16(device) -> bool:
 def _hf_gpt2(name: str, option: str):
     """(our GPT with the weights of a Hugging Face GPT-2, GPT-2's tokenizer); `name` is a hub
     name or a local folder."""
+    from .records import CHECKPOINT, WEIGHTS
+
+    folder = Path(name)
+    if (folder / CHECKPOINT).exists() or ((folder / WEIGHTS).exists() and not (folder / "config.json").exists()):
+        use = f"give it with --checkpoint {name}" if option == "--hf" else f"continue it with --resume --out {name}"
+        raise CliError(f"{option} {name}: a scratchformer run folder, not a Hugging Face model: {use}")
     try:
-        import transformers
+        from .hf import ConversionError, from_hf
+
+        model = from_hf(name)
     except ImportError:
         raise CliError(f'{option} needs Hugging Face transformers: pip install "scratchformer[hf]"') from None
-    from .hf import ConversionError, from_hf
-    from .tokenizer import BPETokenizer
-
-    import huggingface_hub
-
-    # Their progress and retry messages would bury our one line when the hub cannot be reached.
-    transformers.logging.set_verbosity_error()
-    huggingface_hub.utils.logging.set_verbosity_error()
-    try:
-        hf = transformers.AutoModelForCausalLM.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CliError(f"{option} {name}: cannot load it ({cause.rstrip('.')}): give a model name on the Hugging Face Hub "
-                       "(downloaded once, so the first time needs network) or a folder with config.json and the weights") from None
-    try:
-        model = from_hf(hf)
     except ConversionError as e:
         raise CliError(f"{option} {name}: {e}") from None
+    from .tokenizer import BPETokenizer
+
     tok = BPETokenizer.from_gpt2()
     if model.config.vocab_size < tok.vocab_size:
         raise CliError(f"{option} {name}: its vocabulary has {model.config.vocab_size} tokens, fewer than GPT-2's {tok.vocab_size}")
@@ -359,17 +400,21 @@ def _cmd_eval(args) -> int:
     if args.split not in corpus:
         raise CliError(f"--split {args.split}: {data} has the splits {', '.join(corpus)}")
     split = corpus[args.split]
+    recorded = payload.get("sources", {}).get(args.split)
+    if not args.data and recorded is not None and recorded != split.sha256:
+        raise CliError(f"the run's corpus {data} changed since it was trained on it (the {args.split} split's SHA-256 differs): "
+                       f"the result would not be the run's; to evaluate on the text as it is now, give --data {data}")
     if args.detokenize:
         split = datamod.wikitext_detokenize(split)
     tokens = datamod.tokenize(split, tok, datamod.token_cache_path(data, args.split + "-detok" * args.detokenize, tok))
-    result = evaluate(model, tokens, split.words, device, args.amp, stride=args.stride)
+    result = evaluate(model, tokens, split.words, device, args.amp, stride=args.stride, progress=not args.no_progress)
     which = args.hf if args.hf else f"step {payload['step']}"
     print(f"{split.name}: {result['tokens']} tokens, loss {result['loss']:.4f}, {summary(result, digits=2)} ({which})")
     return 0
 
 
 def _cmd_generate(args) -> int:
-    from .sampling import Sampling
+    from .config import Sampling
 
     try:
         Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty).validate()
@@ -380,6 +425,8 @@ def _cmd_generate(args) -> int:
         raise CliError(message) from None
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.seed is not None and not -(2**63) <= args.seed < 2**64:
+        raise CliError(f"--seed must be in [-2^63, 2^64), got {args.seed}")
     _, model, tok, _ = _model_from(args)
     prompt = tok.encode(args.prompt, special="allow") if args.prompt else [tok.eot_id]
     context = model.config.context
@@ -409,7 +456,7 @@ def _cmd_generate(args) -> int:
 def _cmd_tokenizer(args) -> int:
     if args.action == "train":
         from . import data as datamod
-        from .tokenizer import BPETokenizer
+        from .tokenizer import BPETokenizer, vocab_shortfall
 
         _check_vocab_size(args.vocab_size)
         out = Path(args.out)
@@ -423,6 +470,8 @@ def _cmd_tokenizer(args) -> int:
         tok = BPETokenizer.train(corpus["train"].documents, args.vocab_size, progress=True)
         tok.save(args.out)
         print(f"{args.out}: {tok.vocab_size} tokens ({len(tok.merges)} merges) from {corpus['train'].name}")
+        if tok.vocab_size < args.vocab_size:
+            print(f"scratchformer tokenizer: note: {vocab_shortfall(tok, args.vocab_size, corpus['train'].name)}", file=sys.stderr)
         return 0
     tok = _load_tokenizer(args.tokenizer)
     if args.action == "encode":
@@ -448,6 +497,15 @@ def _check_utf8(argv: list[str]) -> None:
                            "give text in UTF-8 (check the terminal's or the file's encoding)") from None
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The errors printed as one line. Looked up only when something was raised, so that the
+    tokenizer commands never import torch (which ops and step need)."""
+    from .ops import FusedUnavailableError
+    from .step import TrainingDiverged
+
+    return CliError, ValueError, FusedUnavailableError, TrainingDiverged
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), "")
@@ -457,34 +515,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scratchformer{' ' + command if command in HELP else ''}: error: {e}", file=sys.stderr)
         return 1
     try:
-        args = _parser().parse_args(argv)
+        args = _parse(argv)
     except SystemExit as e:  # --help (0) or a usage mistake (1), already printed
         return int(e.code or 0)
     run = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "tokenizer": _cmd_tokenizer, "info": _cmd_info,
            "selftest": _cmd_selftest}[args.command]
-    from .ops import FusedUnavailableError
-    from .step import TrainingDiverged
-    from .training import TrainingInterrupted
-
     try:
         return run(args)
-    except (CliError, ValueError, FusedUnavailableError, TrainingDiverged) as e:
+    except _user_errors() as e:
         if os.environ.get("SCRATCHFORMER_DEBUG"):
             raise
-        print(f"scratchformer {args.command}: error: {e}", file=sys.stderr)
+        # The ops name backends as in Python ("backend 'auto'"); here they are --kernels values.
+        message = re.sub(r"backend '(\w+)'", r"--kernels \1", str(e)).replace("or 'torch' / 'reference'", "or --kernels torch / reference")
+        print(f"scratchformer {args.command}: error: {message}", file=sys.stderr)
         return 1
     except OSError as e:  # a folder that cannot be written, a path that went away
         if os.environ.get("SCRATCHFORMER_DEBUG"):
             raise
         where = f"{e.filename}: " if e.filename else ""
-        print(f"scratchformer {args.command}: error: {where}{e.strerror or e}: check the path and its permissions",
-              file=sys.stderr)
+        hint = "free some space, or write elsewhere" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check the path and its permissions"
+        print(f"scratchformer {args.command}: error: {where}{e.strerror or e}: {hint}", file=sys.stderr)
         return 1
-    except TrainingInterrupted as e:
-        print(f"\nscratchformer {args.command}: {e}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print(f"\nscratchformer {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # training's says where the run can resume from
+        print(f"\nscratchformer {args.command}: {e or 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -1,14 +1,30 @@
-"""Model and training settings, and the named presets."""
+"""Model, training and sampling settings, and the named presets."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 
 class ConfigError(ValueError):
     """Settings that do not fit together."""
+
+
+def _check_types(config, whole: tuple, numbers_: tuple, flags: tuple) -> None:
+    """Whole numbers where counts go (None allowed for optional ones), numbers, booleans."""
+    for name in whole:
+        value = getattr(config, name)
+        if not (value is None or isinstance(value, numbers.Integral) and not isinstance(value, bool)):
+            raise ConfigError(f"{name} must be a whole number, got {value!r}")
+    for name in numbers_:
+        value = getattr(config, name)
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+    for name in flags:
+        if not isinstance(getattr(config, name), bool):
+            raise ConfigError(f"{name} must be True or False, got {getattr(config, name)!r}")
 
 
 POSITIONS = ("sinusoidal", "rotary", "learned")
@@ -43,6 +59,7 @@ class ModelConfig:
 
     def validate(self) -> "ModelConfig":
         positive = ("vocab_size", "context", "n_layers", "d_model", "n_heads", "d_ff")
+        _check_types(self, positive + ("n_kv_heads",), ("dropout", "norm_eps"), ("tie_embeddings", "bias", "scale_embeddings"))
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -91,6 +108,10 @@ class TrainConfig:
     seed: int = 1337
 
     def validate(self) -> "TrainConfig":
+        counts = ("steps", "batch_size", "grad_accum", "warmup", "eval_every", "checkpoint_every", "seed")
+        _check_types(self, counts, ("lr_scale", "label_smoothing", "clip"), ())
+        if not -(2**63) <= self.seed < 2**64:
+            raise ConfigError(f"seed must be in [-2^63, 2^64) (torch's seed range), got {self.seed}")
         for name in ("steps", "batch_size", "grad_accum", "warmup", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -104,6 +125,25 @@ class TrainConfig:
             raise ConfigError(f"lr_scale must be a finite number > 0, got {self.lr_scale}")
         if not 0 <= self.clip < math.inf:
             raise ConfigError(f"clip must be a finite number >= 0 (0: no clipping), got {self.clip}")
+        return self
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.8  # 0: greedy (always the most likely token); GPT.generate and the CLI default to this too
+    top_k: int | None = None  # keep the k most likely tokens
+    top_p: float | None = None  # keep the smallest set of tokens whose probability reaches p
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the text (CTRL)
+
+    def validate(self) -> "Sampling":
+        if not 0 <= self.temperature < math.inf:  # (NaN fails every comparison)
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
         return self
 
 

@@ -22,6 +22,7 @@ import json
 import lzma
 import os
 import re
+import sys
 import urllib.error
 import urllib.request
 import zipfile
@@ -30,7 +31,6 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from .files import atomic_write
@@ -286,12 +286,20 @@ def tokenize(split: Split, tokenizer: BPETokenizer, cache: Path | None = None, p
         ids.append(tokenizer.eot_id)
     tokens = np.asarray(ids, dtype=_dtype_for(tokenizer.vocab_size))
     if cache is not None:
-        _write_cache(cache, header | {"count": len(tokens)}, tokens)
+        try:
+            _write_cache(cache, header | {"count": len(tokens)}, tokens)
+        except OSError as e:  # a read-only or full cache folder costs only time
+            print(f"scratchformer: note: cannot write the token cache {cache} ({e.strerror or e}): the text is tokenized "
+                  "again next time; set SCRATCHFORMER_CACHE to a writable folder to keep it", file=sys.stderr)
     return tokens
 
 
 def _read_cache(path: Path, expected: dict) -> np.ndarray | None:
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return None
+    with f:
         if f.read(len(_MAGIC)) != _MAGIC:
             return None
         try:
@@ -316,34 +324,3 @@ def _write_cache(path: Path, header: dict, tokens: np.ndarray) -> None:
 def token_cache_path(data: str, split: str, tokenizer: BPETokenizer) -> Path:
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", data).strip("_")[-80:]
     return cache_dir() / "tokens" / f"{safe}-{split}-{tokenizer.fingerprint()}.bin"
-
-
-# ---- batches -----------------------------------------------------------------------------------
-
-
-def sample_windows(tokens: np.ndarray, count: int, context: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` windows of context + 1 tokens at uniformly random positions: inputs [count, context]
-    and next-token targets [count, context]."""
-    if len(tokens) < context + 1:
-        raise DataError(f"the training split has {len(tokens)} tokens, fewer than one window of {context + 1}")
-    starts = torch.randint(0, len(tokens) - context, (count,), generator=generator).numpy()
-    windows = torch.from_numpy(np.stack([tokens[s : s + context + 1] for s in starts]).astype(np.int64))
-    return windows[:, :-1], windows[:, 1:]
-
-
-def evaluation_windows(tokens: np.ndarray, context: int, stride: int | None = None):
-    """Walk the split in order so that every token after the first is scored exactly once: windows
-    of up to context + 1 tokens starting every `stride` tokens (default `context`: windows overlap
-    by one). A stride below the context gives each scored token at least context - stride tokens
-    before it. Yields (inputs [1, n], targets [1, n], first): targets before `first` were scored
-    by an earlier window."""
-    stride = context if stride is None else stride
-    if not 1 <= stride <= context:
-        raise ValueError(f"stride must be between 1 and the context ({context}), got {stride}")
-    scored = 0  # targets tokens[1 : scored + 1] are done
-    for start in range(0, len(tokens) - 1, stride):
-        window = torch.from_numpy(tokens[start : start + context + 1].astype(np.int64))[None]
-        yield window[:, :-1], window[:, 1:], scored - start
-        scored = start + window.shape[1] - 1
-        if scored >= len(tokens) - 1:
-            break

@@ -6,24 +6,27 @@ import math
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from . import data as datamod
 from .model import GPT
 from .step import autocast, lm_loss
+from .windows import evaluation_windows
 
 
 @torch.no_grad()
 def evaluate(model: GPT, tokens: np.ndarray, words: int, device: torch.device, amp: str = "off", batch_size: int = 32,
-             stride: int | None = None) -> dict:
+             stride: int | None = None, progress: bool = False) -> dict:
     """Loss over every token of the split exactly once, with token- and word-level perplexity.
-    `stride` < context slides overlapping windows (see `data.evaluation_windows`)."""
+    `stride` < context slides overlapping windows (see `windows.evaluation_windows`). `progress`
+    shows a bar over the windows (below any bar already open, and gone when done)."""
     was_training = model.training
     model.eval()
     total_nll, count = 0.0, 0
-    windows = list(datamod.evaluation_windows(tokens, model.config.context, stride))
+    windows = list(evaluation_windows(tokens, model.config.context, stride))
     full = [w for w in windows if w[0].shape[1] == model.config.context]
     rest = [w for w in windows if w[0].shape[1] != model.config.context]
     groups = [full[i : i + batch_size] for i in range(0, len(full), batch_size)] + [[w] for w in rest]
+    bar = tqdm(total=len(windows), desc="evaluating", unit="window", leave=False, disable=not progress)
     for group in groups:
         x = torch.cat([w[0] for w in group]).to(device)
         y = torch.cat([w[1] for w in group]).to(device)
@@ -34,6 +37,8 @@ def evaluate(model: GPT, tokens: np.ndarray, words: int, device: torch.device, a
         scored = torch.arange(y.shape[1], device=device)[None] >= first[:, None]
         total_nll += nll[scored].sum().item()
         count += int(scored.sum())
+        bar.update(len(group))
+    bar.close()
     model.train(was_training)
     loss = total_nll / count
     return {"loss": loss, "ppl": perplexity(loss), "word_ppl": perplexity(total_nll / words) if words else None, "tokens": count}

@@ -22,6 +22,7 @@ imports transformers. Needs the `hf` extra: `pip install "scratchformer[hf]"`.
 from __future__ import annotations
 
 import collections
+import os
 import warnings
 
 import torch
@@ -222,10 +223,30 @@ def _config_from_state_dict(sd: dict):
                        tie_embeddings=tied, activation="gelu_tanh", bias=True, scale_embeddings=False).validate()
 
 
+def load_pretrained(name: str | os.PathLike):
+    """A transformers causal LM from a Hub name (downloaded once) or a local folder."""
+    _transformers()
+    import huggingface_hub
+    import transformers
+
+    # Their progress and retry messages would bury the one error line when the Hub cannot be reached.
+    transformers.logging.set_verbosity_error()
+    huggingface_hub.utils.logging.set_verbosity_error()
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(f"cannot load it ({cause.rstrip('.')}): give a model name on the Hugging Face Hub "
+                              "(downloaded once, so the first time needs network) or a folder with config.json and the weights") from None
+
+
 def from_hf(source, config=None):
-    """Our GPT with the weights of a GPT-2: a transformers GPT2LMHeadModel / GPT2Model, or a state
-    dict in GPT-2's names (with or without the "transformer." prefix; `config`, a GPT2Config, gives
-    the head count, which a state dict of a published GPT-2 size implies)."""
+    """Our GPT with the weights of a GPT-2: a Hub name or a local folder (as `load_pretrained`), a
+    transformers GPT2LMHeadModel / GPT2Model, or a state dict in GPT-2's names (with or without
+    the "transformer." prefix; `config`, a GPT2Config, gives the head count, which a state dict of
+    a published GPT-2 size implies)."""
+    if isinstance(source, (str, os.PathLike)):
+        source = load_pretrained(source)
     if isinstance(source, nn.Module):
         config, state = source.config, source.state_dict()
     else:
@@ -238,6 +259,17 @@ def from_hf(source, config=None):
     if "wte.weight" not in sd or "wpe.weight" not in sd:
         raise ConversionError("not a GPT-2 state dict: no wte.weight / wpe.weight (token and position embeddings)")
     ours = config_from_hf(config) if config is not None else _config_from_state_dict(sd)
+    try:
+        out = _gpt2_to_ours(sd, ours)
+    except KeyError as e:
+        raise ConversionError(f"not a complete GPT-2 state dict: {e.args[0]} is missing") from None
+    model = GPT(ours)
+    model.load_state_dict({k: v.contiguous() for k, v in out.items()})
+    return model.to(next(iter(out.values())).dtype)
+
+
+def _gpt2_to_ours(sd: dict, ours: ModelConfig) -> dict:
+    """Our state dict from GPT-2's (which it empties)."""
     d = ours.d_model
     out = {"embedding.weight": sd.pop("wte.weight"), "position_embedding.weight": sd.pop("wpe.weight"),
            "final_norm.weight": sd.pop("ln_f.weight"), "final_norm.bias": sd.pop("ln_f.bias")}
@@ -260,9 +292,7 @@ def from_hf(source, config=None):
         }
     if sd:
         raise ConversionError(f"weights left over that our GPT-2 has no place for: {', '.join(sorted(sd)[:5])}")
-    model = GPT(ours)
-    model.load_state_dict({k: v.contiguous() for k, v in out.items()})
-    return model.to(next(iter(out.values())).dtype)
+    return out
 
 
 def _check_convertible(config) -> None:

@@ -142,6 +142,9 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] for token ids [B, T]. With a cache, idx continues the cached
         positions and its keys and values are added to the cache."""
+        if idx.dim() != 2 or idx.dtype.is_floating_point or idx.dtype.is_complex:
+            raise ValueError(f"forward: idx must be integer token ids of shape [batch, time], got {idx.dtype} of shape "
+                             f"{tuple(idx.shape)}" + (" (one sequence: idx[None])" if idx.dim() == 1 else ""))
         batch, time = idx.shape
         start = cache.length if cache is not None else 0
         if start + time > self.config.context:
@@ -193,9 +196,19 @@ class GPT(nn.Module):
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         device = next(self.parameters()).device
         try:
-            tokens = torch.as_tensor(idx, dtype=torch.long, device=device)
-        except (ValueError, TypeError) as e:
+            tokens = torch.as_tensor(idx, device=device)
+        except (ValueError, TypeError, RuntimeError) as e:
             raise ValueError(f"generate: idx must be token ids of shape [T] or [B, T] with prompts of equal length ({e})") from None
+        if tokens.numel() and (tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool):
+            raise ValueError(f"generate: token ids must be integers, got {tokens.dtype} (a float id would be truncated)")
+        tokens = tokens.long()
+        if tokens.is_meta:
+            raise ValueError("generate: the model's weights are on the meta device (shapes only): materialize them "
+                             "(model.to_empty(device=...), then load_state_dict) before generating")
+        if eos is not None and not 0 <= eos < self.config.vocab_size:
+            raise ValueError(f"generate: eos must be a token id in [0, {self.config.vocab_size}), got {eos}")
+        if seed is not None and not -(2**63) <= seed < 2**64:
+            raise ValueError(f"generate: seed must be in [-2^63, 2^64), got {seed}")
         single = tokens.dim() == 1
         prompts = tokens[None] if single else tokens
         if prompts.dim() != 2 or prompts.shape[1] == 0:

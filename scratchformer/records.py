@@ -7,13 +7,17 @@
     runs/NAME/loss.png            train and eval loss against step
 
 Every file is written through a temporary file renamed over the old one (files.atomic_write): a
-crash at any moment leaves the previous version or the new one, never a broken file.
+crash at any moment leaves the previous version or the new one, never a broken file. The
+checkpoint and the weights file carry a SHA-256 of their tensors, checked on load (pickle and
+safetensors check nothing inside a tensor), and the fingerprint of the tokenizer they go with.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
+import hashlib
 import json
 import os
 import random
@@ -52,24 +56,83 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def tensors_sha256(obj) -> str:
+    """SHA-256 of every tensor in a nested structure of dicts, lists and tuples, with the keys
+    that lead to each and its dtype and shape, in the structure's order."""
+    digest = hashlib.sha256()
+
+    def walk(obj, where: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{where}:{t.dtype}:{tuple(obj.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().data)
+        elif isinstance(obj, dict):
+            for key, value in obj.items():
+                walk(value, f"{where}/{key}")
+        elif isinstance(obj, (list, tuple)):
+            for i, value in enumerate(obj):
+                walk(value, f"{where}/{i}")
+
+    walk(obj, "")
+    return digest.hexdigest()
+
+
+class _WriteErrors:
+    """A file whose failed writes are remembered: torch.save reports a failed write as its own
+    RuntimeError, without the OSError (such as a full disk) that caused it."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def _write(path: Path, what: str, write) -> None:
+    """Write `path` atomically with write(file); a failure is one CheckpointError naming the
+    folder and the cause, and leaves the previous file as it was."""
+    try:
+        with atomic_write(path) as f:
+            recorder = _WriteErrors(f)
+            write(recorder)
+    except (OSError, RuntimeError) as e:
+        cause = recorder.error if isinstance(e, RuntimeError) and recorder.error is not None else e
+        if not isinstance(cause, OSError):
+            raise
+        hint = ("free some space or write the run elsewhere (--out)" if cause.errno in (errno.ENOSPC, errno.EDQUOT)
+                else "check the folder and its permissions")
+        raise CheckpointError(f"{path.parent}: cannot write the {what} ({cause.strerror or cause}): {hint}; "
+                              f"the previous {path.name} there, if any, is unchanged") from None
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Write through a temporary file and rename it over the old one, so a crash at any moment
-    leaves either the previous checkpoint or the new one, never a broken file."""
-    with atomic_write(path) as f:
-        torch.save(payload, f)
+    leaves either the previous checkpoint or the new one, never a broken file. The payload
+    gains "sha256", the digest of its tensors, checked by load_checkpoint."""
+    payload = {**payload, "sha256": tensors_sha256(payload)}
+    _write(Path(path), "checkpoint", lambda f: torch.save(payload, f))
 
 
-def save_weights(path: Path, model: GPT, step: int, data: str) -> bool:
-    """The model's weights as safetensors (config, step and corpus in its metadata), for tools
-    that load weights without unpickling; False when the safetensors package is not installed."""
+def save_weights(path: Path, model: GPT, step: int, data: str, tokenizer: BPETokenizer) -> bool:
+    """The model's weights as safetensors (config, step, corpus, the digest of the weights and the
+    tokenizer's fingerprint and size in its metadata), for tools that load weights without
+    unpickling; False when the safetensors package is not installed."""
     try:
         from safetensors.torch import save
     except ImportError:
         return False
-    metadata = {"format": FORMAT, "model_config": json.dumps(dataclasses.asdict(model.config)), "step": str(step), "data": data}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_write(path) as f:
-        f.write(save(tensors, metadata))
+    metadata = {"format": FORMAT, "model_config": json.dumps(dataclasses.asdict(model.config)), "step": str(step), "data": data,
+                "sha256": tensors_sha256(dict(sorted(tensors.items()))), "tokenizer_sha256": tokenizer.fingerprint(),
+                "tokenizer_size": str(tokenizer.vocab_size)}
+    _write(Path(path), "weights file", lambda f: f.write(save(tensors, metadata)))
     return True
 
 
@@ -100,7 +163,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or damaged ({type(e).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a scratchformer checkpoint")
+    stored = payload.pop("sha256", None)  # checkpoints from before digests were stored have none
+    if stored is not None and tensors_sha256(payload) != stored:
+        raise CheckpointError(_DAMAGED.format(path=path))
     return payload
+
+
+_DAMAGED = ("{path}: damaged: its tensors do not match the SHA-256 stored with them (bytes changed on disk or in a copy): "
+            "use another copy, or an earlier checkpoint")
 
 
 def _load_weights(path: Path) -> dict:
@@ -116,6 +186,8 @@ def _load_weights(path: Path) -> dict:
         raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a scratchformer model (no scratchformer metadata)")
+    if "sha256" in metadata and tensors_sha256(dict(sorted(tensors.items()))) != metadata["sha256"]:
+        raise CheckpointError(_DAMAGED.format(path=path))
     tokenizer = path.parent / "tokenizer.json"
     if not tokenizer.exists():
         raise CheckpointError(f"{path}: no tokenizer.json beside it")
@@ -125,13 +197,24 @@ def _load_weights(path: Path) -> dict:
         raise CheckpointError(f"{tokenizer}: not a readable tokenizer ({e}): put back the tokenizer.json "
                               "that was saved with the model") from None
     return {"format": FORMAT, "model": tensors, "model_config": json.loads(metadata["model_config"]),
-            "step": int(metadata["step"]), "data": metadata["data"], "tokenizer": vocabulary}
+            "step": int(metadata["step"]), "data": metadata["data"], "tokenizer": vocabulary,
+            "tokenizer_sha256": metadata.get("tokenizer_sha256"), "tokenizer_file": str(tokenizer)}
 
 
 def model_from_checkpoint(payload: dict) -> tuple[GPT, BPETokenizer]:
-    model = GPT(ModelConfig(**payload["model_config"]))
+    """The model and its tokenizer; refuses a tokenizer that is not the one the model was
+    trained with (a tokenizer.json replaced beside model.safetensors)."""
+    where = payload.get("tokenizer_file", "the checkpoint's tokenizer")
+    tok = BPETokenizer.from_dict(payload["tokenizer"], where)
+    config = ModelConfig(**payload["model_config"])
+    recorded = payload.get("tokenizer_sha256")
+    if (recorded is not None and tok.fingerprint() != recorded) or tok.vocab_size > config.vocab_size:
+        raise CheckpointError(f"{where}: not the tokenizer this model was trained with ({tok.vocab_size} tokens, the model's "
+                              f"vocabulary has {config.vocab_size}{', and its fingerprint differs' if recorded else ''}): "
+                              "put back the tokenizer.json saved with the model")
+    model = GPT(config)
     model.load_state_dict(payload["model"])
-    return model, BPETokenizer.from_dict(payload["tokenizer"])
+    return model, tok
 
 
 def plot_losses(csv_path: Path, png_path: Path, baseline: float | None = None) -> bool:

@@ -72,23 +72,29 @@ def check_backend(config: ModelConfig, device: torch.device, amp: str) -> None:
     ops.layer_norm(torch.zeros(1, config.d_model, device=device, dtype=dtype), weight, weight)
 
 
-TOKENIZERS = ("bpe", "gpt2")
+TOKENIZERS = ("bpe", "gpt2")  # or the path of a tokenizer file
 
 
-def build_tokenizer(kind: str, vocab_size: int, corpus: dict, out_dir: Path, progress: bool = True, save: bool = True) -> BPETokenizer:
-    """GPT-2's vocabulary, or a BPE trained on the training split; saved as tokenizer.json (with
-    `save`: on another node, where the run folder may not exist, training is deterministic, so
-    every node arrives at the same tokenizer)."""
-    saved = out_dir / "tokenizer.json"
+def tokenizer_kind(tokenizer: str) -> str:
+    """How a run records its tokenizer: bpe, gpt2, or a tokenizer file's absolute path."""
+    if tokenizer in TOKENIZERS:
+        return tokenizer
+    if not Path(tokenizer).is_file():
+        raise ValueError(f"--tokenizer {tokenizer}: not bpe, gpt2 or a tokenizer file (such as the tokenizer.json that "
+                         "`scratchformer tokenizer train` writes)")
+    BPETokenizer.load(tokenizer)  # a damaged file is refused before any work
+    return str(Path(tokenizer).resolve())
+
+
+def build_tokenizer(kind: str, vocab_size: int, corpus: dict, progress: bool = True) -> BPETokenizer:
+    """GPT-2's vocabulary, a tokenizer file, or a BPE trained on the training split. A new run
+    never takes the tokenizer.json in its folder: that belongs to the run once a checkpoint
+    records it."""
     if kind == "gpt2":
-        tokenizer = BPETokenizer.from_gpt2()
-    elif saved.exists():
-        return BPETokenizer.load(saved)
-    else:
-        tokenizer = BPETokenizer.train(corpus["train"].documents, vocab_size, progress=progress)
-    if save:
-        tokenizer.save(saved)
-    return tokenizer
+        return BPETokenizer.from_gpt2()
+    if kind != "bpe":
+        return BPETokenizer.load(kind)
+    return BPETokenizer.train(corpus["train"].documents, vocab_size, progress=progress)
 
 
 def data_name(data: str) -> str:
@@ -127,7 +133,7 @@ def resolve(model_config: ModelConfig, train_config: TrainConfig, data: str | No
     if not resume:
         if (out / CHECKPOINT).exists():
             raise CheckpointError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
-        return Spec(data_name(data or "wikitext2-mini"), tokenizer or "bpe", None)
+        return Spec(data_name(data or "wikitext2-mini"), tokenizer_kind(tokenizer or "bpe"), None)
     payload = resume_checkpoint(out)
     saved = ModelConfig(**payload["model_config"])
     if saved != dataclasses.replace(model_config, vocab_size=saved.vocab_size):
@@ -142,7 +148,7 @@ def resolve(model_config: ModelConfig, train_config: TrainConfig, data: str | No
             "its own corpus), or train into another --out"
         )
     saved_kind = payload.get("tokenizer_kind")
-    if tokenizer is not None and saved_kind is not None and tokenizer != saved_kind:
+    if tokenizer is not None and saved_kind is not None and tokenizer_kind(tokenizer) != saved_kind:
         raise CheckpointError(
             f"{out} was trained with the {saved_kind} tokenizer, not {tokenizer}: resume without "
             "--tokenizer, or train into another --out"
@@ -157,6 +163,9 @@ def resolve(model_config: ModelConfig, train_config: TrainConfig, data: str | No
 
 def load_corpus(spec: Spec, out: Path, progress: bool) -> tuple[dict, dict]:
     """The corpus and the SHA-256 of its splits; a resumed run refuses text that changed."""
+    if spec.resumed is not None and spec.data not in datamod.CORPORA and not Path(spec.data).exists():
+        raise CheckpointError(f"{out} was trained on {spec.data}, which is not there any more: put the text back "
+                              "(a resumed run continues on the same text), or start a new run in another --out")
     corpus = datamod.load_corpus(spec.data, progress=progress)
     sources = {name: corpus[name].sha256 for name in ("train", "eval")}
     if spec.resumed is not None:  # checkpoints from before sources were recorded have none to compare
@@ -169,29 +178,31 @@ def load_corpus(spec: Spec, out: Path, progress: bool) -> tuple[dict, dict]:
     return corpus, sources
 
 
-def tokenize(spec: Spec, corpus: dict, vocab_size: int, out: Path, world: Distributed,
+def tokenize(spec: Spec, corpus: dict, vocab_size: int, device: torch.device, world: Distributed,
              progress: bool) -> tuple[BPETokenizer, dict[str, np.ndarray]]:
-    """The tokenizer and the token stream of each split. Rank 0 trains the tokenizer and fills the
-    token caches; the others then read them."""
+    """The tokenizer and the token stream of each split. Rank 0 makes the tokenizer and fills the
+    token caches; the others receive it and then read them."""
 
-    def prepare() -> tuple[BPETokenizer, dict]:
-        if spec.resumed is not None:
-            tok = BPETokenizer.from_dict(spec.resumed["tokenizer"])
-        else:
-            tok = build_tokenizer(spec.tokenizer, vocab_size, corpus, out, progress and world.main, save=world.main)
-        streams = {
-            name: datamod.tokenize(corpus[name], tok, datamod.token_cache_path(spec.data, name, tok), progress and world.main)
-            for name in ("train", "eval")
-        }
-        return tok, streams
+    if spec.resumed is not None:
+        tok = BPETokenizer.from_dict(spec.resumed["tokenizer"])
+    else:
+        tok = build_tokenizer(spec.tokenizer, vocab_size, corpus, progress) if world.main else None
+        if world.world > 1:  # rank 0's, so that every process has the same
+            shared = [tok.to_dict() if world.main else None]
+            dist.broadcast_object_list(shared, src=0, device=device)
+            tok = BPETokenizer.from_dict(shared[0])
+
+    def streams() -> dict:
+        return {name: datamod.tokenize(corpus[name], tok, datamod.token_cache_path(spec.data, name, tok), progress and world.main)
+                for name in ("train", "eval")}
 
     if world.main:
-        tok, streams = prepare()
+        tokens = streams()
     if world.world > 1:
         dist.barrier()
         if not world.main:
-            tok, streams = prepare()
-    return tok, streams
+            tokens = streams()
+    return tok, tokens
 
 
 def _config_diff(a: ModelConfig, b: ModelConfig) -> str:

@@ -2,32 +2,12 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
+from .config import Sampling
 from .kv_cache import KVCache
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.8  # 0: greedy (always the most likely token); GPT.generate and the CLI default to this too
-    top_k: int | None = None  # keep the k most likely tokens
-    top_p: float | None = None  # keep the smallest set of tokens whose probability reaches p
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the text (CTRL)
-
-    def validate(self) -> "Sampling":
-        if not 0 <= self.temperature < math.inf:  # (NaN fails every comparison)
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 < self.repetition_penalty < math.inf:
-            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
-        return self
 
 
 def penalize_repetition(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -27,7 +27,7 @@ from .bpe_reference import encode_piece, pretokenize, train_merges
 
 EOT = "<|endoftext|>"
 SPECIAL_MODES = ("error", "allow", "text")
-__all__ = ["BPETokenizer", "EOT", "TokenizerError"]
+__all__ = ["BPETokenizer", "EOT", "TokenizerError", "vocab_shortfall"]
 CORES = ("auto", "cpp", "python")
 
 
@@ -257,3 +257,9 @@ class BPETokenizer:
     def fingerprint(self) -> str:
         """A short hash of the vocabulary, to tell whether cached token ids are still valid."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def vocab_shortfall(tokenizer: BPETokenizer, asked: int, text: str) -> str:
+    """Why a trained BPE has fewer tokens than asked for."""
+    return (f"the BPE has {tokenizer.vocab_size} tokens, not the {asked} asked for: after {len(tokenizer.merges)} merges no "
+            f"word of {text} has two tokens left to merge (more text allows a larger vocabulary)")

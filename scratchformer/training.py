@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +24,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import data as datamod
 from . import records, run
 from .config import ModelConfig, TrainConfig
 from .evaluation import evaluate, summary, unigram_loss
 from .model import GPT
 from .step import Optimization, TrainingDiverged, forward_backward, update
-from .tokenizer import BPETokenizer
+from .tokenizer import BPETokenizer, vocab_shortfall
+from .windows import sample_windows
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -60,7 +61,8 @@ def train(
 ) -> RunResult:
     """Train a model on `data`; checkpoints, tokenizer, metrics.csv and loss.png go to out_dir.
 
-    data and tokenizer None mean: a resumed run's own, else wikitext2-mini and a trained "bpe".
+    data and tokenizer None mean: a resumed run's own, else wikitext2-mini and a trained "bpe"
+    (tokenizer may also be "gpt2" or the path of a tokenizer file).
     A resumed run refuses a different corpus or tokenizer. `init_weights`, a state dict of a
     model of `model_config` (for example GPT-2's, see `hf.from_hf`), starts a new run from them.
     """
@@ -68,8 +70,6 @@ def train(
     train_config.validate()
     out = Path(out_dir)
     run.check_out_dir(out)
-    if tokenizer is not None and tokenizer not in run.TOKENIZERS:
-        raise ValueError(f"tokenizer must be one of {', '.join(run.TOKENIZERS)}, not {tokenizer!r}")
     dev = run.pick_device(device, option="device")
     run.check_backend(model_config, dev, train_config.amp)
     spec = run.resolve(model_config, train_config, data, tokenizer, out, resume)
@@ -79,9 +79,14 @@ def train(
         raise ValueError(f"batch_size / grad_accum ({micro}) must be divisible by the {world.world} processes: "
                          f"use a --batch-size that is a multiple of {train_config.grad_accum * world.world}")
     corpus, sources = run.load_corpus(spec, out, progress=world.main and progress)
-    if world.main:
+    tok, streams = run.tokenize(spec, corpus, model_config.vocab_size, dev, world, progress)
+    if len(streams["train"]) <= model_config.context:
+        raise ValueError(f"the training split has {len(streams['train'])} tokens, fewer than one window of "
+                         f"{model_config.context + 1} (the context + 1): give more text (--data), or a shorter --context")
+    if world.main:  # only now: a run refused above leaves no folder behind
         out.mkdir(parents=True, exist_ok=True)
-    tok, streams = run.tokenize(spec, corpus, model_config.vocab_size, out, world, progress)
+        if spec.resumed is None and spec.tokenizer == "bpe" and tok.vocab_size < model_config.vocab_size:
+            print(f"scratchformer: note: {vocab_shortfall(tok, model_config.vocab_size, corpus['train'].name)}", file=sys.stderr)
     if init_weights is None:
         model_config = dataclasses.replace(model_config, vocab_size=tok.vocab_size).validate()
     elif tok.vocab_size > model_config.vocab_size:
@@ -102,7 +107,7 @@ def train(
 @dataclass
 class RunData:
     out: Path  # the run folder
-    corpus: dict  # split name -> datamod.Split
+    corpus: dict  # split name -> data.Split
     sources: dict  # split name -> SHA-256 of its text
     tok: BPETokenizer
     streams: dict[str, np.ndarray]  # split name -> tokens
@@ -154,13 +159,13 @@ class Trainer:
         """Train from the current step to the last; returns the last evaluation."""
         cfg, out = self.train_config, self.data.out
         self.history = records.read_history(out / "metrics.csv", self.step) if self.world.main else []
-        bar = tqdm(range(self.step, cfg.steps), initial=self.step, total=cfg.steps, desc="training",
-                   disable=not (self.world.main and progress), unit="step")
+        bar = tqdm(initial=self.step, total=cfg.steps, desc="training", disable=not (self.world.main and progress), unit="step")
         final_eval = None
         self.model.train()
         try:
-            for _ in bar:
+            while self.step < cfg.steps:
                 row = self.train_step()
+                bar.update(1)
                 if not self.world.main:
                     continue
                 done = self.step
@@ -171,7 +176,9 @@ class Trainer:
                 if saved:
                     self.checkpoint()
                 if done % cfg.eval_every == 0 or done == cfg.steps:
-                    final_eval = evaluate(self.model, self.data.streams["eval"], self.data.corpus["eval"].words, self.device, cfg.amp)
+                    final_eval = evaluate(self.model, self.data.streams["eval"], self.data.corpus["eval"].words, self.device,
+                                          cfg.amp, progress=not bar.disable)
+                    bar.unpause()  # the rate and ETA are of training steps: the evaluation's time left out
                     word_ppl = final_eval["word_ppl"]
                     row.update(eval_loss=f"{final_eval['loss']:.5f}", eval_ppl=f"{final_eval['ppl']:.2f}",
                                eval_word_ppl=f"{word_ppl:.2f}" if word_ppl is not None else "")
@@ -196,7 +203,7 @@ class Trainer:
         for _ in range(cfg.grad_accum):
             # Every rank draws the same global micro-batch and keeps its own slice: ranks see
             # different windows, and N processes train exactly like one with the whole batch.
-            x, y = datamod.sample_windows(self.data.streams["train"], micro, self.model_config.context, self.sampler)
+            x, y = sample_windows(self.data.streams["train"], micro, self.model_config.context, self.sampler)
             mine = slice(world.rank * per_rank, (world.rank + 1) * per_rank)
             batches.append((x[mine].to(self.device), y[mine].to(self.device)))
         train_loss = forward_backward(self.net, batches, self.opt, cfg, self.device, world.world)
@@ -214,15 +221,18 @@ class Trainer:
                 "eval_loss": "", "eval_ppl": "", "eval_word_ppl": ""}
 
     def checkpoint(self) -> None:
-        """The checkpoint, the weights file and metrics.csv, at the current step."""
-        out = self.data.out
+        """The checkpoint, the weights file, metrics.csv and (with a run's first checkpoint, which
+        makes it the run's) tokenizer.json, at the current step."""
+        out, tok = self.data.out, self.data.tok
+        if self.saved_step is None or not (out / "tokenizer.json").exists():
+            tok.save(out / "tokenizer.json")
         records.save_checkpoint(out / records.CHECKPOINT, {
             "format": records.FORMAT, "step": self.step, "model": self.model.state_dict(), **self.opt.state_dict(),
             "sampler": self.sampler.get_state(), "rng": records.rng_state(),
             "model_config": dataclasses.asdict(self.model_config), "train_config": dataclasses.asdict(self.train_config),
-            "tokenizer": self.data.tok.to_dict(), "tokenizer_kind": self.spec.tokenizer, "data": self.spec.data,
-            "sources": self.data.sources,
+            "tokenizer": tok.to_dict(), "tokenizer_sha256": tok.fingerprint(), "tokenizer_kind": self.spec.tokenizer,
+            "data": self.spec.data, "sources": self.data.sources,
         })
-        records.save_weights(out / records.WEIGHTS, self.model, self.step, self.spec.data)
+        records.save_weights(out / records.WEIGHTS, self.model, self.step, self.spec.data, tok)
         records.write_history(out / "metrics.csv", self.history)
         self.saved_step = self.step

@@ -262,3 +262,16 @@ def test_attention_input_mistakes_are_one_clear_error():
     b_t_h_d = torch.randn(2, 9, 4, 8)
     with pytest.raises(ValueError, match=r"did you pass \[batch, time, heads, head_dim\]\? \.transpose\(1, 2\)"):
         ops.causal_attention(b_t_h_d, torch.randn(2, 13, 4, 8), torch.randn(2, 13, 4, 8))
+
+
+@pytest.mark.parametrize("name", ["auto", "reference", "torch"])
+def test_meta_tensors_give_shapes_on_every_backend(name):
+    """Meta tensors (shapes without data, as when a model is sized before its weights load) flow
+    through every op, as through PyTorch's own."""
+    q, kv = torch.empty(2, 4, 5, 8, device="meta"), torch.empty(2, 2, 7, 8, device="meta")
+    out = ops.causal_attention(q, kv, kv, backend=name)
+    assert out.is_meta and out.shape == q.shape
+    x, w = torch.empty(6, 32, device="meta"), torch.empty(32, device="meta")
+    assert ops.layer_norm(x, w, w, backend=name).shape == x.shape
+    y, residual = ops.add_layer_norm(x, x, w, w, backend=name)
+    assert y.is_meta and y.shape == residual.shape == x.shape

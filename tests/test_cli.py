@@ -15,7 +15,7 @@ from scratchformer import cli
 from scratchformer import step as stepmod
 from scratchformer.config import PRESETS, ModelConfig
 from scratchformer.tokenizer import BPETokenizer
-from scratchformer.records import load_checkpoint
+from scratchformer.records import load_checkpoint, save_checkpoint
 
 SMALL = ["--n-layers", "1", "--d-model", "32", "--n-heads", "4", "--d-ff", "64", "--context", "16",
          "--vocab-size", "300", "--batch-size", "8", "--warmup", "5", "--no-progress", "--device", "cpu"]
@@ -135,9 +135,9 @@ BAD_INPUT = [
     (["eval", "--checkpoint", "RUN", "--stride", "1000"], "--stride 1000: at most the model's context, 16"),
     (["train", "--data", "/no/such/corpus", "--out", "OUT"], "--data /no/such/corpus: no such file or folder"),
     (["train", "--data", "BIN", "--out", "OUT"], r"model.bin: \d+% of it is not text"),
-    (["train", "--d-model", "30", "--n-heads", "4"], r"d_model \(30\) must be divisible by n_heads \(4\)"),
-    (["train", "--n-heads", "4", "--n-kv-heads", "3"], r"n_heads \(4\) must be divisible by n_kv_heads \(3\)"),
-    (["train", "--n-kv-heads", "0"], "n_kv_heads must be at least 1, got 0"),
+    (["train", "--d-model", "30", "--n-heads", "4"], r"--d-model \(30\) must be divisible by --n-heads \(4\)"),
+    (["train", "--n-heads", "4", "--n-kv-heads", "3"], r"--n-heads \(4\) must be divisible by --n-kv-heads \(3\)"),
+    (["train", "--n-kv-heads", "0"], "--n-kv-heads must be at least 1, got 0"),
     (["train", "--steps", "0"], "--steps must be at least 1"),
     (["train", "--eval-every", "0"], "--eval-every must be at least 1, got 0"),
     (["train", "--checkpoint-every", "0"], "--checkpoint-every must be at least 1, got 0"),
@@ -148,7 +148,7 @@ BAD_INPUT = [
     (["train", "--tokenizer", "gpt2", "--vocab-size", "500"], "--vocab-size sets the size of a trained BPE; GPT-2's vocabulary has 50257"),
     (["train", "--vocab-size", "100"], "--vocab-size must be at least 257"),
     (["train", "--sample-tokens", "-1"], "--sample-tokens must be 0 or more"),
-    (["train", "--kernels", "fused", "--device", "cpu", "--steps", "1"], "backend 'fused' cannot run"),
+    (["train", "--kernels", "fused", "--device", "cpu", "--steps", "1"], "--kernels fused cannot run: .* Use --kernels auto to fall back"),
     (["train", "--out", "RUN", "--resume"], r"is finished at step (\d+) of \1: to train further, resume with --steps M, M more than \1"),
     (["train", "--out", "RUN", "--resume", "--steps", "3"], r"is at step (\d+), past the 3 steps asked for: to train further, resume with --steps M, M more than \1"),
     (["train", "--out", "RUN", "--resume", "--steps", "20", "--data", "wikitext2-mini"], "was trained on .*small.txt, not wikitext2-mini: resume without --data"),
@@ -173,14 +173,26 @@ BAD_INPUT = [
     (["generate", "--checkpoint", "RUN", "--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
     (["generate", "--checkpoint", "RUN", "--top-k", "0"], "--top-k must be >= 1"),
     (["generate", "--checkpoint", "RUN", "--device", "banana"], "--device banana: not a device"),
-    (["generate", "--checkpoint", "RUN", "--prompt", "hi", "--kernels", "fused", "--device", "cpu"], "backend 'fused' cannot run"),
-    (["eval", "--checkpoint", "RUN", "--kernels", "fused", "--device", "cpu"], "backend 'fused' cannot run"),
+    (["generate", "--checkpoint", "RUN", "--prompt", "hi", "--kernels", "fused", "--device", "cpu"], "--kernels fused cannot run: .* Use --kernels auto to fall back"),
+    (["eval", "--checkpoint", "RUN", "--kernels", "fused", "--device", "cpu"], "--kernels fused cannot run: .* Use --kernels auto to fall back"),
     (["generate", "--checkpoint", "RUN", "--prompt", "caf\udce9"], "the value of --prompt is not valid UTF-8"),
     (["tokenizer", "train", "--out", "/nonexistent-dir/t.json"], "--out /nonexistent-dir/t.json: /nonexistent-dir is not an existing folder"),
     (["tokenizer", "train", "--out", "OUT/t.json", "--vocab-size", "10"], "--vocab-size must be at least 257"),
     (["tokenizer", "train", "--out", "TMP/t.json", "--data", "BIN"], r"model.bin: \d+% of it is not text"),
     (["tokenizer", "decode", "12", "x"], "decode takes integer token ids"),
     (["tokenizer", "encode", "--tokenizer", "/no/such.json", "hi"], "no such tokenizer file"),
+    (["tokenizer", "encode", "--tokenizer", "TMP", "hi"], "a folder without a tokenizer.json: give a run folder or a tokenizer file"),
+    (["train", "--stepz", "3"], r"unrecognized arguments: --stepz 3: did you mean --steps\? \(see scratchformer train --help\)"),
+    (["tokenizer", "encode", "--tokenizr", "gpt2", "hi"], "tokenizer encode: error: unrecognized arguments: --tokenizr: did you mean --tokenizer"),
+    (["train", "--seed", "99999999999999999999999"], r"--seed must be in \[-2\^63, 2\^64\)"),
+    (["generate", "--checkpoint", "RUN", "--seed", "99999999999999999999999"], r"--seed must be in \[-2\^63, 2\^64\)"),
+    (["eval", "--hf", "RUN"], "--hf .*: a scratchformer run folder, not a Hugging Face model: give it with --checkpoint"),
+    (["train", "--init-from", "RUN"], "--init-from .*: a scratchformer run folder, not a Hugging Face model: continue it with --resume --out"),
+    (["train", "--tokenizer", "/no/such.json"], "--tokenizer /no/such.json: not bpe, gpt2 or a tokenizer file"),
+    (["train", "--tokenizer", "FILE"], "plain.txt: not a JSON tokenizer file"),
+    (["train", "--tokenizer", "RUN/tokenizer.json", "--vocab-size", "500"], "--tokenizer .*tokenizer.json has its own: leave it out"),
+    (["train", "--data", "TINY"], r"the training split has \d+ tokens, fewer than one window of 65 \(the context \+ 1\): "
+                                  r"give more text \(--data\), or a shorter --context"),
 ]
 
 
@@ -191,7 +203,9 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(args, message, run, sma
     binary.write_bytes(bytes(range(256)) * 40)
     plain = tmp_path / "plain.txt"
     plain.write_text("not a folder\n")
-    names = {"RUN": str(run), "TEXT": str(small_text), "BIN": str(binary), "FILE": str(plain), "OUT": str(tmp_path / "out"), "TMP": str(tmp_path)}
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("A few words.\nAnd a line held out.\n")
+    names = {"TINY": str(tiny), "RUN": str(run), "TEXT": str(small_text), "BIN": str(binary), "FILE": str(plain), "OUT": str(tmp_path / "out"), "TMP": str(tmp_path)}
     args = [next((a.replace(k, v, 1) for k, v in names.items() if a.startswith(k)), a) for a in args]
     if args[0] == "train":
         args += [a for a in ("--data", str(small_text)) if "--data" not in args and "--resume" not in args][:2]
@@ -202,7 +216,7 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(args, message, run, sma
     assert cli.main(args) == 1
     captured = capsys.readouterr()
     assert captured.out == ""  # nothing printed before the error (generate used to print the prompt)
-    assert len(captured.err.strip().splitlines()) == 1 and captured.err.startswith(f"scratchformer {args[0]}: error:"), captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and re.match(rf"scratchformer {args[0]}( \w+)?: error:", captured.err), captured.err
     assert re.search(message, captured.err), captured.err
     assert _snapshot(tmp_path, run) == before
     assert not (tmp_path / "out").exists()
@@ -239,13 +253,11 @@ def test_a_damaged_tokenizer_beside_the_weights_is_named(run, tmp_path, capsys):
 
 
 def test_eval_names_the_run_s_corpus_when_it_has_moved(run, tmp_path, capsys):
-    import torch
-
     moved = tmp_path / "run"
     shutil.copytree(run, moved)
-    payload = torch.load(moved / "checkpoint.pt", weights_only=False)
+    payload = load_checkpoint(moved)
     payload["data"] = str(tmp_path / "gone.txt")
-    torch.save(payload, moved / "checkpoint.pt")
+    save_checkpoint(moved / "checkpoint.pt", payload)
     assert cli.main(["eval", "--checkpoint", str(moved), "--device", "cpu"]) == 1
     assert capsys.readouterr().err.strip() == (f"scratchformer eval: error: the run's corpus {tmp_path / 'gone.txt'} is not "
                                                "there any more: give it (or another text) with --data")

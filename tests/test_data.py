@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from scratchformer import data
+from scratchformer import data, windows
 from scratchformer.tokenizer import EOT, BPETokenizer
 
 
@@ -76,28 +76,28 @@ def test_token_cache_is_reused_and_rebuilt_when_stale(tok, tmp_path, monkeypatch
 def test_training_windows():
     tokens = np.arange(1000, dtype=np.uint16)
     g = torch.Generator().manual_seed(0)
-    x, y = data.sample_windows(tokens, 64, 16, g)
+    x, y = windows.sample_windows(tokens, 64, 16, g)
     assert x.shape == y.shape == (64, 16) and x.dtype == torch.int64
     assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y[:, 0], x[:, 0] + 1)
     assert len(set(x[:, 0].tolist())) > 40  # random positions
     assert x.min() >= 0 and y.max() <= 999
     with pytest.raises(data.DataError, match="fewer than one window"):
-        data.sample_windows(tokens[:10], 1, 16, g)
+        windows.sample_windows(tokens[:10], 1, 16, g)
 
 
 @pytest.mark.parametrize("stride", [None, 16, 8, 5, 1])
 @pytest.mark.parametrize("length", [2, 17, 33, 100])
 def test_evaluation_counts_every_token_once(length, stride):
     tokens = np.arange(length, dtype=np.uint16)
-    windows = list(data.evaluation_windows(tokens, 16, stride))
-    targets = torch.cat([y[0, first:] for _, y, first in windows])
+    cut = list(windows.evaluation_windows(tokens, 16, stride))
+    targets = torch.cat([y[0, first:] for _, y, first in cut])
     assert targets.tolist() == list(range(1, length))
-    for i, (x, y, first) in enumerate(windows):
+    for i, (x, y, first) in enumerate(cut):
         assert torch.equal(x[0, 1:], y[0, :-1]) and x.shape[1] <= 16
         if i:  # every scored token has at least context - stride tokens before it in its window
             assert first >= 16 - (stride or 16) - (16 - x.shape[1])
     with pytest.raises(ValueError, match="stride must be between 1 and the context"):
-        list(data.evaluation_windows(tokens, 16, 17))
+        list(windows.evaluation_windows(tokens, 16, 17))
 
 
 def test_user_text_file_and_folder(tmp_path):

@@ -62,6 +62,19 @@ def test_a_gpt2_state_dict_in_any_of_its_spellings():
     with pytest.raises(ConversionError, match="does not say how many heads its 64 channels form"):
         from_hf(odd)
     assert from_hf(odd, config=random_gpt2(d_model=64, heads=4).config).config.n_heads == 4
+    missing = {k: v for k, v in bare.items() if k != "h.0.ln_2.bias"}
+    with pytest.raises(ConversionError, match="not a complete GPT-2 state dict: h.0.ln_2.bias is missing"):
+        from_hf(missing)
+
+
+def test_from_hf_takes_a_folder_as_the_cli_does(tmp_path):
+    hf = random_gpt2()
+    hf.save_pretrained(tmp_path / "gpt2")
+    idx = torch.randint(0, 300, (2, 32))
+    torch.testing.assert_close(from_hf(str(tmp_path / "gpt2")).eval()(idx), hf(idx).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(from_hf(tmp_path / "gpt2").eval()(idx), hf(idx).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConversionError, match="cannot load it"):
+        from_hf(str(tmp_path / "nothing-here"))
 
 
 def test_what_the_conversion_refuses():

@@ -146,6 +146,22 @@ def test_prompt_errors():
         model.generate([1], 2, top_p=1.5)
     with pytest.raises(ValueError, match="temperature must be a finite number >= 0, got nan"):
         model.generate([1], 2, temperature=float("nan"))
+    with pytest.raises(ValueError, match="token ids must be integers, got torch.float32"):
+        model.generate([1.7, 2.2], 1)  # would have run as [1, 2]
+    with pytest.raises(ValueError, match=r"eos must be a token id in \[0, 40\), got 99999"):
+        model.generate([1], 2, eos=99999)
+    with pytest.raises(ValueError, match=r"seed must be in \[-2\^63, 2\^64\)"):
+        model.generate([1], 2, seed=10**30)
+    with pytest.raises(ValueError, match=r"integer token ids of shape \[batch, time\].*one sequence: idx\[None\]"):
+        model(torch.tensor([1, 2]))
+
+
+def test_a_model_on_the_meta_device_refuses_to_generate():
+    with torch.device("meta"):
+        model = GPT(ModelConfig(vocab_size=40, context=16, n_layers=1, d_model=16, n_heads=2, d_ff=32))
+    assert model(torch.zeros(2, 5, dtype=torch.long, device="meta")).shape == (2, 5, 40)  # shapes still flow
+    with pytest.raises(ValueError, match="on the meta device .*to_empty"):
+        model.generate([1, 2], 3)
 
 
 def test_generate_and_the_cli_sample_at_one_default_temperature():

@@ -20,6 +20,7 @@ from scratchformer.model import GPT
 from scratchformer.records import CheckpointError, load_checkpoint
 from scratchformer.step import TrainingDiverged, vaswani_lr
 from scratchformer.training import train
+from scratchformer.windows import evaluation_windows
 
 MODEL = ModelConfig(vocab_size=320, context=16, n_layers=1, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, dropout=0.1)
 TRAIN = TrainConfig(steps=30, batch_size=8, warmup=10, eval_every=10, checkpoint_every=10, seed=3)
@@ -187,7 +188,7 @@ def test_evaluation_counts_every_token_once_and_word_perplexity(small_text):
     result = evaluate(model, tokens, words=250, device=torch.device("cpu"), batch_size=7)
     assert result["tokens"] == 1000
     with torch.no_grad():
-        logits = torch.cat([model(x) for x, _, _ in datamod.evaluation_windows(tokens, 16)], dim=1)
+        logits = torch.cat([model(x) for x, _, _ in evaluation_windows(tokens, 16)], dim=1)
     expected = torch.nn.functional.cross_entropy(logits[0], torch.from_numpy(tokens[1:].astype(np.int64)))
     assert result["loss"] == pytest.approx(expected.item(), rel=1e-5)
     assert result["word_ppl"] == pytest.approx(math.exp(result["loss"] * 1000 / 250), rel=1e-6)
