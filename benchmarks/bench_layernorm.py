@@ -6,7 +6,9 @@ For each shape (rows x C, from the model's 16384 x 512 up to 65536 x 4096), dtyp
 and pass (forward, forward+backward): median time over CUDA-event-timed reps with the L2 cache
 flushed before each, the bandwidth achieved (bytes each pass must move, each tensor counted once),
 that bandwidth as a fraction of a device-to-device copy of the same bytes measured in the same
-run, and the fused kernel's speedup over each alternative. Writes DIR/bench_layernorm.md and a
+run, the fused kernel's speedup over each alternative, and the host's microseconds per call of the
+fused op and of F.layer_norm (gpu_timing.host_us: beyond the kernels' time it is the op's cost;
+`bench_host.py` breaks it down on any machine). Writes DIR/bench_layernorm.md and a
 plot of GB/s against C (DIR/bench_layernorm.png).
 """
 
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gpu_timing import l2_flush_buffer, timed
+from gpu_timing import host_us, l2_flush_buffer, timed
 from scratchformer import ops
 
 SHAPES = [(16384, 512), (16384, 1024), (65536, 768), (32768, 2048), (65536, 4096)]
@@ -57,17 +59,18 @@ def main() -> int:
                 "F.layer_norm": lambda: F.layer_norm(x, (C,), w, b),
             }
             for pass_name, nbytes in (("forward", bytes_fwd), ("forward+backward", bytes_fwd + bytes_bwd)):
-                ms = {}
+                ms, host = {}, {}
                 for name, fwd in impls.items():
-                    if pass_name == "forward":
-                        with torch.no_grad():
-                            ms[name] = timed(fwd, args.reps, flush)
-                    else:
-                        ms[name] = timed(lambda: torch.autograd.backward(fwd(), dy), args.reps, flush)
+                    call = fwd if pass_name == "forward" else (lambda fwd=fwd: torch.autograd.backward(fwd(), dy))
+                    with torch.set_grad_enabled(pass_name != "forward"):
+                        ms[name] = timed(call, args.reps, flush)
+                        if name != "reference":
+                            host[name] = host_us(call, args.reps)
                 gbs = nbytes / ms["fused"] / 1e6
                 rows_out.append(
                     f"| {str(dtype).split('.')[-1]} | {rows} x {C} | {pass_name} | {ms['fused']:.3f} | {gbs:.0f} | "
-                    f"{gbs / copy_gbs:.0%} | {ms['F.layer_norm'] / ms['fused']:.2f}x | {ms['reference'] / ms['fused']:.2f}x |"
+                    f"{gbs / copy_gbs:.0%} | {ms['F.layer_norm'] / ms['fused']:.2f}x | {ms['reference'] / ms['fused']:.2f}x | "
+                    f"{host['fused']:.0f} | {host['F.layer_norm']:.0f} |"
                 )
                 plot.setdefault((str(dtype).split(".")[-1], pass_name), []).append((C, gbs, copy_gbs))
                 print(rows_out[-1], flush=True)
@@ -75,8 +78,9 @@ def main() -> int:
     table = "\n".join([
         f"LayerNorm on {torch.cuda.get_device_name()}, torch {torch.__version__}; median of {args.reps} reps, L2 flushed.",
         "",
-        "| dtype | rows x C | pass | fused ms | fused GB/s | of copy bandwidth | vs F.layer_norm | vs reference |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| dtype | rows x C | pass | fused ms | fused GB/s | of copy bandwidth | vs F.layer_norm | vs reference "
+        "| fused host us per call | F.layer_norm host us per call |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *rows_out,
     ])
     print(table)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 
@@ -24,4 +26,19 @@ def timed(fn, reps: int, flush: torch.Tensor) -> float:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def host_us(fn, reps: int) -> float:
+    """Median microseconds until fn() returns, the GPU still busy with what it queued: the host's
+    share of a call, which the GPU waits on whenever it is longer than the kernels. The queue is
+    drained between calls, so a full launch queue never stalls the call being timed."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+        torch.cuda.synchronize()
     return sorted(times)[len(times) // 2]

@@ -1,8 +1,8 @@
 """causal_attention: the model's attention op, on the backend of your choice.
 
 The fused backend is `torch.ops.scratchformer.attention_fwd` / `attention_bwd`
-(csrc/kernels/attention_*.cu), given fake implementations and autograd here so that
-`torch.compile(fullgraph=True)` traces through it.
+(csrc/kernels/attention_*.cu), given fake implementations here so that
+`torch.compile(fullgraph=True)` traces through them, and differentiated by `FusedAttention`.
 """
 
 from __future__ import annotations
@@ -81,6 +81,32 @@ def _torch_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=gqa)
 
 
+class FusedAttention(torch.autograd.Function):
+    """The kernels and their backward as one autograd node: apply(q, k, v, scale) -> (out, lse),
+    both differentiable (a gradient reaching the log-sum-exp joins the backward). Its own Python
+    rather than a torch.library autograd registration, which costs more host time per call."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        out, lse = torch.ops.scratchformer.attention_fwd(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        if dout is None and dlse is None:
+            return None, None, None, None
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        if dlse is not None:
+            dlse = dlse.float().contiguous()
+        dq, dk, dv = torch.ops.scratchformer.attention_bwd(dout, q, k, v, out, lse, dlse, ctx.scale)
+        return dq, dk, dv, None
+
+
 def causal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -99,7 +125,9 @@ def causal_attention(
     which = choose("causal_attention", backend, (q, k, v), lambda: _fused_reason(q), (q.dtype, q.shape[-1]))
     if which == "fused":
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        return torch.ops.scratchformer.attention_fwd(q, k, v, scale)[0]
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return FusedAttention.apply(q, k, v, scale)[0]
+        return torch.ops.scratchformer.attention_fwd(q, k, v, scale)[0]  # nothing to differentiate: no autograd node
     if which == "torch":
         return _torch_sdpa(q, k, v, scale)
     return reference.causal_attention(q, k, v, scale)[0]
@@ -118,23 +146,3 @@ if _extensions.kernels is not None:
     @torch.library.register_fake("scratchformer::attention_bwd")
     def _bwd_fake(dout, q, k, v, out, lse, dlse, scale):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-    def _setup_context(ctx, inputs, output):
-        q, k, v, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
-        ctx.set_materialize_grads(False)
-
-    def _backward(ctx, dout, dlse):
-        if dout is None and dlse is None:
-            return None, None, None, None
-        q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        if dlse is not None:
-            dlse = dlse.float().contiguous()
-        dq, dk, dv = torch.ops.scratchformer.attention_bwd(dout, q, k, v, out, lse, dlse, ctx.scale)
-        return dq, dk, dv, None
-
-    torch.library.register_autograd("scratchformer::attention_fwd", _backward, setup_context=_setup_context)

@@ -59,10 +59,16 @@ def get_backend() -> str:
     return _default
 
 
+_capabilities: dict[int | None, tuple[int, int]] = {}
+
+
 @torch.compiler.assume_constant_result
 def _capability(index: int | None) -> tuple[int, int]:
     # A constant to torch.compile: the choice of kernel is made while tracing, not in the graph.
-    return torch.cuda.get_device_capability(index)
+    # Asked once per device: torch builds a properties object on every query.
+    if index not in _capabilities:
+        _capabilities[index] = torch.cuda.get_device_capability(index)
+    return _capabilities[index]
 
 
 def _gpu_reason(tensors: Iterable[torch.Tensor]) -> str | None:

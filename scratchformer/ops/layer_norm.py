@@ -1,8 +1,8 @@
 """layer_norm and add_layer_norm: LayerNorm over the last dimension, on the backend of your choice.
 
 The fused backend is `torch.ops.scratchformer.layer_norm_fwd` / `layer_norm_bwd`
-(csrc/kernels/layernorm.cu), given fake implementations and autograd here so that
-`torch.compile(fullgraph=True)` traces through it.
+(csrc/kernels/layernorm.cu), given fake implementations here so that `torch.compile(fullgraph=True)`
+traces through them, and differentiated by `FusedLayerNorm`.
 """
 
 from __future__ import annotations
@@ -55,12 +55,45 @@ def _fused_reason(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
     return None
 
 
+class FusedLayerNorm(torch.autograd.Function):
+    """The kernels and their backward as one autograd node. (A torch.library autograd
+    registration costs more Python per call: the dispatcher calls back into Python, which
+    redispatches and refills the op's defaults; the host time of every call is the point here.)"""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, eps):
+        y, h, mean, rstd = torch.ops.scratchformer.layer_norm_fwd(x, weight, bias, residual, eps)
+        ctx.has_residual = residual is not None
+        ctx.save_for_backward(h if ctx.has_residual else x, weight, mean, rstd)
+        ctx.set_materialize_grads(False)
+        if not ctx.has_residual:
+            ctx.mark_non_differentiable(h)  # an empty placeholder
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        normalized, weight, mean, rstd = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(normalized)
+        grad_h = dh.contiguous() if ctx.has_residual and dh is not None else None
+        dx, dweight, dbias = torch.ops.scratchformer.layer_norm_bwd(dy.contiguous(), normalized, weight, mean, rstd, grad_h)
+        return dx, dweight, dbias, (dx if ctx.has_residual else None), None
+
+
 def _fused(x, weight, bias, residual, eps):
     shape, channels = x.shape, x.shape[-1]
-    x2 = x.reshape(-1, channels)  # a view when the leading dimensions allow one
-    r2 = residual.reshape(-1, channels) if residual is not None else None
-    y, h, _, _ = torch.ops.scratchformer.layer_norm_fwd(x2, weight.contiguous(), bias.contiguous(), r2, eps)
-    return y.view(shape), (h.view(shape) if residual is not None else None)
+    flat = x.dim() != 2  # 2-D inputs go as they are: a view costs host time too
+    if flat:
+        x = x.reshape(-1, channels)  # a view when the leading dimensions allow one
+        residual = residual.reshape(-1, channels) if residual is not None else None
+    weight, bias = weight.contiguous(), bias.contiguous()
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+        y, h = FusedLayerNorm.apply(x, weight, bias, residual, eps)
+    else:  # nothing to differentiate: the op alone, without an autograd node's cost
+        y, h, _, _ = torch.ops.scratchformer.layer_norm_fwd(x, weight, bias, residual, eps)
+    if residual is None:
+        h = None
+    return (y.view(shape), h.view(shape) if h is not None else None) if flat else (y, h)
 
 
 def layer_norm(
@@ -128,20 +161,3 @@ if _extensions.kernels is not None:
     @torch.library.register_fake("scratchformer::layer_norm_bwd")
     def _bwd_fake(dy, x, weight, mean, rstd, grad_h):
         return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
-
-    def _setup_context(ctx, inputs, output):
-        x, weight, _, residual, _ = inputs
-        _, h, mean, rstd = output
-        ctx.has_residual = residual is not None
-        ctx.save_for_backward(h if ctx.has_residual else x, weight, mean, rstd)
-        ctx.set_materialize_grads(False)
-
-    def _backward(ctx, dy, dh, _dmean, _drstd):
-        normalized, weight, mean, rstd = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros_like(normalized)
-        grad_h = dh.contiguous() if ctx.has_residual and dh is not None else None
-        dx, dweight, dbias = torch.ops.scratchformer.layer_norm_bwd(dy.contiguous(), normalized, weight, mean, rstd, grad_h)
-        return dx, dweight, dbias, (dx if ctx.has_residual else None), None
-
-    torch.library.register_autograd("scratchformer::layer_norm_fwd", _backward, setup_context=_setup_context)

@@ -147,8 +147,9 @@ def trusted(op: str, device_index: int, config: tuple) -> bool:
 
 
 def first_use_check(op: str, device_index: int, config: tuple) -> bool:
-    """What `auto` asks before running a fused configuration (installed in backend.py below)."""
-    return not enabled() or trusted(op, device_index, config)
+    """What `auto` asks before running a fused configuration (installed in backend.py below).
+    A configuration that passed answers from the table alone: this runs on every call."""
+    return _verdicts.get((op, device_index, config), False) or not enabled() or trusted(op, device_index, config)
 
 
 backend.set_first_use_check(first_use_check)

@@ -1,0 +1,182 @@
+"""The fused backend's Python path (backend choice, reshapes, the autograd nodes, torch.compile's
+tracing), on any machine: the CUDA kernels are replaced, for CPU tensors, by stand-ins that
+compute the same contract in plain PyTorch, written here from the formulas. Gradients through
+`backend="fused"` must then equal the reference backend's autograd; the kernels' own numerics
+are tested elsewhere (emulator, `cuda` tests)."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import scratchformer
+from scratchformer import _extensions, ops
+from scratchformer.ops import backend
+
+pytestmark = pytest.mark.skipif(_extensions.kernels is None, reason="the kernels library did not load")
+
+
+def ln_fwd(x, weight, bias, residual, eps):
+    h = x + residual if residual is not None else x
+    hf = h.float()
+    mean = hf.mean(-1)
+    rstd = (hf.var(-1, unbiased=False) + eps).rsqrt()
+    y = (hf - mean[:, None]) * rstd[:, None] * weight.float() + bias.float()
+    return y.to(x.dtype), (h if residual is not None else x.new_empty(0, x.shape[1])), mean, rstd
+
+
+def ln_bwd(dy, x, weight, mean, rstd, grad_h):
+    xhat = (x.float() - mean[:, None]) * rstd[:, None]
+    g = dy.float() * weight.float()
+    dx = rstd[:, None] * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    if grad_h is not None:
+        dx = dx + grad_h.float()
+    return dx.to(x.dtype), (dy.float() * xhat).sum(0).to(weight.dtype), dy.float().sum(0).to(weight.dtype)
+
+
+def _probabilities(q, k, scale):
+    group = q.shape[1] // k.shape[1]
+    kk = k.repeat_interleave(group, 1).float()
+    s = q.float() @ kk.transpose(-1, -2) * scale
+    t_q, t_k = q.shape[2], k.shape[2]
+    s = s.masked_fill(torch.ones(t_q, t_k, dtype=torch.bool).triu(t_k - t_q + 1), -math.inf)
+    lse = torch.logsumexp(s, -1)
+    return torch.exp(s - lse[..., None]), lse, group
+
+
+def attn_fwd(q, k, v, scale):
+    p, lse, group = _probabilities(q, k, scale)
+    return (p @ v.repeat_interleave(group, 1).float()).to(q.dtype), lse
+
+
+def attn_bwd(dout, q, k, v, out, lse, dlse, scale):
+    p, _, group = _probabilities(q, k, scale)
+    vv, kk = v.repeat_interleave(group, 1).float(), k.repeat_interleave(group, 1).float()
+    do = dout.float()
+    dp = do @ vv.transpose(-1, -2)
+    ds = p * (dp - (do * out.float()).sum(-1, keepdim=True))
+    if dlse is not None:
+        ds = ds + p * dlse[..., None]  # d lse / d s = softmax
+    dq = ds @ kk * scale
+    dk = (ds.transpose(-1, -2) @ q.float() * scale).unflatten(1, (k.shape[1], group)).sum(2)
+    dv = (p.transpose(-1, -2) @ do).unflatten(1, (k.shape[1], group)).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@pytest.fixture
+def stand_ins(monkeypatch):
+    """The four ops on CPU tensors run the formulas above, and `fused` is allowed on the CPU."""
+    monkeypatch.setattr(backend, "_gpu_reason", lambda tensors: None)
+    with torch.library._scoped_library("scratchformer", "IMPL") as lib:
+        for name, fn in (("layer_norm_fwd", ln_fwd), ("layer_norm_bwd", ln_bwd),
+                         ("attention_fwd", attn_fwd), ("attention_bwd", attn_bwd)):
+            lib.impl(name, fn, "CPU", allow_override=True)
+        yield
+
+
+def grads(fn, leaves):
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    outputs = fn(*leaves)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    torch.manual_seed(1)
+    loss = sum((o.float() * torch.randn(o.shape)).sum() for o in outputs)
+    loss.backward()
+    return [o.detach() for o in outputs] + [t.grad for t in leaves]
+
+
+def assert_same(a, b, tol):
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert (x is None) == (y is None), f"output/grad {i}: {x} against {y}"
+        if x is not None:
+            torch.testing.assert_close(x.float(), y.float(), rtol=tol, atol=tol, msg=lambda m: f"output/grad {i}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(6, 40), (2, 3, 40)])  # 2-D goes as it is, 3-D is flattened and back
+def test_layer_norm_gradients_through_the_fused_node(stand_ins, dtype, shape):
+    torch.manual_seed(0)
+    x, r = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    w, b = torch.randn(shape[-1]), torch.randn(shape[-1])  # float32 weights with low-precision x
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for op in (lambda x, w, b, r, backend: ops.layer_norm(x, w, b, backend=backend),
+               lambda x, w, b, r, backend: ops.add_layer_norm(x, r, w, b, backend=backend)):
+        fused, reference = (grads(lambda *leaves: op(*leaves, backend=name), (x, w, b, r)) for name in ("fused", "reference"))
+        assert_same(fused, reference, tol)
+
+
+def test_only_the_residual_output_of_add_layer_norm_gets_a_gradient(stand_ins):
+    """Gradient reaching h alone (y unused), and y alone: both paths of the node."""
+    x, r, w, b = torch.randn(4, 16), torch.randn(4, 16), torch.randn(16), torch.randn(16)
+    for keep in (0, 1):
+        results = {}
+        for name in ("fused", "reference"):
+            leaves = [t.clone().requires_grad_() for t in (x, r, w, b)]
+            out = ops.add_layer_norm(leaves[0], leaves[1], leaves[2], leaves[3], backend=name)[keep]
+            out.pow(2).sum().backward()
+            results[name] = [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
+        assert_same(results["fused"], results["reference"], 1e-5)
+
+
+@pytest.mark.parametrize("heads, kv_heads, t_q, t_k", [(4, 4, 9, 9), (4, 2, 5, 11), (4, 1, 1, 7)])
+def test_attention_gradients_through_the_fused_node(stand_ins, heads, kv_heads, t_q, t_k):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, heads, t_q, 32), torch.randn(2, kv_heads, t_k, 32), torch.randn(2, kv_heads, t_k, 32)
+    fused = grads(lambda q, k, v: ops.causal_attention(q, k, v, scale=0.2, backend="fused"), (q, k, v))
+    reference = grads(lambda q, k, v: ops.causal_attention(q, k, v, scale=0.2, backend="reference"), (q, k, v))
+    assert_same(fused, reference, 1e-5)
+
+
+def test_the_log_sum_exp_output_is_differentiable(stand_ins):
+    from scratchformer.ops import reference
+    from scratchformer.ops.attention import FusedAttention
+
+    q, k, v = torch.randn(1, 2, 6, 32), torch.randn(1, 2, 6, 32), torch.randn(1, 2, 6, 32)
+    fused = grads(lambda q, k, v: FusedAttention.apply(q, k, v, 0.3), (q, k, v))
+    expected = grads(lambda q, k, v: reference.causal_attention(q, k, v, 0.3), (q, k, v))
+    assert_same(fused, expected, 1e-5)
+
+
+def test_compile_traces_the_fused_nodes_in_one_graph(stand_ins):
+    """fullgraph: no graph break in the backend choice or the autograd nodes; AOTAutograd runs
+    the ops' fake implementations, then the same forward and backward as eager."""
+    torch.manual_seed(0)
+
+    def block(x, r, w, b, q, k, v):
+        y, h = ops.add_layer_norm(x * 2, r, w, b, backend="fused")
+        a = ops.causal_attention(q * 2, k, v, backend="fused")
+        return (torch.tanh(y) + h).sum() + a.tanh().sum()
+
+    leaves = [torch.randn(8, 32), torch.randn(8, 32), torch.randn(32), torch.randn(32),
+              torch.randn(1, 4, 8, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32)]
+    compiled = grads(torch.compile(block, fullgraph=True, backend="aot_eager"), leaves)
+    eager = grads(block, leaves)
+    assert_same(compiled, eager, 1e-5)
+
+
+def test_without_gradients_the_ops_run_without_an_autograd_node(stand_ins):
+    x, r, w, b = torch.randn(3, 5, 16), torch.randn(3, 5, 16), torch.randn(16), torch.randn(16)
+    q, k, v = torch.randn(1, 4, 6, 32), torch.randn(1, 2, 6, 32), torch.randn(1, 2, 6, 32)
+    with torch.no_grad():
+        y, h = ops.add_layer_norm(x, r, w, b, backend="fused")
+        expected_y, expected_h = ops.add_layer_norm(x, r, w, b, backend="reference")
+        out = ops.causal_attention(q, k, v, backend="fused")
+        expected = ops.causal_attention(q, k, v, backend="reference")
+    assert y.grad_fn is None and out.grad_fn is None
+    assert_same([y, h, out, ops.layer_norm(x, w, b, backend="fused")],
+                [expected_y, expected_h, expected, ops.layer_norm(x, w, b, backend="reference")], 1e-5)
+
+
+def test_the_host_cost_benchmark_runs_anywhere(tmp_path):
+    checkout = Path(scratchformer.__file__).parent.parent
+    subprocess.run([sys.executable, str(checkout / "benchmarks" / "bench_host.py"), "--reps", "20", "--out", str(tmp_path)],
+                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(checkout)})
+    rows = [line.split("|")[1:-1] for line in (tmp_path / "bench_host.md").read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r[0].strip() for r in rows[1:]] == ["layer_norm 16x512"] * 2 + ["add_layer_norm 16x512"] * 2 + ["causal_attention 1x8x16x64"] * 2
+    for row in rows[1:]:
+        ours, stubs, host, _ = (float(c) for c in row[2:])
+        assert ours > 0 and stubs > 0 and host == pytest.approx(ours - stubs, abs=0.11)
