@@ -28,7 +28,7 @@ def run_one(args) -> dict:
     from scratchformer.model import GPT
     from scratchformer.ops import FusedUnavailableError
     from scratchformer.run import check_backend
-    from scratchformer.step import autocast, lm_loss
+    from scratchformer.step import autocast
 
     device = torch.device(args.device)
     amp = "bf16" if device.type == "cuda" else "off"
@@ -48,8 +48,7 @@ def run_one(args) -> dict:
 
     def step():
         with autocast(device, amp):
-            logits = step_model(x)
-        loss = lm_loss(logits, y, 0.1)
+            loss = step_model(x, targets=y, label_smoothing=0.1)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

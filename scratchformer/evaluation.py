@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from .model import GPT
-from .step import autocast, lm_loss
+from .step import autocast
 from .windows import evaluation_windows
 
 
@@ -32,8 +32,7 @@ def evaluate(model: GPT, tokens: np.ndarray, words: int, device: torch.device, a
         y = torch.cat([w[1] for w in group]).to(device)
         first = torch.tensor([w[2] for w in group], device=device)
         with autocast(device, amp):
-            logits = model(x)
-        nll = lm_loss(logits, y, reduction="none").view(y.shape)
+            nll = model(x, targets=y, reduction="none")
         scored = torch.arange(y.shape[1], device=device)[None] >= first[:, None]
         total_nll += nll[scored].sum().item()
         count += int(scored.sum())

@@ -139,9 +139,12 @@ class GPT(nn.Module):
             elif name.endswith("bias") and "norm" not in name:
                 nn.init.zeros_(p)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None,
+                label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
         """Logits [B, T, vocab] for token ids [B, T]. With a cache, idx continues the cached
-        positions and its keys and values are added to the cache."""
+        positions and its keys and values are added to the cache. With targets [B, T] (the next
+        token at each position), the cross-entropy instead (mean, sum, or [B, T] with reduction
+        "none"), from `ops.linear_cross_entropy`: the [B, T, vocab] logits are never held."""
         if idx.dim() != 2 or idx.dtype.is_floating_point or idx.dtype.is_complex:
             raise ValueError(f"forward: idx must be integer token ids of shape [batch, time], got {idx.dtype} of shape "
                              f"{tuple(idx.shape)}" + (" (one sequence: idx[None])" if idx.dim() == 1 else ""))
@@ -167,7 +170,14 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += time
         x = self.final_norm(x)
-        return F.linear(x, self.embedding.weight) if self.head is None else self.head(x)
+        head = self.embedding.weight if self.head is None else self.head.weight
+        if targets is None:
+            return F.linear(x, head)
+        if targets.shape != idx.shape:
+            raise ValueError(f"forward: targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        loss = ops.linear_cross_entropy(x.flatten(0, 1).to(head.dtype), head, targets.flatten(), label_smoothing=label_smoothing,
+                                        reduction=reduction)
+        return loss.view(targets.shape) if reduction == "none" else loss
 
     @torch.no_grad()
     def generate(

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .config import ModelConfig, TrainConfig
 
@@ -29,12 +28,6 @@ def vaswani_lr(step: int, d_model: int, warmup: int, scale: float = 1.0) -> floa
     """lr = scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), steps counted from 1."""
     step = max(step, 1)
     return scale * d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), label_smoothing=label_smoothing, reduction=reduction
-    )
 
 
 def autocast(device: torch.device, amp: str):
@@ -81,8 +74,7 @@ def forward_backward(net: torch.nn.Module, batches: list[tuple[torch.Tensor, tor
         sync = net.no_sync() if hasattr(net, "no_sync") and not last else contextlib.nullcontext()
         with sync:
             with autocast(device, train_config.amp):
-                logits = net(x)
-            loss = lm_loss(logits, y, train_config.label_smoothing) / len(batches)
+                loss = net(x, targets=y, label_smoothing=train_config.label_smoothing) / len(batches)
             opt.scaler.scale(loss).backward()
         total += loss.detach()
     if world > 1:

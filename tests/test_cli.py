@@ -13,6 +13,7 @@ import pytest
 
 from scratchformer import cli
 from scratchformer import step as stepmod
+from scratchformer import training
 from scratchformer.config import PRESETS, ModelConfig
 from scratchformer.tokenizer import BPETokenizer
 from scratchformer.records import load_checkpoint, save_checkpoint
@@ -51,7 +52,7 @@ def test_run_files_get_the_mode_of_a_normal_write(run):
 
 
 def test_ctrl_c_names_the_last_checkpoint_and_the_resume_command(small_text, tmp_path, monkeypatch, capsys):
-    real, calls = stepmod.lm_loss, []
+    real, calls = stepmod.forward_backward, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -59,7 +60,7 @@ def test_ctrl_c_names_the_last_checkpoint_and_the_resume_command(small_text, tmp
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(stepmod, "lm_loss", interrupted)
+    monkeypatch.setattr(training, "forward_backward", interrupted)
     out = tmp_path / "run"
     assert cli.main(["train", "--data", str(small_text), "--out", str(out), "--steps", "20", "--checkpoint-every", "4", *SMALL]) == 130
     err = capsys.readouterr().err.strip()

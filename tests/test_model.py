@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from scratchformer import ops
 from scratchformer.config import ConfigError, ModelConfig
 from scratchformer.kv_cache import KVCache
 from scratchformer.model import GPT
-from scratchformer.step import lm_loss
 
 VARIANTS = [
     (positions, kv_heads) for positions in ("sinusoidal", "rotary", "learned") for kv_heads in (4, 2, 1)
@@ -109,8 +109,31 @@ def test_overfits_a_fixed_batch(positions):
     x, y = batch[:, :-1], batch[:, 1:]
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(300):
-        loss = lm_loss(model(x), y)
+        loss = model(x, targets=y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.05  # from ln(97) = 4.6 at the start
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_the_loss_from_targets_is_the_cross_entropy_of_the_logits(tie):
+    """forward(idx, targets) never holds the logits, and gives what they would: loss, per-token
+    losses and the gradients of every parameter."""
+    torch.manual_seed(0)
+    idx, targets = torch.randint(0, 97, (3, 24)), torch.randint(0, 97, (3, 24))
+    results = {}
+    for how in ("targets", "logits"):
+        model = small_model(tie=tie)
+        if how == "targets":
+            loss, per_token = model(idx, targets=targets, label_smoothing=0.1), model(idx, targets=targets, reduction="none")
+        else:
+            logits = model(idx).flatten(0, 1)
+            loss = F.cross_entropy(logits, targets.flatten(), label_smoothing=0.1)
+            per_token = F.cross_entropy(logits, targets.flatten(), reduction="none").view(3, 24)
+        loss.backward()
+        results[how] = [loss.detach(), per_token.detach()] + [p.grad for p in model.parameters()]
+    for a, b in zip(results["targets"], results["logits"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="targets must have idx's shape"):
+        small_model()(idx, targets=targets[:, :5])

@@ -5,6 +5,7 @@ See `backend.py` for how the implementation is chosen, `reference.py` for the ma
 
 from .attention import causal_attention
 from .backend import BACKENDS, FusedUnavailableError, get_backend, set_backend
+from .cross_entropy import linear_cross_entropy
 from .layer_norm import add_layer_norm, layer_norm
 from . import selfcheck  # noqa: E402,I001  (installs the first-use check that `auto` consults)
 
@@ -15,5 +16,6 @@ __all__ = [
     "causal_attention",
     "get_backend",
     "layer_norm",
+    "linear_cross_entropy",
     "set_backend",
 ]

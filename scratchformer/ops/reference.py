@@ -70,3 +70,39 @@ def layer_norm(
     rstd = torch.rsqrt(var + eps)
     y = centered * rstd * weight.to(stat) + bias.to(stat)
     return y.to(x.dtype), mean.squeeze(-1), rstd.squeeze(-1)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of logits = hidden @ weight.T + bias against targets, written out.
+
+    hidden [N, d], weight [V, d], targets [N]. Logits are optionally capped (softcap *
+    tanh(logits / softcap)); a row's loss is (1 - label_smoothing) * -log p(target) +
+    label_smoothing * mean over the vocabulary of -log p; rows whose target is ignore_index count
+    for nothing; "mean" divides the sum by the number of rows counted (nan when none are).
+    """
+    stat = _stat_dtype(hidden.dtype)
+    logits = torch.matmul(hidden, weight.transpose(0, 1))
+    if bias is not None:
+        logits = logits + bias
+    logits = logits.to(stat)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    log_probs = shifted - torch.log(torch.exp(shifted).sum(dim=-1, keepdim=True))
+    counted = targets != ignore_index
+    picked = log_probs.gather(1, torch.where(counted, targets, 0).long()[:, None])[:, 0]
+    per_row = -(1 - label_smoothing) * picked - label_smoothing * log_probs.mean(dim=-1)
+    per_row = torch.where(counted, per_row, torch.zeros_like(per_row))
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    return total / counted.sum() if reduction == "mean" else total
