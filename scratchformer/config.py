@@ -28,7 +28,8 @@ def _check_types(config, whole: tuple, numbers_: tuple, flags: tuple) -> None:
 
 
 POSITIONS = ("sinusoidal", "rotary", "learned")
-ACTIVATIONS = ("relu", "gelu_tanh")
+ACTIVATIONS = ("relu", "gelu_tanh", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,10 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = False  # True: the output layer reuses the token embedding matrix
     # GPT-2's choices where the write-up's model differs:
-    activation: str = "relu"  # or "gelu_tanh" (GPT-2's GELU, tanh approximation)
+    activation: str = "relu"  # or "gelu_tanh" (GPT-2's GELU, tanh approximation), or "swiglu" (Llama's gated feed-forward, no biases)
     bias: bool = False  # biases in the attention projections
-    norm_eps: float = 1e-5  # LayerNorm epsilon
+    norm: str = "layernorm"  # or "rmsnorm" (Llama's: no mean subtracted, no bias)
+    norm_eps: float = 1e-5  # the norms' epsilon
     scale_embeddings: bool = True  # token embeddings times sqrt(d_model) on the way in (Vaswani et al.)
 
     @property
@@ -82,6 +84,8 @@ class ModelConfig:
             raise ConfigError(f"positions must be one of {', '.join(POSITIONS)}, not {self.positions!r}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}, not {self.activation!r}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"norm must be one of {', '.join(NORMS)}, not {self.norm!r}")
         if not self.norm_eps > 0:
             raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
         if self.positions == "rotary" and self.head_dim % 2:
@@ -161,6 +165,13 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     "tiny": (
         ModelConfig(context=64, n_layers=2, d_model=128, n_heads=4, d_ff=512),
         TrainConfig(steps=300, batch_size=32, warmup=100, lr_scale=1.0, eval_every=100, checkpoint_every=100),
+    ),
+    # The seed's follow-ups as one switch: Llama's RMSNorm, SwiGLU, rotary positions, grouped-query
+    # attention and no biases, at the seed model's size (d_ff 944 gives its parameter count).
+    "llama": (
+        ModelConfig(context=256, n_layers=4, d_model=512, n_heads=8, n_kv_heads=2, d_ff=944, positions="rotary",
+                    activation="swiglu", norm="rmsnorm", norm_eps=1e-5, scale_embeddings=False),
+        TrainConfig(steps=10000, batch_size=64, warmup=4000, eval_every=500, checkpoint_every=500),
     ),
     "gpt2": (
         GPT2,

@@ -189,7 +189,7 @@ class ConversionError(ValueError):
 
 def _check_gpt2_config(hf_config) -> None:
     if getattr(hf_config, "model_type", None) != "gpt2":
-        raise ConversionError(f"from_hf converts GPT-2 models, not {getattr(hf_config, 'model_type', type(hf_config).__name__)!r}")
+        raise ConversionError(f"from_hf converts GPT-2 and Llama models, not {getattr(hf_config, 'model_type', type(hf_config).__name__)!r}")
     unsupported = {
         "scale_attn_by_inverse_layer_idx": True, "scale_attn_weights": False, "add_cross_attention": True,
     }
@@ -241,16 +241,18 @@ def load_pretrained(name: str | os.PathLike):
 
 
 def from_hf(source, config=None):
-    """Our GPT with the weights of a GPT-2: a Hub name or a local folder (as `load_pretrained`), a
-    transformers GPT2LMHeadModel / GPT2Model, or a state dict in GPT-2's names (with or without
-    the "transformer." prefix; `config`, a GPT2Config, gives the head count, which a state dict of
-    a published GPT-2 size implies)."""
+    """Our GPT with the weights of a GPT-2 or a Llama: a Hub name or a local folder (as
+    `load_pretrained`), a transformers GPT2LMHeadModel / GPT2Model / LlamaForCausalLM, or a state
+    dict in their names with `config` (a GPT-2 state dict of a published size needs none: with or
+    without the "transformer." prefix, it implies the head count)."""
     if isinstance(source, (str, os.PathLike)):
         source = load_pretrained(source)
     if isinstance(source, nn.Module):
         config, state = source.config, source.state_dict()
     else:
         state = dict(source)
+    if getattr(config, "model_type", None) == "llama":
+        return _from_llama(state, config)
     if config is not None:
         _check_gpt2_config(config)
     sd = {k.removeprefix("transformer."): v for k, v in state.items()}
@@ -296,7 +298,7 @@ def _gpt2_to_ours(sd: dict, ours: ModelConfig) -> dict:
 
 
 def _check_convertible(config) -> None:
-    wanted = {"positions": "learned", "bias": True, "scale_embeddings": False}
+    wanted = {"positions": "learned", "bias": True, "scale_embeddings": False, "norm": "layernorm"}
     for name, value in wanted.items():
         if getattr(config, name) != value:
             raise ConversionError(f"to_hf: a GPT-2 needs {name}={value}, this model has {getattr(config, name)}")
@@ -305,11 +307,14 @@ def _check_convertible(config) -> None:
 
 
 def to_hf(model):
-    """A transformers GPT2LMHeadModel with the weights of our GPT (GPT-2's architecture only)."""
+    """A transformers model with the weights of our GPT: a LlamaForCausalLM for Llama's architecture
+    (RMSNorm, SwiGLU, rotary, no biases), else a GPT2LMHeadModel (GPT-2's architecture only)."""
     _transformers()
     from transformers import GPT2Config, GPT2LMHeadModel
 
     c = model.config
+    if c.activation == "swiglu" or c.norm == "rmsnorm":
+        return _to_llama(model)
     _check_convertible(c)
     hf_config = GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.context, n_embd=c.d_model, n_layer=c.n_layers, n_head=c.n_heads, n_inner=c.d_ff,
@@ -333,5 +338,104 @@ def to_hf(model):
             h + "mlp.c_proj.weight": sd[b + "feed_forward.2.weight"].t(), h + "mlp.c_proj.bias": sd[b + "feed_forward.2.bias"],
         }
     hf = GPT2LMHeadModel(hf_config).to(sd["embedding.weight"].dtype)
+    hf.load_state_dict({k: v.contiguous() for k, v in out.items()})
+    return hf.eval()
+
+
+# ---- Llama ------------------------------------------------------------------------------------
+# Our blocks hold K and V as one projection (key_value: K's rows, then V's) and gate and up as one
+# (gate_up: gate's rows, then up's); transformers' Llama keeps them apart. Rotary positions split
+# each head into halves, as Llama's rotate_half does, with base 10000.
+_LLAMA_LAYER = (("norm1.weight", ("input_layernorm.weight",)), ("attention.query.weight", ("self_attn.q_proj.weight",)),
+                ("attention.key_value.weight", ("self_attn.k_proj.weight", "self_attn.v_proj.weight")),
+                ("attention.out.weight", ("self_attn.o_proj.weight",)), ("norm2.weight", ("post_attention_layernorm.weight",)),
+                ("feed_forward.gate_up.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
+                ("feed_forward.down.weight", ("mlp.down_proj.weight",)))
+
+
+def llama_config_from_hf(hf_config) -> ModelConfig:
+    """Our ModelConfig for a transformers LlamaConfig; refuses what our model does not compute."""
+    heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    problems = [f"{name}={value!r}" for name, value, ok in (
+        ("hidden_act", hf_config.hidden_act, hf_config.hidden_act == "silu"),
+        ("attention_bias", getattr(hf_config, "attention_bias", False), not getattr(hf_config, "attention_bias", False)),
+        ("mlp_bias", getattr(hf_config, "mlp_bias", False), not getattr(hf_config, "mlp_bias", False)),
+        ("rope_theta", _rope_theta(hf_config), _rope_theta(hf_config) == 10000.0),
+        ("rope_scaling", _rope_scaling(hf_config), _rope_scaling(hf_config) in (None, "default")),
+        ("head_dim", head_dim, head_dim * heads == hf_config.hidden_size),
+    ) if not ok]
+    if problems:
+        raise ConversionError(f"this Llama sets {', '.join(problems)}, which scratchformer's model does not implement "
+                              "(it computes SiLU gating, no biases, rotary base 10000 unscaled, head_dim = hidden_size / heads)")
+    return ModelConfig(
+        vocab_size=hf_config.vocab_size, context=hf_config.max_position_embeddings, n_layers=hf_config.num_hidden_layers,
+        d_model=hf_config.hidden_size, n_heads=heads, n_kv_heads=hf_config.num_key_value_heads or heads,
+        d_ff=hf_config.intermediate_size, positions="rotary", tie_embeddings=bool(hf_config.tie_word_embeddings),
+        activation="swiglu", bias=False, norm="rmsnorm", norm_eps=float(hf_config.rms_norm_eps), scale_embeddings=False,
+    ).validate()
+
+
+def _rope_parameters(hf_config) -> dict:
+    # transformers 5 keeps rope_theta and the scaling in rope_parameters; older ones as attributes.
+    return getattr(hf_config, "rope_parameters", None) or {}
+
+
+def _rope_theta(hf_config) -> float:
+    return float(_rope_parameters(hf_config).get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+
+
+def _rope_scaling(hf_config):
+    scaling = getattr(hf_config, "rope_scaling", None) or {}
+    kind = _rope_parameters(hf_config).get("rope_type") or scaling.get("rope_type") or scaling.get("type")
+    return kind
+
+
+def _from_llama(state: dict, hf_config) -> GPT:
+    ours = llama_config_from_hf(hf_config)
+    sd = {k.removeprefix("model."): v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    try:
+        out = {"embedding.weight": sd.pop("embed_tokens.weight"), "final_norm.weight": sd.pop("norm.weight")}
+        head = sd.pop("lm_head.weight", None)
+        if not ours.tie_embeddings:
+            if head is None:
+                raise ConversionError("this Llama does not tie its output layer to the embeddings, but has no lm_head.weight")
+            out["head.weight"] = head
+        for i in range(ours.n_layers):
+            for name, theirs in _LLAMA_LAYER:
+                out[f"blocks.{i}.{name}"] = torch.cat([sd.pop(f"layers.{i}.{t}") for t in theirs])
+    except KeyError as e:
+        raise ConversionError(f"not a complete Llama state dict: {e.args[0]} is missing") from None
+    if sd:
+        raise ConversionError(f"weights left over that our Llama has no place for: {', '.join(sorted(sd)[:5])}")
+    model = GPT(ours)
+    model.load_state_dict({k: v.contiguous() for k, v in out.items()})
+    return model.to(out["embedding.weight"].dtype)
+
+
+def _to_llama(model):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = model.config
+    wanted = {"positions": "rotary", "activation": "swiglu", "norm": "rmsnorm", "bias": False, "scale_embeddings": False}
+    for name, value in wanted.items():
+        if getattr(c, name) != value:
+            raise ConversionError(f"to_hf: a Llama needs {name}={value}, this model has {getattr(c, name)}")
+    hf_config = LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.kv_heads, max_position_embeddings=c.context,
+        rms_norm_eps=c.norm_eps, tie_word_embeddings=c.tie_embeddings, rope_theta=10000.0, hidden_act="silu",
+        attention_bias=False, mlp_bias=False, bos_token_id=c.vocab_size - 1, eos_token_id=c.vocab_size - 1,
+    )
+    sd = model.state_dict()
+    out = {"model.embed_tokens.weight": sd["embedding.weight"], "model.norm.weight": sd["final_norm.weight"],
+           "lm_head.weight": sd["embedding.weight"] if c.tie_embeddings else sd["head.weight"]}
+    sizes = {"self_attn.k_proj.weight": c.kv_heads * c.head_dim, "mlp.gate_proj.weight": c.d_ff}
+    for i in range(c.n_layers):
+        for name, theirs in _LLAMA_LAYER:
+            tensor = sd[f"blocks.{i}.{name}"]
+            parts = tensor.split(sizes[theirs[0]]) if len(theirs) == 2 else (tensor,)
+            out |= {f"model.layers.{i}.{t}": p for t, p in zip(theirs, parts)}
+    hf = LlamaForCausalLM(hf_config).to(sd["embedding.weight"].dtype)
     hf.load_state_dict({k: v.contiguous() for k, v in out.items()})
     return hf.eval()

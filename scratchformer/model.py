@@ -60,6 +60,39 @@ class LayerNorm(nn.Module):
         return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
 
 
+class RMSNorm(nn.Module):
+    """Llama's norm on `ops.rms_norm`: x / rms(x) * weight, no bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    return (RMSNorm if config.norm == "rmsnorm" else LayerNorm)(config.d_model, config.norm_eps)
+
+
+class SwiGLU(nn.Module):
+    """Llama's feed-forward: down(silu(gate(x)) * up(x)), gate and up as one matmul, no biases."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(config.d_model, 2 * config.d_ff, bias=False)
+        self.down = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.dropout(self.down(F.silu(gate) * up))
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -86,10 +119,10 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.norm1 = LayerNorm(config.d_model, config.norm_eps)
+        self.norm1 = make_norm(config)
         self.attention = Attention(config)
-        self.norm2 = LayerNorm(config.d_model, config.norm_eps)
-        self.feed_forward = nn.Sequential(
+        self.norm2 = make_norm(config)
+        self.feed_forward = SwiGLU(config) if config.activation == "swiglu" else nn.Sequential(
             nn.Linear(config.d_model, config.d_ff),
             nn.ReLU() if config.activation == "relu" else nn.GELU(approximate="tanh"),
             nn.Linear(config.d_ff, config.d_model),
@@ -111,7 +144,7 @@ class GPT(nn.Module):
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.final_norm = LayerNorm(config.d_model, config.norm_eps)
+        self.final_norm = make_norm(config)
         self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.positions == "learned":
             self.position_embedding = nn.Embedding(config.context, config.d_model)
@@ -134,7 +167,7 @@ class GPT(nn.Module):
             nn.init.normal_(self.position_embedding.weight, std=0.01)
         for name, p in self.named_parameters():
             if name.endswith("weight") and p.dim() == 2 and "embedding" not in name:
-                residual = name.endswith("attention.out.weight") or name.endswith("feed_forward.2.weight")
+                residual = name.endswith(("attention.out.weight", "feed_forward.2.weight", "feed_forward.down.weight"))
                 nn.init.normal_(p, std=0.02 / (math.sqrt(2 * self.config.n_layers) if residual else 1.0))
             elif name.endswith("bias") and "norm" not in name:
                 nn.init.zeros_(p)

@@ -82,10 +82,11 @@ def test_what_the_conversion_refuses():
         from_hf(random_gpt2(scale_attn_by_inverse_layer_idx=True))
     with pytest.raises(ConversionError, match="activation 'silu'"):
         from_hf(random_gpt2(activation_function="silu"))
-    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                                   num_attention_heads=2, bos_token_id=0, eos_token_id=0))
-    with pytest.raises(ConversionError, match="converts GPT-2 models, not 'llama'"):
-        from_hf(llama)
+    mistral = transformers.MistralForCausalLM(transformers.MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+                                                                         num_hidden_layers=1, num_attention_heads=2, bos_token_id=0,
+                                                                         eos_token_id=0))
+    with pytest.raises(ConversionError, match="converts GPT-2 and Llama models, not 'mistral'"):
+        from_hf(mistral)
     from scratchformer.config import ModelConfig
 
     with pytest.raises(ConversionError, match="a GPT-2 needs positions=learned, this model has sinusoidal"):

@@ -88,7 +88,7 @@ def test_context_overflow_is_an_error():
         (dict(d_model=30, n_heads=4), r"d_model \(30\) must be divisible by n_heads \(4\)"),
         (dict(n_heads=4, n_kv_heads=3), r"n_heads \(4\) must be divisible by n_kv_heads \(3\)"),
         (dict(positions="alibi"), "positions must be one of sinusoidal, rotary, learned"),
-        (dict(activation="swiglu"), "activation must be one of relu, gelu_tanh"),
+        (dict(activation="silu"), "activation must be one of relu, gelu_tanh, swiglu"),
         (dict(norm_eps=0.0), "norm_eps must be > 0"),
         (dict(d_model=36, n_heads=4, positions="rotary"), "rotary positions need an even head size"),
         (dict(dropout=1.0), "dropout must be in"),

@@ -72,6 +72,14 @@ def layer_norm(
     return y.to(x.dtype), mean.squeeze(-1), rstd.squeeze(-1)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last dimension (no mean subtracted, no
+    bias), computed in float32 (float64 for float64 inputs), returned in x's dtype."""
+    xs = x.to(_stat_dtype(x.dtype))
+    rstd = torch.rsqrt((xs * xs).mean(dim=-1, keepdim=True) + eps)
+    return (xs * rstd * weight.to(xs.dtype)).to(x.dtype)
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
