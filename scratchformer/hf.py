@@ -27,6 +27,7 @@ import warnings
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import ops
 from .config import ModelConfig
@@ -172,6 +173,76 @@ def patch_layer_norm(model: nn.Module) -> int:
                 setattr(parent, child_name, ours)
                 replaced += 1
     return replaced
+
+
+class HFRMSNorm(nn.Module):
+    """A transformers model's RMSNorm on `ops.rms_norm`, keeping its weight (the same tensor) and
+    eps. Gemma's norms scale by 1 + weight (their weight starts at zero): `offset` 1."""
+
+    def __init__(self, weight: nn.Parameter, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.weight, self.eps, self.offset = weight, eps, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight + self.offset if self.offset else self.weight, self.eps)
+
+
+def patch_rms_norm(model: nn.Module) -> int:
+    """Replace every RMSNorm module of a transformers model (a class named ...RMSNorm with a weight
+    over the last dimension: Llama's, Mistral's, Qwen2's, Gemma's) by `HFRMSNorm`. Returns how many."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            weight = getattr(child, "weight", None)
+            if type(child).__name__.endswith("RMSNorm") and isinstance(weight, nn.Parameter) and weight.dim() == 1:
+                eps = getattr(child, "variance_epsilon", getattr(child, "eps", 1e-6))
+                setattr(parent, child_name, HFRMSNorm(weight, eps, 1.0 if type(child).__name__.startswith("Gemma") else 0.0))
+                replaced += 1
+    return replaced
+
+
+def patch_loss(model: nn.Module) -> bool:
+    """Make `model(..., labels=...)` compute its causal-LM loss with `ops.linear_cross_entropy`,
+    from the base model's hidden states and the LM head's weight, never holding the logits (the
+    output's logits are then None). transformers' conventions kept: labels shifted by one, -100
+    ignored, the mean, or the sum over `num_items_in_batch` when given, `shift_labels` taken as
+    they are, Gemma 2's final logit softcapping. Calls without labels run the model's own forward.
+    False when the model has no `lm_head` on a base model."""
+    head, base = getattr(model, "lm_head", None), getattr(model, "base_model", model)
+    if not isinstance(head, nn.Linear) or base is model:
+        return False
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    original = model.forward
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def forward(*args, labels=None, shift_labels=None, num_items_in_batch=None, logits_to_keep=0, **kwargs):
+        if labels is None and shift_labels is None:
+            return original(*args, logits_to_keep=logits_to_keep, **kwargs)
+        outputs = base(*args, **kwargs)
+        hidden = outputs[0]
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+        loss = ops.linear_cross_entropy(hidden.flatten(0, -2).to(head.weight.dtype), head.weight,
+                                        shift_labels.flatten().to(hidden.device), bias=head.bias, softcap=softcap,
+                                        reduction="sum" if num_items_in_batch is not None else "mean")
+        if num_items_in_batch is not None:
+            loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+        # The base model's other outputs (the cache, hidden states, attentions) under their own names.
+        return CausalLMOutputWithPast(loss=loss, logits=None, **{k: v for k, v in outputs.items() if k != "last_hidden_state"})
+
+    model.forward = forward
+    return True
+
+
+def apply(model: nn.Module) -> dict[str, int]:
+    """scratchformer's ops in a transformers causal LM, in one line: attention on our backend
+    (`register()` and the model switched to it), every LayerNorm and RMSNorm module on our ops
+    (parameters and eps kept), and the loss through `linear_cross_entropy` (`patch_loss`).
+    Returns what it patched: attention layers, layer norms, RMS norms, and the loss (0 or 1)."""
+    model.set_attn_implementation(register())
+    return {"attention": int(getattr(model.config, "num_hidden_layers", 0)), "layer_norm": patch_layer_norm(model),
+            "rms_norm": patch_rms_norm(model), "loss": int(patch_loss(model))}
 
 
 # ---- GPT-2's weights <-> ours ------------------------------------------------------------------
