@@ -1,14 +1,15 @@
-"""A Hugging Face transformers model on scratchformer's attention and LayerNorm.
+"""A Hugging Face transformers model on scratchformer's attention, norms and loss, in one line.
 
     pip install "scratchformer[hf]"
     python examples/hf_model.py                      # a small Llama-style model with random weights: offline
     python examples/hf_model.py --model gpt2         # GPT-2 from the Hub (downloaded the first time)
     python examples/hf_model.py --model gpt2 --device cuda --dtype bfloat16
 
-The one line is `attn_implementation="scratchformer"` after `scratchformer.hf.register()`; every
-layer's attention then runs `ops.causal_attention` (our fused kernel on a GPU). Calls it cannot
-compute exactly (a padding mask, attention dropout while training, ...) run on PyTorch's SDPA and
-are counted: the script prints the counts at the end.
+The one line is `scratchformer.hf.apply(model)`: every layer's attention then runs
+`ops.causal_attention` (our fused kernel on a GPU), every LayerNorm and RMSNorm our norms, and
+`model(..., labels=...)` its loss through `ops.linear_cross_entropy`, without the logits. Calls
+attention cannot compute exactly (a padding mask, attention dropout while training, ...) run on
+PyTorch's SDPA and are counted: the script prints the counts at the end.
 """
 
 import argparse
@@ -28,24 +29,22 @@ parser.add_argument("--steps", type=int, default=20)
 args = parser.parse_args()
 dtype = getattr(torch, args.dtype)
 
-scratchformer.hf.register()
 if args.model:
     config = transformers.AutoConfig.from_pretrained(args.model)
     if hasattr(config, "attn_pdrop"):
         config.attn_pdrop = 0.0  # GPT-2's attention dropout would send every training call to SDPA
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, config=config, attn_implementation="scratchformer",
-                                                              dtype=dtype)
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, config=config, dtype=dtype)
 else:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=50257, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                       bos_token_id=50256, eos_token_id=50256)  # grouped-query attention: 2 K/V heads
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="scratchformer", dtype=dtype)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
 tok = BPETokenizer.from_gpt2()
 if model.config.vocab_size < tok.n_vocab:
     parser.error(f"{args.model} has a vocabulary of {model.config.vocab_size} tokens; this example feeds it GPT-2's {tok.n_vocab}")
-print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-      f"{scratchformer.hf.patch_layer_norm(model)} LayerNorms on scratchformer's kernel")
+print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; on scratchformer's ops: "
+      f"{scratchformer.hf.apply(model)}")
 model.to(args.device)
 
 # Fine-tune a few steps on bundled WikiText, tokenized with GPT-2's vocabulary.
