@@ -1,6 +1,7 @@
-"""Training throughput of the `seed` model: each op backend, with and without torch.compile.
+"""Training throughput of the `seed` (and `llama`) model: each op backend, with and without torch.compile.
 
     python benchmarks/bench_train.py [--device cuda] [--batch-size 64] [--out DIR]
+    python benchmarks/bench_train.py --presets seed,llama --vocab-sizes 8192,50257
 
 Each configuration runs in a fresh process (so peak memory is its own): a few warm-up steps,
 then timed optimizer steps of the real training step (forward, label-smoothed loss, backward,
@@ -32,7 +33,7 @@ def run_one(args) -> dict:
 
     device = torch.device(args.device)
     amp = "bf16" if device.type == "cuda" else "off"
-    config, _ = preset("seed")
+    config, _ = preset(args.preset)
     config = type(config)(**{**config.__dict__, "vocab_size": args.vocab_size})
     ops.set_backend(args.backend)
     try:
@@ -77,7 +78,10 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="default 64 on GPU, 8 on CPU")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on GPU, 3 on CPU)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--vocab-sizes", default="8192", help="comma-separated (50257: GPT-2's, where the loss's memory shows)")
+    parser.add_argument("--presets", default="seed", help="comma-separated: seed, llama")
+    parser.add_argument("--vocab-size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--preset", help=argparse.SUPPRESS)
     parser.add_argument("--backends", default="reference,torch,fused")
     parser.add_argument("--out", type=Path, help="also write bench_train.md here")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -95,35 +99,39 @@ def main() -> int:
         return 0
 
     rows = []
-    for backend in args.backends.split(","):
-        for compiled in (False, True):
-            cmd = [sys.executable, __file__, "--one", "--backend", backend, "--device", args.device,
-                   "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--vocab-size", str(args.vocab_size)] + (["--compile"] if compiled else [])
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                result = {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
-            else:
-                result = json.loads(done.stdout.strip().splitlines()[-1])
-            rows.append((backend, compiled, result))
-            print(f"{backend:9} compile={compiled!s:5} {result}", file=sys.stderr, flush=True)
+    for name in args.presets.split(","):
+        for vocab in args.vocab_sizes.split(","):
+            for backend in args.backends.split(","):
+                for compiled in (False, True):
+                    cmd = [sys.executable, __file__, "--one", "--preset", name, "--backend", backend, "--device", args.device,
+                           "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                           "--vocab-size", vocab] + (["--compile"] if compiled else [])
+                    done = subprocess.run(cmd, capture_output=True, text=True)
+                    if done.returncode != 0:
+                        result = {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+                    else:
+                        result = json.loads(done.stdout.strip().splitlines()[-1])
+                    rows.append((name, vocab, backend, compiled, result))
+                    print(f"{name} {vocab} {backend:9} compile={compiled!s:5} {result}", file=sys.stderr, flush=True)
 
-    base = {c: r["tokens_per_s"] for b, c, r in rows if b == "reference" and "tokens_per_s" in r}
+    base = {(n, v, c): r["tokens_per_s"] for n, v, b, c, r in rows if b == "reference" and "tokens_per_s" in r}
     device_name = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
     lines = [
-        f"Training step of the `seed` model (4 layers, d_model 512, context 256, vocab {args.vocab_size}), "
-        f"batch {args.batch_size}, {'bf16 autocast' if gpu else 'fp32'}, on {device_name}, torch {torch.__version__}.",
+        f"Training step of the presets' models (4 layers, d_model 512, context 256), batch {args.batch_size}, "
+        f"{'bf16 autocast' if gpu else 'fp32'}, on {device_name}, torch {torch.__version__}.",
         "",
-        "| backend | torch.compile | tokens/s | peak memory | vs reference (same compile) |",
-        "| --- | --- | --- | --- | --- |",
+        "| preset | vocabulary | backend | torch.compile | tokens/s | peak memory | vs reference (same compile) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for backend, compiled, r in rows:
+    for name, vocab, backend, compiled, r in rows:
+        cells = f"| {name} | {vocab} | {backend} | {'yes' if compiled else 'no'} |"
         if "error" in r:
-            lines.append(f"| {backend} | {'yes' if compiled else 'no'} | n/a: {r['error']} | | |")
+            lines.append(f"{cells} n/a: {r['error']} | | |")
             continue
         memory = f"{r['peak_bytes'] / 2**20:.0f} MiB" + ("" if gpu else " (process RSS)")
-        ratio = f"{r['tokens_per_s'] / base[compiled]:.2f}x" if compiled in base else ""
-        lines.append(f"| {backend} | {'yes' if compiled else 'no'} | {r['tokens_per_s']:,.0f} | {memory} | {ratio} |")
+        key = (name, vocab, compiled)
+        ratio = f"{r['tokens_per_s'] / base[key]:.2f}x" if key in base else ""
+        lines.append(f"{cells} {r['tokens_per_s']:,.0f} | {memory} | {ratio} |")
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -128,7 +128,7 @@ def _snapshot(*folders: Path) -> dict:
 # a small text file, BIN for a binary file, FILE for a plain file, OUT for a new folder, TMP for
 # an existing one.
 BAD_INPUT = [
-    (["train", "--preset", "huge"], "unknown preset 'huge': choose one of seed, tiny, gpt2"),
+    (["train", "--preset", "huge"], "unknown preset 'huge': choose one of seed, tiny, llama, gpt2"),
     (["train", "--init-from", "gpt2", "--n-layers", "2", "--tied"], "--n-layers, --tied: the model's shape comes from the pretrained weights"),
     (["train", "--init-from", "gpt2", "--out", "RUN", "--resume"], "--init-from starts a new run from pretrained weights, --resume continues"),
     (["train", "--init-from", "gpt2", "--tokenizer", "bpe"], "--init-from trains GPT-2's weights with GPT-2's tokenizer"),
