@@ -172,9 +172,10 @@ def test_without_gradients_the_ops_run_without_an_autograd_node(stand_ins):
 
 
 def test_the_host_cost_benchmark_runs_anywhere(tmp_path):
-    checkout = Path(scratchformer.__file__).parent.parent
-    subprocess.run([sys.executable, str(checkout / "benchmarks" / "bench_host.py"), "--reps", "20", "--out", str(tmp_path)],
-                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(checkout)})
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_host.py"
+    package_parent = Path(scratchformer.__file__).parent.parent  # the package these tests import, installed or in place
+    subprocess.run([sys.executable, str(script), "--reps", "20", "--out", str(tmp_path)],
+                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(package_parent)})
     rows = [line.split("|")[1:-1] for line in (tmp_path / "bench_host.md").read_text().splitlines() if line.startswith("| ") and "---" not in line]
     assert [r[0].strip() for r in rows[1:]] == ["layer_norm 16x512"] * 2 + ["add_layer_norm 16x512"] * 2 + ["causal_attention 1x8x16x64"] * 2
     for row in rows[1:]:

@@ -60,7 +60,7 @@ def assert_within_twice(ours, low, truth):
     (qwen2, {"attention": 2, "layer_norm": 0, "rms_norm": 5, "loss": 1}),
     (gemma2, {"attention": 2, "layer_norm": 0, "rms_norm": 9, "loss": 1}),  # four norms a layer, Gemma's 1 + weight
 ], ids=["gpt2", "llama", "qwen2", "gemma2"])
-@pytest.mark.filterwarnings("ignore:scratchformer attention: attention logit softcapping")  # Gemma 2's: a counted fallback
+@pytest.mark.filterwarnings(r"ignore:scratchformer attention. attention logit softcapping")  # Gemma 2's: a counted fallback
 def test_apply_keeps_logits_loss_and_gradients(build, expected):
     torch.manual_seed(0)
     model = build().eval()

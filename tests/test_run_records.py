@@ -213,10 +213,10 @@ def test_eval_shows_progress_over_windows(run, small_text, capsys):
 
 
 def test_the_tokenizer_commands_do_not_import_torch():
-    checkout = Path(scratchformer.__file__).parent.parent
+    package_parent = Path(scratchformer.__file__).parent.parent  # the package these tests import, installed or in place
     code = ("import sys\nfrom scratchformer.cli import main\nassert main(['tokenizer', 'encode', 'Hello world']) == 0\n"
             "assert main(['tokenizer', 'decode', '15496']) == 0\nprint('torch' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=checkout, capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", code], cwd=package_parent, capture_output=True, text=True, check=True)
     assert result.stdout.split("\n")[-2] == "False", result.stdout
 
 
