@@ -3,7 +3,7 @@
 See `backend.py` for how the implementation is chosen, `reference.py` for the math.
 """
 
-from .attention import causal_attention
+from .attention import causal_attention, varlen_attention
 from .backend import BACKENDS, FusedUnavailableError, get_backend, set_backend
 from .cross_entropy import linear_cross_entropy
 from .layer_norm import add_layer_norm, layer_norm
@@ -21,4 +21,5 @@ __all__ = [
     "linear_cross_entropy",
     "rms_norm",
     "set_backend",
+    "varlen_attention",
 ]

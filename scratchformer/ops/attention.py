@@ -60,8 +60,42 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         )
 
 
-def _fused_reason(q: torch.Tensor) -> str | None:
+def _check_pattern(q, k, document_ids, window, softcap, sinks, op: str = "causal_attention") -> int | None:
+    """Check the options that narrow or reshape the attention pattern; returns the window's left reach."""
+    if document_ids is not None:
+        if not isinstance(document_ids, torch.Tensor) or document_ids.dtype.is_floating_point or document_ids.dtype.is_complex \
+                or document_ids.dtype == torch.bool:
+            raise TypeError(f"{op}: document_ids must be an integer tensor [batch, key length], "
+                            f"got {getattr(document_ids, 'dtype', type(document_ids).__name__)}")
+        if document_ids.shape != (k.shape[0], k.shape[2]):
+            raise ValueError(f"{op}: document_ids must be [batch, key length] = {[k.shape[0], k.shape[2]]}, "
+                             f"got {list(document_ids.shape)}")
+        if document_ids.device != q.device:
+            raise ValueError(f"{op}: document_ids must be on q's device {q.device}, got {document_ids.device}")
+    left = None
+    if window is not None:
+        if not (isinstance(window, (tuple, list)) and len(window) == 2 and all(isinstance(w, int) for w in window)):
+            raise TypeError(f"{op}: window must be (left, 0): query i sees keys i - left .. i; got {window!r}")
+        left, right = window
+        if left < 0 or right != 0:
+            raise ValueError(f"{op}: window must be (left, 0) with left >= 0 (attention is causal: nothing to the right), "
+                             f"got {tuple(window)}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < math.inf):
+        raise ValueError(f"{op}: softcap must be a positive number (Gemma 2 uses 50.0), got {softcap!r}")
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor) or not sinks.dtype.is_floating_point:
+            raise TypeError(f"{op}: sinks must be a float tensor [query heads], got {getattr(sinks, 'dtype', type(sinks).__name__)}")
+        if sinks.shape != (q.shape[1],):  # heads are dimension 1 of [B, H, T, D] and of varlen's [T, H, D]
+            raise ValueError(f"{op}: sinks must be [query heads] = [{q.shape[1]}], got {list(sinks.shape)}")
+        if sinks.device != q.device:
+            raise ValueError(f"{op}: sinks must be on q's device {q.device}, got {sinks.device}")
+    return left
+
+
+def _fused_reason(q: torch.Tensor, patterned: bool = False) -> str | None:
     """Why the kernel cannot take these inputs, or None."""
+    if patterned:
+        return "the kernels compute plain causal attention: document_ids, window, softcap and sinks are not in them yet"
     if q.dtype not in FUSED_DTYPES:
         return f"the kernel takes float32, float16 or bfloat16, not {q.dtype}"
     if q.shape[-1] not in FUSED_HEAD_DIMS:
@@ -71,14 +105,35 @@ def _fused_reason(q: torch.Tensor) -> str | None:
     return None
 
 
-def _torch_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+def _torch_sdpa(q, k, v, scale, document_ids=None, window=None, softcap=None, sinks=None) -> torch.Tensor:
+    """PyTorch's op: SDPA with the equivalent mask; softcapping, which no mask expresses, by PyTorch's
+    softmax over the capped scores."""
     t_q, t_k = q.shape[-2], k.shape[-2]
     gqa = q.shape[1] != k.shape[1]
-    if t_q == t_k:
+    if t_q == t_k and document_ids is None and window is None and softcap is None and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     # SDPA's is_causal aligns the mask top-left; a KV cache needs it bottom-right.
-    visible = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(t_k - t_q)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=gqa)
+    visible = reference.visible_keys(t_q, t_k, q.device, document_ids, window)  # [B or 1, 1, Tq, Tk]
+    if softcap is not None:
+        group = q.shape[1] // k.shape[1]
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        kk, vv = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        stat = torch.promote_types(q.dtype, torch.float32)
+        scores = softcap * torch.tanh(torch.matmul(q, kk.transpose(-1, -2)).to(stat) * scale / softcap)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        if sinks is not None:  # the sink: one more logit, with a value of zero
+            scores = torch.cat([scores, sinks.to(stat)[None, :, None, None].expand(*scores.shape[:-1], 1)], dim=-1)
+            vv = torch.cat([vv, vv.new_zeros(*vv.shape[:2], 1, vv.shape[-1])], dim=2)
+        return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), vv)
+    if sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=gqa)
+    # A sink is a key whose score is sinks[h] and whose value is zero: one more key, its score set by
+    # an additive mask.
+    bias = torch.zeros(visible.shape[0], q.shape[1], t_q, t_k + 1, dtype=q.dtype, device=q.device)
+    bias[..., :t_k].masked_fill_(~visible, float("-inf"))
+    bias = torch.cat([bias[..., :t_k], sinks.to(q.dtype)[None, :, None, None].expand(bias.shape[0], -1, t_q, 1)], dim=-1)
+    k, v = (torch.cat([t, t.new_zeros(*t.shape[:2], 1, t.shape[-1])], dim=2) for t in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=gqa)
 
 
 class FusedAttention(torch.autograd.Function):
@@ -113,24 +168,93 @@ def causal_attention(
     v: torch.Tensor,
     *,
     scale: float | None = None,
+    document_ids: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Causal attention: q [B, Hq, Tq, D], k and v [B, Hkv, Tk, D] -> [B, Hq, Tq, D].
 
     Hq % Hkv == 0 (multi-head, grouped-query or multi-query attention); the causal mask is
     aligned bottom-right (query i sees keys j <= i + Tk - Tq); scale defaults to D ** -0.5.
+    Optional, in any combination: `document_ids` [B, Tk] (integers; a query sees only keys of its
+    own document: packed documents need no repacking), `window=(left, 0)` (query i sees keys
+    i - left .. i: a sliding window), `softcap` (scores become softcap * tanh(score / softcap)) and
+    `sinks` [Hq] (a learned logit per head in each softmax denominator).
     `backend` picks the implementation for this call (default: `get_backend()`).
     """
     _check_inputs(q, k, v, scale)
-    which = choose("causal_attention", backend, (q, k, v), lambda: _fused_reason(q), (q.dtype, q.shape[-1]))
+    left = _check_pattern(q, k, document_ids, window, softcap, sinks)
+    patterned = document_ids is not None or left is not None or softcap is not None or sinks is not None
+    which = choose("causal_attention", backend, (q, k, v), lambda: _fused_reason(q, patterned), (q.dtype, q.shape[-1]))
     if which == "fused":
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return FusedAttention.apply(q, k, v, scale)[0]
         return torch.ops.scratchformer.attention_fwd(q, k, v, scale)[0]  # nothing to differentiate: no autograd node
     if which == "torch":
-        return _torch_sdpa(q, k, v, scale)
-    return reference.causal_attention(q, k, v, scale)[0]
+        return _torch_sdpa(q, k, v, scale, document_ids, left, softcap, sinks)
+    return reference.causal_attention(q, k, v, scale, document_ids, left, softcap, sinks)[0]
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    *,
+    scale: float | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Causal attention over a batch of sequences of different lengths, packed without padding
+    (flash_attn_varlen_func's convention): q [total_q, Hq, D], k and v [total_k, Hkv, D]; sequence
+    s holds queries cu_seqlens_q[s] .. cu_seqlens_q[s + 1] and keys cu_seqlens_k[s] .. cu_seqlens_k[s + 1]
+    (int32 or int64, [batch + 1], starting at 0). Within a sequence, as `causal_attention`: its
+    queries are its last positions (a sequence may have fewer queries than keys: a KV cache).
+    max_seqlen_q/k, where given, must bound the lengths. Returns [total_q, Hq, D].
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"varlen_attention: {name} must be a 3-D tensor [total tokens, heads, head_dim], "
+                             f"got {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    lengths = []
+    for name, cu, total, bound in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                                   ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64) or len(cu) < 2:
+            raise ValueError(f"varlen_attention: {name} must be an int32 tensor [batch + 1] of sequence offsets, got "
+                             f"{f'{cu.dtype} of shape {tuple(cu.shape)}' if isinstance(cu, torch.Tensor) else type(cu).__name__}")
+        offsets = cu.tolist()
+        steps = [b - a for a, b in zip(offsets, offsets[1:])]
+        if offsets[0] != 0 or offsets[-1] != total or min(steps) < 0:
+            raise ValueError(f"varlen_attention: {name} must rise from 0 to the {total} packed tokens, got {offsets}")
+        if bound is not None and max(steps) > bound:
+            raise ValueError(f"varlen_attention: a sequence has {max(steps)} tokens, more than the max_seqlen given ({bound})")
+        lengths.append(offsets)
+    (starts_q, starts_k) = lengths
+    if len(starts_q) != len(starts_k):
+        raise ValueError(f"varlen_attention: cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
+                         f"got {len(starts_q) - 1} and {len(starts_k) - 1}")
+    outs = []
+    for s in range(len(starts_q) - 1):
+        (q0, q1), (k0, k1) = starts_q[s : s + 2], starts_k[s : s + 2]
+        if q1 - q0 > k1 - k0:
+            raise ValueError(f"varlen_attention: sequence {s} has {q1 - q0} queries and {k1 - k0} keys: "
+                             "a sequence's queries are its last positions, so it needs at least as many keys")
+        if q1 == q0:
+            continue
+        # One sequence at a time, on `causal_attention`'s backends (the kernels take no varlen batch yet).
+        seq = causal_attention(q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None],
+                               v[k0:k1].transpose(0, 1)[None], scale=scale, window=window, softcap=softcap,
+                               sinks=sinks, backend=backend)
+        outs.append(seq[0].transpose(0, 1))
+    return torch.cat(outs) if outs else q.new_empty(q.shape)
 
 
 # ---- registration of the compiled ops with torch.library --------------------------------------

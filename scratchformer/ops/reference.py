@@ -15,38 +15,76 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def visible_keys(
+    t_q: int, t_k: int, device: torch.device, document_ids: torch.Tensor | None = None, window: int | None = None
+) -> torch.Tensor:
+    """Which keys each query sees, as a boolean [B or 1, 1, Tq, Tk] mask.
+
+    The Tq queries are the last Tq of the Tk positions (bottom-right alignment): query i sits at
+    position p = i + Tk - Tq and sees keys j <= p; with `window` = left, only j >= p - left; with
+    `document_ids` [B, Tk], only keys of its own document (document_ids[j] == document_ids[p]).
+    """
+    query_pos = torch.arange(t_q, device=device)[:, None] + (t_k - t_q)
+    key_pos = torch.arange(t_k, device=device)[None, :]
+    visible = key_pos <= query_pos
+    if window is not None:
+        visible = visible & (key_pos >= query_pos - window)
+    visible = visible[None, None]
+    if document_ids is not None:
+        query_docs = document_ids[:, t_k - t_q :]
+        visible = visible & (query_docs[:, None, :, None] == document_ids[:, None, None, :])
+    return visible
+
+
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    document_ids: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal softmax attention with grouped key/value heads.
 
     q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D] with Hq % Hkv == 0 and Tq <= Tk. Query head h reads
     kv head h // (Hq // Hkv) (Hkv == Hq: multi-head, 1: multi-query, else grouped-query).
     The mask is aligned bottom-right: the Tq queries are the last Tq positions of the Tk keys,
-    so query i sees keys j <= i + (Tk - Tq), which is what decoding with a KV cache needs.
+    so query i sees keys j <= i + (Tk - Tq), which is what decoding with a KV cache needs;
+    `document_ids` and `window` narrow it further (see `visible_keys`). `softcap` caps each scaled
+    score s at softcap * tanh(s / softcap) (Gemma 2); `sinks` [Hq] adds exp(sinks[h]) to each
+    softmax denominator of head h, a logit attended to with a value of zero (gpt-oss).
 
     Returns the output [B, Hq, Tq, D] in q's dtype and the log-sum-exp of each query's scaled
-    scores [B, Hq, Tq] in float32 (float64 for float64 inputs).
+    scores [B, Hq, Tq] (the sink included) in float32 (float64 for float64 inputs).
     """
     batch, n_heads, t_q, dim = q.shape
     n_kv_heads, t_k = k.shape[1], k.shape[2]
+    group = n_heads // n_kv_heads
     scale = dim**-0.5 if scale is None else scale
     stat = _stat_dtype(q.dtype)
 
     # Group the query heads that share one kv head: [B, Hkv, group, Tq, D]. K and V gain a
     # broadcast dimension instead of being copied per query head.
-    qg = (q * scale).reshape(batch, n_kv_heads, n_heads // n_kv_heads, t_q, dim)
+    qg = (q * scale).reshape(batch, n_kv_heads, group, t_q, dim)
     scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)).to(stat)  # [B, Hkv, G, Tq, Tk]
-
-    query_pos = torch.arange(t_q, device=q.device)[:, None] + (t_k - t_q)
-    key_pos = torch.arange(t_k, device=q.device)[None, :]
-    scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    visible = visible_keys(t_q, t_k, q.device, document_ids, window)  # [B or 1, 1, Tq, Tk]
+    scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
 
     # Softmax, written out. Subtracting the row max keeps exp() in range; it cancels exactly in
     # both the output and the log-sum-exp, so it needs no gradient.
-    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    row_max = scores.amax(dim=-1, keepdim=True)
+    if sinks is not None:
+        sink = sinks.to(stat).reshape(1, n_kv_heads, group, 1, 1)
+        row_max = torch.maximum(row_max, sink)
+    row_max = row_max.detach()
     weights = torch.exp(scores - row_max)
     row_sum = weights.sum(dim=-1, keepdim=True)
+    if sinks is not None:
+        row_sum = row_sum + torch.exp(sink - row_max)
     probs = (weights / row_sum).to(v.dtype)
 
     out = torch.matmul(probs, v.unsqueeze(2))  # [B, Hkv, G, Tq, D]
