@@ -109,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     g = groups["model"]
     g.add_argument("--positions", choices=["sinusoidal", "rotary", "learned"], help=f"position encoding ({_preset_values('positions')})")
     g.add_argument("--tied", action="store_true", help=f"reuse the embedding matrix as the output layer ({_preset_values('tie_embeddings')})")
+    g.add_argument("--document-mask", action=argparse.BooleanOptionalAction,
+                   help="attention stops at each <|endoftext|>, so no token sees an earlier document (default: on for "
+                        "corpora of several documents, off for one text file)")
     g = groups["training"]
     g.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto", help="mixed precision (default: bf16 on GPUs that have it, off on CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -284,7 +287,7 @@ def _cmd_train(args) -> int:
     if args.resume:  # the run's own settings, unless overridden here
         saved = resume_checkpoint(out)
         preset_cfg, model_cfg = model_cfg, type(model_cfg)(**saved["model_config"])
-        if args.preset and replace(preset_cfg, vocab_size=model_cfg.vocab_size) != model_cfg:
+        if args.preset and replace(preset_cfg, vocab_size=model_cfg.vocab_size, document_token=model_cfg.document_token) != model_cfg:
             raise CliError(f"--preset {args.preset}: {out} holds a model of other settings: resume without --preset, or use another --out")
         train_cfg = type(train_cfg)(**saved["train_config"])
         if args.vocab_size is not None and args.vocab_size != model_cfg.vocab_size:
@@ -321,7 +324,7 @@ def _cmd_train(args) -> int:
         raise CliError(_as_options(str(e))) from None
     ops.set_backend(args.kernels)
     result = train(model_cfg, train_cfg, args.data, out, tokenizer=tokenizer, device=str(device), resume=args.resume,
-                   compile=args.compile, progress=not args.no_progress, init_weights=init_weights)
+                   compile=args.compile, progress=not args.no_progress, init_weights=init_weights, document_mask=args.document_mask)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     written = [f for f in ("checkpoint.pt", "model.safetensors", "tokenizer.json", "metrics.csv", "loss.png") if (result.out_dir / f).exists()]

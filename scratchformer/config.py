@@ -50,6 +50,9 @@ class ModelConfig:
     norm: str = "layernorm"  # or "rmsnorm" (Llama's: no mean subtracted, no bias)
     norm_eps: float = 1e-5  # the norms' epsilon
     scale_embeddings: bool = True  # token embeddings times sqrt(d_model) on the way in (Vaswani et al.)
+    # The token that starts each document (<|endoftext|>): attention stops at it, so no position sees
+    # an earlier document (a document mask). None: positions see everything before them.
+    document_token: int | None = None
 
     @property
     def kv_heads(self) -> int:
@@ -61,7 +64,7 @@ class ModelConfig:
 
     def validate(self) -> "ModelConfig":
         positive = ("vocab_size", "context", "n_layers", "d_model", "n_heads", "d_ff")
-        _check_types(self, positive + ("n_kv_heads",), ("dropout", "norm_eps"), ("tie_embeddings", "bias", "scale_embeddings"))
+        _check_types(self, positive + ("n_kv_heads", "document_token"), ("dropout", "norm_eps"), ("tie_embeddings", "bias", "scale_embeddings"))
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -94,6 +97,8 @@ class ModelConfig:
             raise ConfigError(f"sinusoidal positions need an even d_model, got {self.d_model}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.document_token is not None and not 0 <= self.document_token < self.vocab_size:
+            raise ConfigError(f"document_token must be a token id in [0, {self.vocab_size}), got {self.document_token}")
         return self
 
 

@@ -17,6 +17,17 @@ class KVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.length = 0  # positions cached
         self.capacity = config.context
+        # With a document mask, the document number of each cached position.
+        self.documents = None if config.document_token is None else torch.zeros(batch_size, config.context, dtype=torch.long, device=device)
+
+    def add_documents(self, documents: torch.Tensor) -> torch.Tensor:
+        """Store the new positions' document numbers [B, T] (counted from 0 within this step's tokens),
+        continuing the cached ones; return the numbers of all positions, cached and new."""
+        if self.length:
+            documents = documents + self.documents[:, self.length - 1 : self.length]
+        end = self.length + documents.shape[1]
+        self.documents[:, self.length : end] = documents
+        return self.documents[:, :end]
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's k, v [B, Hkv, T, D] for `layer`; return all cached keys and values."""

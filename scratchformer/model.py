@@ -102,7 +102,7 @@ class Attention(nn.Module):
         self.out = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rotary, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x, rotary, documents, cache: KVCache | None, layer: int) -> torch.Tensor:
         batch, time, _ = x.shape
         q = self.query(x).view(batch, time, self.n_heads, self.head_dim).transpose(1, 2)
         k, v = self.key_value(x).view(batch, time, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -110,7 +110,7 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
             k, v = cache.append(layer, k, v)
-        y = ops.causal_attention(q, k, v)  # [B, H, T, head_dim]; K/V heads shared, never copied
+        y = ops.causal_attention(q, k, v, document_ids=documents)  # [B, H, T, head_dim]; K/V heads shared, never copied
         return self.dropout(self.out(y.transpose(1, 2).reshape(batch, time, -1)))
 
 
@@ -129,10 +129,10 @@ class Block(nn.Module):
             nn.Dropout(config.dropout),
         )
 
-    def forward(self, x, rotary, cache, layer):
+    def forward(self, x, rotary, documents, cache, layer):
         # Under autocast the attention output is bf16/fp16 while the residual stream stays fp32:
         # casting it up is exactly what the addition would do.
-        attended = self.attention(self.norm1(x), rotary, cache, layer).to(x.dtype)
+        attended = self.attention(self.norm1(x), rotary, documents, cache, layer).to(x.dtype)
         normed, x = self.norm2.add_and_norm(attended, x)
         return x + self.feed_forward(normed)
 
@@ -177,7 +177,8 @@ class GPT(nn.Module):
         """Logits [B, T, vocab] for token ids [B, T]. With a cache, idx continues the cached
         positions and its keys and values are added to the cache. With targets [B, T] (the next
         token at each position), the cross-entropy instead (mean, sum, or [B, T] with reduction
-        "none"), from `ops.linear_cross_entropy`: the [B, T, vocab] logits are never held."""
+        "none"), from `ops.linear_cross_entropy`: the [B, T, vocab] logits are never held. With the
+        config's `document_token`, each occurrence of it starts a document that sees nothing before it."""
         if idx.dim() != 2 or idx.dtype.is_floating_point or idx.dtype.is_complex:
             raise ValueError(f"forward: idx must be integer token ids of shape [batch, time], got {idx.dtype} of shape "
                              f"{tuple(idx.shape)}" + (" (one sequence: idx[None])" if idx.dim() == 1 else ""))
@@ -198,8 +199,13 @@ class GPT(nn.Module):
         else:
             rotary = (self.rotary_cos[start : start + time], self.rotary_sin[start : start + time])
         x = self.dropout(x)
+        documents = None
+        if self.config.document_token is not None:  # a document starts at each document token
+            documents = torch.cumsum(idx == self.config.document_token, dim=1)
+            if cache is not None:
+                documents = cache.add_documents(documents)
         for layer, block in enumerate(self.blocks):
-            x = block(x, rotary, cache, layer)
+            x = block(x, rotary, documents, cache, layer)
         if cache is not None:
             cache.length += time
         x = self.final_norm(x)

@@ -67,7 +67,8 @@ def check_backend(config: ModelConfig, device: torch.device, amp: str) -> None:
     dtype = {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     q = torch.zeros(1, config.n_heads, 1, config.head_dim, device=device, dtype=dtype)
     kv = torch.zeros(1, config.kv_heads, 1, config.head_dim, device=device, dtype=dtype)
-    ops.causal_attention(q, kv, kv)
+    documents = None if config.document_token is None else torch.zeros(1, 1, dtype=torch.long, device=device)
+    ops.causal_attention(q, kv, kv, document_ids=documents)
     weight = torch.ones(config.d_model, device=device)
     ops.layer_norm(torch.zeros(1, config.d_model, device=device, dtype=dtype), weight, weight)
 
@@ -136,7 +137,7 @@ def resolve(model_config: ModelConfig, train_config: TrainConfig, data: str | No
         return Spec(data_name(data or "wikitext2-mini"), tokenizer_kind(tokenizer or "bpe"), None)
     payload = resume_checkpoint(out)
     saved = ModelConfig(**payload["model_config"])
-    if saved != dataclasses.replace(model_config, vocab_size=saved.vocab_size):
+    if saved != dataclasses.replace(model_config, vocab_size=saved.vocab_size, document_token=saved.document_token):
         raise CheckpointError(
             f"{out / CHECKPOINT} holds a model with {_config_diff(saved, model_config)}: resume with the "
             "settings it was trained with, or train into another --out"

@@ -58,6 +58,7 @@ def train(
     compile: bool = False,
     progress: bool = True,
     init_weights: dict | None = None,
+    document_mask: bool | None = None,
 ) -> RunResult:
     """Train a model on `data`; checkpoints, tokenizer, metrics.csv and loss.png go to out_dir.
 
@@ -65,6 +66,9 @@ def train(
     (tokenizer may also be "gpt2" or the path of a tokenizer file).
     A resumed run refuses a different corpus or tokenizer. `init_weights`, a state dict of a
     model of `model_config` (for example GPT-2's, see `hf.from_hf`), starts a new run from them.
+    `document_mask` stops attention at each <|endoftext|> (model_config.document_token); default:
+    on where the training split holds several documents (a corpus, a folder of files), off for one
+    text file; a resumed run keeps its own.
     """
     model_config.validate()
     train_config.validate()
@@ -83,6 +87,16 @@ def train(
     if len(streams["train"]) <= model_config.context:
         raise ValueError(f"the training split has {len(streams['train'])} tokens, fewer than one window of "
                          f"{model_config.context + 1} (the context + 1): give more text (--data), or a shorter --context")
+    if spec.resumed is not None:
+        token = spec.resumed["model_config"].get("document_token")
+        if document_mask is not None and document_mask != (token is not None):
+            raise records.CheckpointError(f"{out} was trained {'with' if token is not None else 'without'} the document mask: resume "
+                                          "without --document-mask / --no-document-mask, or train into another --out")
+    else:
+        token = tok.eot_id if (len(corpus["train"].documents) > 1 if document_mask is None else document_mask) else None
+    model_config = dataclasses.replace(model_config, document_token=token)
+    if token is not None:
+        run.check_backend(model_config, dev, train_config.amp)  # --kernels fused has no document mask yet
     if world.main:  # only now: a run refused above leaves no folder behind
         out.mkdir(parents=True, exist_ok=True)
         if spec.resumed is None and spec.tokenizer == "bpe" and tok.vocab_size < model_config.vocab_size:

@@ -72,6 +72,37 @@ def test_kv_cache_is_causal():
     assert not torch.allclose(later_a, later_b)
 
 
+EOT = 96
+
+
+def packed(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randint(0, EOT, (2, 9), generator=g), torch.randint(0, EOT, (2, 12), generator=g)
+    return torch.cat([a, torch.full((2, 1), EOT), b], dim=1)  # a document, then one starting at its token
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_a_document_mask_makes_a_packed_document_see_nothing_before_it(backend):
+    # Rotary positions are relative: with the mask, the second document's logits are those of the
+    # document alone; without it, the first document changes them.
+    ops.set_backend(backend)
+    idx = packed()
+    masked = small_model("rotary", 2, document_token=EOT)
+    plain = small_model("rotary", 2)
+    assert masked.state_dict().keys() == plain.state_dict().keys()
+    torch.testing.assert_close(masked(idx)[:, 9:], masked(idx[:, 9:]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(masked(idx)[:, :9], plain(idx)[:, :9], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(plain(idx)[:, 9:], plain(idx[:, 9:]), rtol=1e-3, atol=1e-3)
+
+
+def test_a_document_mask_with_the_kv_cache_gives_the_logits_of_full_recomputation():
+    model = small_model("sinusoidal", 2, document_token=EOT)
+    idx = torch.cat([packed(), torch.full((2, 1), EOT), torch.randint(0, EOT, (2, 1))], dim=1)  # 24 tokens, 3 documents
+    cache = KVCache(model.config, batch_size=2)
+    pieces = [model(idx[:, :5], cache)] + [model(idx[:, t : t + 1], cache) for t in range(5, 21)] + [model(idx[:, 21:], cache)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), model(idx), rtol=1e-5, atol=1e-5)
+
+
 def test_context_overflow_is_an_error():
     model = small_model()
     with pytest.raises(ValueError, match="25 positions exceed the model's context of 24"):
@@ -93,6 +124,7 @@ def test_context_overflow_is_an_error():
         (dict(d_model=36, n_heads=4, positions="rotary"), "rotary positions need an even head size"),
         (dict(dropout=1.0), "dropout must be in"),
         (dict(n_layers=0), "n_layers must be at least 1"),
+        (dict(document_token=50), r"document_token must be a token id in \[0, 50\)"),
     ],
 )
 def test_bad_configurations_are_rejected(changes, message):

@@ -263,3 +263,25 @@ def test_a_failed_evaluation_loses_no_checkpoint(small_text, tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="the evaluation failed"):
         train(MODEL, config, str(small_text), tmp_path, progress=False, device="cpu")
     assert load_checkpoint(tmp_path)["step"] == 2  # written before the evaluation at step 2
+
+
+def test_the_document_mask_is_on_for_several_documents_off_for_one_text_and_kept_on_resume(small_text, tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    text = small_text.read_text(encoding="utf-8")
+    part = len(text) // 4
+    for i in range(4):  # four files: four documents, three of them for training
+        (folder / f"{i}.txt").write_text(text[i * part : (i + 1) * part], encoding="utf-8")
+    short = dataclasses.replace(TRAIN, steps=4, eval_every=2, checkpoint_every=2)
+    several = train(MODEL, short, str(folder), tmp_path / "several", progress=False, device="cpu")
+    assert several.model.config.document_token == several.tokenizer.eot_id is not None
+    assert load_checkpoint(tmp_path / "several")["model_config"]["document_token"] == several.tokenizer.eot_id
+    one = train(MODEL, short, str(small_text), tmp_path / "one", progress=False, device="cpu")
+    assert one.model.config.document_token is None
+    forced = train(MODEL, short, str(small_text), tmp_path / "forced", progress=False, device="cpu", document_mask=True)
+    assert forced.model.config.document_token == forced.tokenizer.eot_id
+    with pytest.raises(CheckpointError, match="was trained with the document mask"):
+        train(MODEL, dataclasses.replace(short, steps=6), None, tmp_path / "several", resume=True, progress=False,
+              device="cpu", document_mask=False)
+    resumed = train(MODEL, dataclasses.replace(short, steps=6), None, tmp_path / "several", resume=True, progress=False, device="cpu")
+    assert resumed.model.config.document_token == several.tokenizer.eot_id
