@@ -8,12 +8,15 @@
 Every layer's attention then runs `ops.causal_attention` (the fused kernel on a GPU, its
 reference elsewhere; `ops.set_backend` chooses as usual). Grouped-query models pass their K/V
 heads through without repeating them, and rotary positions are applied by the model before the
-call. A call our op cannot compute exactly (a padding or custom mask, a non-causal layer,
-attention dropout while training, a sliding window shorter than the keys, keys and values of
-different head sizes) runs PyTorch's scaled_dot_product_attention instead, as transformers'
-"sdpa" implementation would; logit softcapping, attention sinks and position biases, which SDPA
-cannot take, run as the models' eager code computes them. Either way the call is counted by
-reason in `fallbacks()` and warned about once per reason: never silently wrong.
+call. Padded batches (left or right), packed sequences (position_ids restarting, or the
+`cu_seq_lens_q` of DataCollatorWithFlattening, which transformers' own SDPA ignores) and sliding
+windows become the op's `document_ids` and `window` (read from transformers' boolean mask and checked
+to give exactly its pattern), Gemma 2's logit softcapping its `softcap`, gpt-oss's attention sinks
+its `sinks`. A call our op cannot compute exactly (a mask of another pattern, a non-causal layer,
+attention dropout while training, keys and values of different head sizes) runs PyTorch's
+scaled_dot_product_attention instead, as transformers' "sdpa" implementation would, or the models'
+eager code where SDPA cannot take it either (softcapping, sinks, a position bias). Either way the
+call is counted by reason in `fallbacks()` and warned about once per reason: never silently wrong.
 
 Registration is explicit rather than an import side effect, so importing scratchformer never
 imports transformers. Needs the `hf` extra: `pip install "scratchformer[hf]"`.
@@ -30,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from .ops.reference import visible_keys
 from .config import ModelConfig
 from .model import GPT, LayerNorm
 
@@ -56,8 +60,9 @@ def register(name: str = NAME) -> str:
     """Register our attention with transformers under `name` (default "scratchformer"); returns it.
 
     The mask side is transformers' SDPA mask builder: it gives no mask at all when attention is
-    plainly causal (what our kernel computes) and a boolean mask otherwise (padding, chunked
-    prefill, sliding windows), which sends that call to the fallback.
+    plainly causal and a boolean mask otherwise (padding, packed sequences, sliding windows, chunked
+    prefill), which `attention_forward` turns into the op's document ids and window where they give
+    exactly that mask, and sends to the fallback where not.
     """
     attention_interface, mask_interface, sdpa_mask, _ = _transformers()
     attention_interface.register(name, attention_forward)
@@ -79,22 +84,62 @@ def reset_stats() -> None:
     _calls.clear()
 
 
+def _window(kwargs) -> tuple[int, int] | None:
+    # transformers' sliding window of w: a query sees itself and the w - 1 keys before it.
+    window = kwargs.get("sliding_window")
+    return None if window is None else (window - 1, 0)
+
+
+_last_mask: tuple = (None, None, None)  # (mask, window, document ids): every layer of a forward passes the same mask
+
+
+def _documents(mask: torch.Tensor, batch: int, t_q: int, t_k: int, window) -> torch.Tensor | None:
+    """Document ids [batch, Tk] that make `causal_attention` see what the boolean `mask` [B, 1, Tq, Tk]
+    lets each real query see (padding keys get an id of their own, packed sequences one each), or
+    None when no such ids exist (a pattern of another kind). Padding queries attend to themselves
+    alone: their outputs are not eager's, and no real position reads them."""
+    global _last_mask
+    if _last_mask[0] is mask and _last_mask[1] == window:
+        return _last_mask[2]
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (t_q, t_k):
+        return None
+    visible = mask[:, 0]  # [B or 1, Tq, Tk]
+    real = visible.any(dim=1)  # keys some query sees
+    positions = torch.arange(t_k, device=mask.device)
+    starts = torch.zeros_like(real)
+    if t_q == t_k > 1:  # a real key starts a document when its own query does not see the real key before it
+        starts[:, 1:] = real[:, 1:] & real[:, :-1] & ~visible[:, positions[1:], positions[:-1]]
+    documents = torch.where(real, starts.long().cumsum(dim=1), -1 - positions)
+    # Compared: every query's row, but a padding query's (its own key unseen) in a full square mask,
+    # where it reads real keys (right padding) and its output is never read. Fewer queries than
+    # keys (decoding) must all be real: a query whose slot is empty means another alignment.
+    rows = real[:, t_k - t_q :, None] if t_q == t_k else torch.ones_like(real[:, t_k - t_q :, None])
+    derived = visible_keys(t_q, t_k, mask.device, documents, window and window[0])[:, 0]
+    if not torch.equal(derived & rows, visible & rows):
+        return None
+    documents = documents.expand(batch, t_k)
+    _last_mask = (mask, window, documents)
+    return documents
+
+
+def _packed_offsets(query, key, kwargs) -> torch.Tensor | None:
+    """Packed sequences as DataCollatorWithFlattening marks them for flash-attention: one row, sequence
+    s at cu_seq_lens_q[s] .. cu_seq_lens_q[s + 1] (the masks, built without them, do not show them)."""
+    offsets = kwargs.get("cu_seq_lens_q")
+    if offsets is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        return None
+    return offsets.to(query.device)
+
+
 def _fallback_reason(module, query, key, value, attention_mask, dropout, kwargs) -> str | None:
-    if attention_mask is not None:
-        return "an attention mask (padding, or a pattern other than plain causal)"
+    if attention_mask is not None and _packed_offsets(query, key, kwargs) is None and _documents(attention_mask, query.shape[0], query.shape[2], key.shape[2], _window(kwargs)) is None:
+        return "an attention mask other than padding, packed sequences or a sliding window"
     is_causal = kwargs.get("is_causal")
     # One query sees every key either way, so a decoding step marked non-causal is still ours.
     if not (is_causal if is_causal is not None else getattr(module, "is_causal", True)) and query.shape[2] > 1:
         return "non-causal attention"
     if dropout and module.training:
         return "attention dropout while training (set the config's attention dropout to 0 to use the kernel)"
-    if kwargs.get("softcap") is not None:
-        return "attention logit softcapping"
-    window = kwargs.get("sliding_window")
-    if window is not None and key.shape[2] > window:
-        return "a sliding window shorter than the keys"
-    if kwargs.get("s_aux") is not None:
-        return "attention sinks"
     if kwargs.get("position_bias") is not None:
         return "a position bias"
     if not query.shape[-1] == key.shape[-1] == value.shape[-1]:
@@ -109,7 +154,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     reason = _fallback_reason(module, query, key, value, attention_mask, dropout, kwargs)
     _calls[reason or ""] += 1
     if reason is not None:
-        eager = any(kwargs.get(name) is not None for name in ("softcap", "s_aux", "position_bias"))
+        eager = kwargs.get("position_bias") is not None or (
+            kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None)
         if _calls[reason] == 1:
             where = "as the model's eager code computes it" if eager else "on PyTorch's SDPA"
             warnings.warn(f"scratchformer attention: {reason} runs {where} (scratchformer.hf.fallbacks() counts these)",
@@ -119,12 +165,18 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         sdpa_attention_forward = _transformers()[3]
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     t_q, t_k = query.shape[2], key.shape[2]
-    if 1 < t_q < t_k:
+    documents, offsets = None, _packed_offsets(query, key, kwargs)
+    if offsets is not None:
+        documents = torch.bucketize(torch.arange(t_k, device=query.device), offsets[1:-1], right=True)[None]
+    elif attention_mask is not None:
+        documents = _documents(attention_mask, query.shape[0], t_q, t_k, _window(kwargs))
+    elif 1 < t_q < t_k:
         # No mask with fewer queries than keys happens only when prefilling a preallocated (static)
         # cache, whose slots past the prompt are empty: transformers means SDPA's top-left causal
         # mask, so the keys are cut to the queries, as its SDPA integration does.
         key, value = key[:, :, :t_q], value[:, :, :t_q]
-    out = ops.causal_attention(query, key, value, scale=scaling)
+    out = ops.causal_attention(query, key, value, scale=scaling, document_ids=documents, window=_window(kwargs),
+                               softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"))
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -60,7 +60,6 @@ def assert_within_twice(ours, low, truth):
     (qwen2, {"attention": 2, "layer_norm": 0, "rms_norm": 5, "loss": 1}),
     (gemma2, {"attention": 2, "layer_norm": 0, "rms_norm": 9, "loss": 1}),  # four norms a layer, Gemma's 1 + weight
 ], ids=["gpt2", "llama", "qwen2", "gemma2"])
-@pytest.mark.filterwarnings(r"ignore:scratchformer attention. attention logit softcapping")  # Gemma 2's: a counted fallback
 def test_apply_keeps_logits_loss_and_gradients(build, expected):
     torch.manual_seed(0)
     model = build().eval()
@@ -70,6 +69,7 @@ def test_apply_keeps_logits_loss_and_gradients(build, expected):
     truth_model = copy.deepcopy(model).double()
     patched = copy.deepcopy(model)
     assert sfhf.apply(patched) == expected
+    sfhf.reset_stats()
     ids = torch.randint(0, 300, (2, 24))
     labels = ids.clone()
     labels[0, :5] = -100  # a prompt not scored
@@ -77,6 +77,7 @@ def test_apply_keeps_logits_loss_and_gradients(build, expected):
         truth = results(truth_model, ids, labels, num_items)
         assert_within_twice(results(patched, ids, labels, num_items), results(model, ids, labels, num_items), truth)
     assert patched(ids, labels=labels).logits is None  # the loss came without them
+    assert sfhf.fallbacks() == {}  # Gemma 2's softcapping and sliding window included
 
 
 def test_apply_puts_the_calls_on_our_ops():
