@@ -82,12 +82,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _parser() -> argparse.ArgumentParser:
-    from .config import PRESETS, Sampling
-
-    parser = _Parser(prog="scratchformer", description="A GPT-2-style language model built from scratch, on its own kernels.")
-    parser.add_argument("--version", action="version", version=f"scratchformer {metadata.version('scratchformer')}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+def _add_train(commands) -> None:
+    from .config import PRESETS
 
     t = commands.add_parser("train", help=HELP["train"], description=HELP["train"] + ". Presets: " + ", ".join(PRESETS)
                             + ". Any option below overrides the preset; with --resume, the run's own settings are the defaults.")
@@ -118,6 +114,16 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--sample-tokens", type=int, default=60, help="tokens of text to print after training (0: none)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_runtime(t)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .config import PRESETS, Sampling
+
+    parser = _Parser(prog="scratchformer", description="A GPT-2-style language model built from scratch, on its own kernels.")
+    parser.add_argument("--version", action="version", version=f"scratchformer {metadata.version('scratchformer')}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    _add_train(commands)
 
     e = commands.add_parser("eval", help=HELP["eval"], description=HELP["eval"])
     which = e.add_mutually_exclusive_group(required=True)
