@@ -17,8 +17,8 @@ class KVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.length = 0  # positions cached
         self.capacity = config.context
-        # With a document mask, the document number of each cached position.
-        self.documents = None if config.document_token is None else torch.zeros(batch_size, config.context, dtype=torch.long, device=device)
+        # The document number of each cached position, for a document mask or left padding.
+        self.documents = torch.zeros(batch_size, config.context, dtype=torch.long, device=device)
 
     def add_documents(self, documents: torch.Tensor) -> torch.Tensor:
         """Store the new positions' document numbers [B, T] (counted from 0 within this step's tokens),

@@ -173,12 +173,14 @@ class GPT(nn.Module):
                 nn.init.zeros_(p)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None,
-                label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+                label_smoothing: float = 0.0, reduction: str = "mean", padding: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] for token ids [B, T]. With a cache, idx continues the cached
         positions and its keys and values are added to the cache. With targets [B, T] (the next
         token at each position), the cross-entropy instead (mean, sum, or [B, T] with reduction
         "none"), from `ops.linear_cross_entropy`: the [B, T, vocab] logits are never held. With the
-        config's `document_token`, each occurrence of it starts a document that sees nothing before it."""
+        config's `document_token`, each occurrence of it starts a document that sees nothing before it.
+        `padding` [B] counts the filler tokens each sequence starts with (left padding, as for prompts of
+        different lengths): no position reads them, and positions count from the first real token."""
         if idx.dim() != 2 or idx.dtype.is_floating_point or idx.dtype.is_complex:
             raise ValueError(f"forward: idx must be integer token ids of shape [batch, time], got {idx.dtype} of shape "
                              f"{tuple(idx.shape)}" + (" (one sequence: idx[None])" if idx.dim() == 1 else ""))
@@ -191,17 +193,26 @@ class GPT(nn.Module):
         x = self.embedding(idx)
         if self.config.scale_embeddings:
             x = x * math.sqrt(self.config.d_model)
+        slots = torch.arange(start, start + time, device=idx.device)
+        # Positions: the slots, or per sequence counted from its first real token.
+        positions = slice(start, start + time) if padding is None else (slots[None] - padding[:, None]).clamp(min=0)
         rotary = None
         if self.config.positions == "learned":
-            x = x + self.position_embedding.weight[start : start + time]
+            x = x + self.position_embedding.weight[positions]
         elif self.config.positions == "sinusoidal":
-            x = x + self.position_table[start : start + time]
+            x = x + self.position_table[positions]
         else:
-            rotary = (self.rotary_cos[start : start + time], self.rotary_sin[start : start + time])
+            rotary = (self.rotary_cos[positions], self.rotary_sin[positions])
+            if padding is not None:  # [B, T, D/2] -> [B, 1, T, D/2], beside the heads
+                rotary = (rotary[0][:, None], rotary[1][:, None])
         x = self.dropout(x)
         documents = None
-        if self.config.document_token is not None:  # a document starts at each document token
-            documents = torch.cumsum(idx == self.config.document_token, dim=1)
+        if self.config.document_token is not None or padding is not None:
+            # A document starts at each document token; each filler token is a document of its own.
+            documents = (torch.zeros_like(idx) if self.config.document_token is None
+                         else torch.cumsum(idx == self.config.document_token, dim=1))
+            if padding is not None:
+                documents = torch.where(slots[None] < padding[:, None], -1 - slots[None], documents)
             if cache is not None:
                 documents = cache.add_documents(documents)
         for layer, block in enumerate(self.blocks):
@@ -231,8 +242,10 @@ class GPT(nn.Module):
         seed: int | None = None,
         streamer=None,
     ) -> torch.Tensor:
-        """Continue prompts of token ids: idx is [T] or [B, T] (a tensor or lists of equal length).
-        Returns [B, T + new] (the prompts and what follows; [T + new] for a [T] prompt).
+        """Continue prompts of token ids: idx is [T] or [B, T] (a tensor or lists), or a list of prompts
+        of different lengths. Returns [B, T + new] (the prompts and what follows; [T + new] for a [T]
+        prompt); prompts of different lengths come back left-aligned to the longest, each preceded by
+        copies of its first token, which no position reads.
 
         temperature 0 is greedy; top_k, top_p (nucleus) and repetition_penalty (> 1 discourages
         tokens already in the text) filter the distribution first. With `eos`, a sequence ends at
@@ -244,10 +257,19 @@ class GPT(nn.Module):
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         device = next(self.parameters()).device
+        padding = None
+        if isinstance(idx, (list, tuple)) and idx and all(isinstance(p, (list, tuple, torch.Tensor)) for p in idx) \
+                and len({len(p) for p in idx}) > 1:
+            if not all(len(p) for p in idx):
+                raise ValueError("generate: every prompt needs at least one token (for example [eos])")
+            # Left padding with each prompt's first token: the repetition penalty sees no new token.
+            longest = max(len(p) for p in idx)
+            padding = torch.tensor([longest - len(p) for p in idx], device=device)
+            idx = [[int(p[0])] * (longest - len(p)) + [int(t) for t in p] for p in idx]
         try:
             tokens = torch.as_tensor(idx, device=device)
         except (ValueError, TypeError, RuntimeError) as e:
-            raise ValueError(f"generate: idx must be token ids of shape [T] or [B, T] with prompts of equal length ({e})") from None
+            raise ValueError(f"generate: idx must be token ids: [T], [B, T], or a list of prompts ({e})") from None
         if tokens.numel() and (tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool):
             raise ValueError(f"generate: token ids must be integers, got {tokens.dtype} (a float id would be truncated)")
         tokens = tokens.long()
@@ -271,7 +293,9 @@ class GPT(nn.Module):
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
         new = []
-        for token in decode(self, prompts[:, -context:], max_new_tokens, sampling, generator, eos):
+        if padding is not None:  # the fillers cut with a prompt's oldest tokens
+            padding = (padding - max(prompts.shape[1] - context, 0)).clamp(min=0)
+        for token in decode(self, prompts[:, -context:], max_new_tokens, sampling, generator, eos, padding):
             new.append(token)
             if streamer is not None:
                 streamer(token)

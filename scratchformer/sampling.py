@@ -58,6 +58,7 @@ def decode(
     sampling: Sampling = Sampling(),
     generator: torch.Generator | None = None,
     eos: int | None = None,
+    padding: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of each sequence, [B], up to max_new_tokens times, continuing idx [B, T].
 
@@ -66,6 +67,8 @@ def decode(
     sliding window) and decoding goes on. A sequence that produced `eos` goes on producing it;
     decoding stops when every sequence has. GPT.generate is the front door to this; `model` is
     any module called as model(idx, cache) -> logits with a `config` (this module knows no model).
+    `padding` [B]: how many filler tokens each sequence of idx starts with (prompts of different
+    lengths, left-padded), passed to the model as `padding=`.
     """
     sampling.validate()
     context = model.config.context
@@ -74,7 +77,8 @@ def decode(
     device = next(model.parameters()).device
     tokens = idx.to(device)
     cache = KVCache(model.config, tokens.shape[0], device=device, dtype=next(model.parameters()).dtype)
-    logits = model(tokens, cache)[:, -1]
+    pad = {} if padding is None else {"padding": padding.to(device)}
+    logits = model(tokens, cache, **pad)[:, -1]
     done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=device)
     try:
         for _ in range(max_new_tokens):
@@ -88,9 +92,11 @@ def decode(
             tokens = torch.cat([tokens, token[:, None]], dim=1)
             if cache.length == context:
                 keep = tokens[:, -(3 * context // 4) :]
+                if pad:  # the fillers dropped with the oldest tokens
+                    pad["padding"] = (pad["padding"] - (tokens.shape[1] - keep.shape[1])).clamp(min=0)
                 cache = KVCache(model.config, tokens.shape[0], device=device, dtype=cache.keys[0].dtype)
-                logits = model(keep, cache)[:, -1]
+                logits = model(keep, cache, **pad)[:, -1]
             else:
-                logits = model(token[:, None], cache)[:, -1]
+                logits = model(token[:, None], cache, **pad)[:, -1]
     finally:
         model.train(was_training)

@@ -99,6 +99,29 @@ def test_generate_a_batch_of_prompts_each_as_alone():
     assert torch.equal(sampled, model.generate(prompts, 6, top_p=0.9, seed=3))
 
 
+@pytest.mark.parametrize("positions", ["sinusoidal", "rotary", "learned"])
+@pytest.mark.parametrize("document_token", [None, 7])
+def test_prompts_of_different_lengths_each_as_alone(positions, document_token):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=40, context=16, n_layers=2, d_model=16, n_heads=2, n_kv_heads=1, d_ff=32,
+                            positions=positions, document_token=document_token))
+    prompts = [[3, 9, 7, 1, 12, 5, 7, 30, 2], [7, 4], [11, 2, 5, 7, 8]]
+    out = model.generate(prompts, 6, temperature=0)
+    assert out.shape == (3, 15)
+    for prompt, row in zip(prompts, out.tolist()):
+        filler = 9 - len(prompt)
+        assert row[:filler] == [prompt[0]] * filler
+        assert row[filler:] == greedy_without_cache(model, prompt, 6)
+    # The logits themselves: each prompt's positions as the prompt alone gives them.
+    padded = torch.tensor([[p[0]] * (9 - len(p)) + p for p in prompts])
+    with torch.no_grad():
+        logits = model(padded, padding=torch.tensor([9 - len(p) for p in prompts]))
+        for row, prompt in enumerate(prompts):
+            torch.testing.assert_close(logits[row, 9 - len(prompt) :], model(torch.tensor([prompt]))[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="every prompt needs at least one token"):
+        model.generate([[1, 2], []], 1)
+
+
 def test_generate_stops_at_eos_and_slides_past_the_context():
     model = tiny_model()
     first = model.generate([1], 30, temperature=0)[1:].tolist()
@@ -136,8 +159,6 @@ def test_prompt_errors():
     model = tiny_model()
     with pytest.raises(ValueError, match="T >= 1"):
         model.generate([], 1)
-    with pytest.raises(ValueError, match="prompts of equal length"):
-        model.generate([[1, 2], [3]], 1)
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 40\)"):
         model.generate([1, 40], 1)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
