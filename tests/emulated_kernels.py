@@ -157,7 +157,8 @@ class EmulatedKernels:
         return dq, dk, dv
 
     def layer_norm_forward(self, x, weight, bias, residual=None, eps=1e-5):
-        """(y, h, mean, rstd) for x [rows, C] with unit stride along C; h is None without residual."""
+        """(y, h, mean, rstd) for x [rows, C] with unit stride along C; h is None without residual.
+        bias None: RMSNorm (mean comes back as zeros)."""
         rows, channels = x.shape
         y = torch.full((rows, channels), float("nan"), dtype=x.dtype)
         h = torch.full((rows, channels), float("nan"), dtype=x.dtype) if residual is not None else None
@@ -171,11 +172,12 @@ class EmulatedKernels:
         return y, h, mean, rstd
 
     def layer_norm_backward(self, dy, x, weight, mean, rstd, grad_h=None):
-        """(dx, dweight, dbias); x is the normalized input (h in the residual variant)."""
+        """(dx, dweight, dbias); x is the normalized input (h in the residual variant). mean None:
+        RMSNorm's backward (no dbias: None)."""
         rows, channels = x.shape
         dx = torch.full((rows, channels), float("nan"), dtype=x.dtype)
         dweight = torch.full((channels,), float("nan"), dtype=weight.dtype)
-        dbias = torch.full((channels,), float("nan"), dtype=weight.dtype)
+        dbias = torch.full((channels,), float("nan"), dtype=weight.dtype) if mean is not None else None
         ptr = lambda t: ctypes.c_void_p(t.data_ptr() if t is not None else None)  # noqa: E731
         err = self.lib.emulated_layer_norm_backward(
             DTYPES[x.dtype], DTYPES[weight.dtype], ptr(dy), ptr(x), ctypes.c_longlong(x.stride(0)), ptr(weight),

@@ -38,6 +38,22 @@ def ln_bwd(dy, x, weight, mean, rstd, grad_h):
     return dx.to(x.dtype), (dy.float() * xhat).sum(0).to(weight.dtype), dy.float().sum(0).to(weight.dtype)
 
 
+def rms_fwd(x, weight, residual, eps):
+    h = x + residual if residual is not None else x
+    hf = h.float()
+    rstd = ((hf * hf).mean(-1) + eps).rsqrt()
+    return (hf * rstd[:, None] * weight.float()).to(x.dtype), (h if residual is not None else x.new_empty(0, x.shape[1])), rstd
+
+
+def rms_bwd(dy, x, weight, rstd, grad_h):
+    xhat = x.float() * rstd[:, None]
+    g = dy.float() * weight.float()
+    dx = rstd[:, None] * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+    if grad_h is not None:
+        dx = dx + grad_h.float()
+    return dx.to(x.dtype), (dy.float() * xhat).sum(0).to(weight.dtype)
+
+
 def _probabilities(q, k, scale):
     group = q.shape[1] // k.shape[1]
     kk = k.repeat_interleave(group, 1).float()
@@ -69,11 +85,11 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, scale):
 
 @pytest.fixture
 def stand_ins(monkeypatch):
-    """The four ops on CPU tensors run the formulas above, and `fused` is allowed on the CPU."""
+    """The six ops on CPU tensors run the formulas above, and `fused` is allowed on the CPU."""
     monkeypatch.setattr(backend, "_gpu_reason", lambda tensors: None)
     with torch.library._scoped_library("scratchformer", "IMPL") as lib:
-        for name, fn in (("layer_norm_fwd", ln_fwd), ("layer_norm_bwd", ln_bwd),
-                         ("attention_fwd", attn_fwd), ("attention_bwd", attn_bwd)):
+        for name, fn in (("layer_norm_fwd", ln_fwd), ("layer_norm_bwd", ln_bwd), ("rms_norm_fwd", rms_fwd),
+                         ("rms_norm_bwd", rms_bwd), ("attention_fwd", attn_fwd), ("attention_bwd", attn_bwd)):
             lib.impl(name, fn, "CPU", allow_override=True)
         yield
 
@@ -107,6 +123,20 @@ def test_layer_norm_gradients_through_the_fused_node(stand_ins, dtype, shape):
                lambda x, w, b, r, backend: ops.add_layer_norm(x, r, w, b, backend=backend)):
         fused, reference = (grads(lambda *leaves: op(*leaves, backend=name), (x, w, b, r)) for name in ("fused", "reference"))
         assert_same(fused, reference, tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(6, 40), (2, 3, 40)])
+def test_rms_norm_gradients_through_the_fused_node(stand_ins, dtype, shape):
+    torch.manual_seed(0)
+    x, r, w = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype), torch.randn(shape[-1])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for op in (lambda x, w, r, backend: ops.rms_norm(x, w, 1e-5, backend=backend),
+               lambda x, w, r, backend: ops.add_rms_norm(x, r, w, 1e-5, backend=backend)):
+        fused, reference = (grads(lambda *leaves: op(*leaves, backend=name), (x, w, r)) for name in ("fused", "reference"))
+        assert_same(fused, reference, tol)
+    with torch.no_grad():  # no autograd node: the op alone
+        assert ops.rms_norm(x, w, backend="fused").grad_fn is None
 
 
 def test_only_the_residual_output_of_add_layer_norm_gets_a_gradient(stand_ins):

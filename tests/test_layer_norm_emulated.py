@@ -1,4 +1,4 @@
-"""The LayerNorm kernels' own CUDA source (csrc/kernels/layernorm.cu), run on the CPU emulator
+"""The LayerNorm kernels' own CUDA source (csrc/kernels/layernorm.cu), and RMSNorm on them, run on the CPU emulator
 (tests/emulator), against the float64 reference with the GPU tests' rule: the kernel's error at
 most twice the reference's in the same precision, plus a small floor, for y, h and every
 gradient. Covers the vectorized and the element-wise paths, fp32 weights next to 16-bit inputs,
@@ -26,15 +26,20 @@ def make_inputs(rows, channels, dtype, weight_dtype=None, stride=None):
     return x, r, w, b, dy, dh
 
 
+def _norm(h, w, b):
+    return reference.layer_norm(h, w, b)[0] if b is not None else reference.rms_norm(h, w, 1e-5)
+
+
 def reference_run(x, r, w, b, dy, dh, cast):
-    """y (and h), then dx, dweight, dbias (and dresidual) through autograd of the reference."""
-    leaves = [cast(t).clone().requires_grad_() for t in (x, w, b) + ((r,) if r is not None else ())]
+    """y (and h), then dx, dweight, dbias (and dresidual) through autograd of the reference; b None:
+    RMSNorm (no dbias)."""
+    leaves = [cast(t).clone().requires_grad_() for t in (x, w, b, r) if t is not None]
     if r is None:
-        y = reference.layer_norm(*leaves)[0]
+        y = _norm(leaves[0], leaves[1], leaves[2] if b is not None else None)
         y.backward(cast(dy))
         return [y.detach()] + [t.grad for t in leaves]
-    h = leaves[0] + leaves[3]
-    y = reference.layer_norm(h, leaves[1], leaves[2])[0]
+    h = leaves[0] + leaves[-1]
+    y = _norm(h, leaves[1], leaves[2] if b is not None else None)
     torch.autograd.backward([y, h], [cast(dy), cast(dh)])
     return [y.detach(), h.detach()] + [t.grad for t in leaves]
 
@@ -42,8 +47,9 @@ def reference_run(x, r, w, b, dy, dh, cast):
 def emulated_run(kernels, x, r, w, b, dy, dh):
     y, h, mean, rstd = kernels.layer_norm_forward(x, w, b, r)
     normalized = h if r is not None else x
-    dx, dw, db = kernels.layer_norm_backward(dy, normalized, w, mean, rstd, dh if r is not None else None)
-    return [y] + ([h] if r is not None else []) + [dx, dw, db] + ([dx] if r is not None else [])
+    dx, dw, db = kernels.layer_norm_backward(dy, normalized, w, mean if b is not None else None, rstd,
+                                             dh if r is not None else None)
+    return [y] + ([h] if r is not None else []) + [dx, dw] + ([db] if b is not None else []) + ([dx] if r is not None else [])
 
 
 def assert_within_twice_the_reference(got, low, truth):
@@ -129,3 +135,24 @@ def test_the_emulator_contracts_multiply_adds_as_nvcc_does(tmp_path):
     x, _, w, b, dy, _ = make_inputs(1000, 1, torch.float32)
     got = emulated_run(mutated, x, None, w, b, dy, None)
     assert got[1].abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("rows, channels", [(1, 1), (3, 7), (37, 64), (41, 300), (9, 768), (3, 8192), (3, 8193), (2, 16384)])
+def test_emulated_rms_norm_against_float64(emulated, rows, channels, dtype):
+    """RMSNorm on the LayerNorm kernels (no bias: no mean, no dbias), narrow and wide rows, with and
+    without the fused residual add."""
+    x, r, w, _, dy, dh = make_inputs(rows, channels, dtype)
+    for res, grad_h in ((None, None), (r, dh)):
+        got = emulated_run(emulated, x, res, w, None, dy, grad_h)
+        assert_within_twice_the_reference(got, reference_run(x, res, w, None, dy, grad_h, lambda t: t),
+                                          reference_run(x, res, w, None, dy, grad_h, lambda t: t.double()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+def test_emulated_rms_norm_with_float32_weight_and_strided_rows(emulated, dtype):
+    x, r, w, _, dy, dh = make_inputs(21, 100, dtype, weight_dtype=torch.float32, stride=104)
+    got = emulated_run(emulated, x, r, w, None, dy, dh)
+    assert got[3].dtype == torch.float32
+    assert_within_twice_the_reference(got, reference_run(x, r, w, None, dy, dh, lambda t: t),
+                                      reference_run(x, r, w, None, dy, dh, lambda t: t.double()))

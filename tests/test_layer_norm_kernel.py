@@ -180,6 +180,25 @@ def test_finite_differences_in_float32():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels", [1, 67, 512, 4096, 8193])
+def test_rms_norm_on_the_layer_norm_kernels_against_float64(channels, dtype):
+    x, r, w, _, dy = make_inputs(37, channels, dtype, residual=True)
+    torch.library.opcheck(torch.ops.scratchformer.rms_norm_fwd.default, (x, w, r, 1e-5))
+    for residual in (None, r):
+        runs = []
+        for name, cast in (("fused", lambda t: t), ("reference", lambda t: t), ("reference", lambda t: t.double())):
+            leaves = [cast(t).detach().requires_grad_() for t in (x, w)]
+            if residual is None:
+                y = ops.rms_norm(leaves[0], leaves[1], 1e-5, backend=name)
+            else:
+                y = ops.add_rms_norm(leaves[0], cast(residual), leaves[1], 1e-5, backend=name)[0]
+            y.backward(cast(dy))
+            runs.append([y.detach(), leaves[0].grad, leaves[1].grad])
+        assert_within_twice_the_reference(*runs, ["y", "dx", "dweight"])
+
+
+@pytest.mark.cuda
 def test_opcheck_and_compile():
     x, r, w, b, _ = make_inputs(64, 96, torch.float32, residual=True)
     # The op itself (its schema, fake implementation, dynamic shapes); its autograd is FusedLayerNorm's, compiled below.

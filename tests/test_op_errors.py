@@ -36,6 +36,10 @@ def test_each_op_raises_its_message(grad):
     stats = torch.zeros(4)
     with pytest.raises(RuntimeError, match="scratchformer::layer_norm_bwd: x must be a CUDA tensor"):
         ops.layer_norm_bwd(x.detach(), x.detach(), w.detach(), stats, stats, None)
+    with pytest.raises(RuntimeError, match="scratchformer::rms_norm_fwd: x must be a CUDA tensor"):
+        ops.rms_norm_fwd(x, w, x, 1e-5)
+    with pytest.raises(RuntimeError, match="scratchformer::rms_norm_bwd: x must be a CUDA tensor"):
+        ops.rms_norm_bwd(x.detach(), x.detach(), w.detach(), stats, None)
     q, k, v = attention_args(grad)
     with pytest.raises(RuntimeError, match="scratchformer::attention_fwd: q must be a CUDA tensor"):
         ops.attention_fwd(q, k, v, 0.125)

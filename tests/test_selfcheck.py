@@ -54,6 +54,22 @@ def test_layer_norm_check(fresh):
     assert not selfcheck.check_layer_norm(torch.device("cpu"), torch.bfloat16, torch.float32).passed
 
 
+def torch_rms_norm(x, w, b, r):  # PyTorch's RMSNorm in float32, as the kernel computes it
+    assert b is None
+    h = x + r if r is not None else None
+    return F.rms_norm((h if r is not None else x).float(), x.shape[-1:], w.float(), 1e-5).to(x.dtype), h
+
+
+def test_rms_norm_check(fresh):
+    fresh.setitem(selfcheck.FUSED, "rms_norm", torch_rms_norm)
+    for dtype, weight_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)):
+        result = selfcheck.check_layer_norm(torch.device("cpu"), dtype, weight_dtype, "rms_norm")
+        assert result.passed, result.worst()
+        assert result.op == "rms_norm" and not any(name.startswith("dbias") for name in result.errors)
+    fresh.setitem(selfcheck.FUSED, "rms_norm", lambda x, w, b, r: torch_rms_norm(x, w * 1.01, b, r))
+    assert not selfcheck.check_layer_norm(torch.device("cpu"), torch.bfloat16, torch.float32, "rms_norm").passed
+
+
 def test_auto_runs_pytorchs_op_for_a_configuration_that_failed_and_says_so_once(fresh):
     # Pretend the fused kernels could run here; the "kernel" is faulty for every configuration.
     fresh.setattr(backend, "_gpu_reason", lambda tensors: None)

@@ -12,7 +12,8 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // LayerNorm over rows of C values (layernorm.cu). Rows of x (and residual) are x_stride
 // (r_stride) elements apart with unit stride inside a row; every other array is contiguous.
-// weight and bias have weight_dtype: dtype, or kFloat32.
+// weight and bias have weight_dtype: dtype, or kFloat32. bias nullptr (forward) or dbias nullptr
+// (backward): RMSNorm, on the same kernels: no mean subtracted (mean written as 0, not read), no bias.
 struct LayerNormForward {
   DType dtype, weight_dtype;
   const void* x;

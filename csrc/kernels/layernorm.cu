@@ -1,5 +1,7 @@
 // layer_norm: y = (h - mean) * rstd * weight + bias over each row of C values, where h = x, or
-// h = x + residual (written out too: pre-norm blocks need both), and its backward.
+// h = x + residual (written out too: pre-norm blocks need both), and its backward. Without a
+// bias, RMSNorm on the same code (the RMS template flag): y = h * rstd * weight, the mean taken as
+// 0 (rstd = 1 / sqrt(mean(h^2) + eps)), and no mean(g) term nor dbias in the backward.
 //
 // Forward: one thread block per row. The block has 32..1024 threads, about one 16-byte
 // vector (VEC = 8 values of fp16/bf16, 4 of fp32) per thread; a thread takes every blockDim-th
@@ -46,7 +48,7 @@ __host__ __device__ constexpr int vec_of() {
   return 16 / sizeof(T);
 }
 
-template <typename T, typename W, bool ALIGNED, bool RESIDUAL>
+template <typename T, typename W, bool ALIGNED, bool RESIDUAL, bool RMS>
 __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict__ residual,
                                       int64_t r_stride, const W* __restrict__ weight, const W* __restrict__ bias,
                                       T* __restrict__ y, T* __restrict__ h, float* __restrict__ mean_out,
@@ -73,7 +75,7 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, int64_t x_stride,
       for (int k = 0; k < VEC; ++k) sum += i + k < C ? a[k] : 0.f;
     }
     src = h_row;  // each thread re-reads only what it wrote itself
-  } else {
+  } else if constexpr (!RMS) {
     for (int i = threadIdx.x * VEC; i < C; i += step) {
       float a[VEC];
       load_floats<ALIGNED>(src, i, C, a);
@@ -81,7 +83,7 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, int64_t x_stride,
       for (int k = 0; k < VEC; ++k) sum += a[k];  // zeros past C
     }
   }
-  const float mean = block_sum(sum, scratch) / C;
+  const float mean = RMS ? 0.f : block_sum(sum, scratch) / C;
 
   float squares = 0.f;
   for (int i = threadIdx.x * VEC; i < C; i += step) {
@@ -97,12 +99,12 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, int64_t x_stride,
 
   T* out = y + row * int64_t(C);
   for (int i = threadIdx.x * VEC; i < C; i += step) {
-    float a[VEC], w[VEC], b[VEC];
+    float a[VEC], w[VEC], b[VEC] = {};
     load_floats<ALIGNED>(src, i, C, a);
     load_floats<ALIGNED>(weight, i, C, w);
-    load_floats<ALIGNED>(bias, i, C, b);
+    if constexpr (!RMS) load_floats<ALIGNED>(bias, i, C, b);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) a[k] = (a[k] - mean) * rstd * w[k] + b[k];
+    for (int k = 0; k < VEC; ++k) a[k] = RMS ? a[k] * rstd * w[k] : (a[k] - mean) * rstd * w[k] + b[k];
     store_floats<ALIGNED>(out, i, C, a);
   }
   if (threadIdx.x == 0) {
@@ -138,7 +140,7 @@ __device__ __forceinline__ void store_dx(const T* x_row, const T* dy_row, const 
 // plus grad_h, the gradient that reached h directly (the residual variant's second output).
 // Also this chunk's sums of dy * xhat and dy for every column (see the top of this file).
 // A thread's columns: vectors at (threadIdx.x + j * BX) * VEC, j < V (at most MAXV).
-template <typename T, typename W, bool ALIGNED, bool GRAD_H, int MAXV>
+template <typename T, typename W, bool ALIGNED, bool GRAD_H, bool RMS, int MAXV>
 __global__ void __launch_bounds__(kBackwardThreads, 1) layer_norm_bwd_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, int64_t x_stride, const W* __restrict__ weight,
     const float* __restrict__ mean_in, const float* __restrict__ rstd_in, const T* __restrict__ grad_h,
@@ -159,7 +161,7 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) layer_norm_bwd_kernel(
     const int64_t at = live ? row : first;  // a row that exists, for the lanes past the end
     const T* x_row = x + at * x_stride;
     const T* dy_row = dy + at * int64_t(C);
-    const float mean = mean_in[at], rstd = rstd_in[at];
+    const float mean = RMS ? 0.f : mean_in[at], rstd = rstd_in[at];
     float sum_g = 0.f, sum_gx = 0.f;
 #pragma unroll
     for (int j = 0; j < MAXV; ++j) {
@@ -180,7 +182,7 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) layer_norm_bwd_kernel(
         }
       }
     }
-    const float mean_g = block_sum(sum_g, scratch) / C;
+    const float mean_g = RMS ? 0.f : block_sum(sum_g, scratch) / C;  // RMSNorm's output has no mean taken out
     const float mean_gx = block_sum(sum_gx, scratch) / C;
     if (!live) continue;
     T* dx_row = dx + row * int64_t(C);
@@ -224,7 +226,7 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) layer_norm_bwd_kernel(
 }
 
 // Wide rows, dx: one block per row (see the top of this file).
-template <typename T, typename W, bool ALIGNED, bool GRAD_H>
+template <typename T, typename W, bool ALIGNED, bool GRAD_H, bool RMS>
 __global__ void __launch_bounds__(kWideThreads, 1) layer_norm_bwd_wide_dx_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, int64_t x_stride, const W* __restrict__ weight,
     const float* __restrict__ mean_in, const float* __restrict__ rstd_in, const T* __restrict__ grad_h,
@@ -234,7 +236,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) layer_norm_bwd_wide_dx_kernel
   const int64_t row = blockIdx.x;
   const T* x_row = x + row * x_stride;
   const T* dy_row = dy + row * int64_t(C);
-  const float mean = mean_in[row], rstd = rstd_in[row];
+  const float mean = RMS ? 0.f : mean_in[row], rstd = rstd_in[row];
   const int step = blockDim.x * VEC;
   float sum_g = 0.f, sum_gx = 0.f;
   for (int i = threadIdx.x * VEC; i < C; i += step) {
@@ -249,7 +251,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) layer_norm_bwd_wide_dx_kernel
       sum_gx += g * (a[k] - mean) * rstd;
     }
   }
-  const float mean_g = block_sum(sum_g, scratch) / C;
+  const float mean_g = RMS ? 0.f : block_sum(sum_g, scratch) / C;
   const float mean_gx = block_sum(sum_gx, scratch) / C;
   T* dx_row = dx + row * int64_t(C);
   for (int i = threadIdx.x * VEC; i < C; i += step)
@@ -258,7 +260,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) layer_norm_bwd_wide_dx_kernel
 
 // Wide rows, dweight/dbias: thread (blockIdx.x, threadIdx.x) owns one column, blockIdx.y one
 // chunk of rows; a warp reads 32 consecutive values of a row, so each row is read coalesced.
-template <typename T>
+template <typename T, bool RMS>
 __global__ void __launch_bounds__(kWideThreads) layer_norm_bwd_wide_dwdb_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, int64_t x_stride, const float* __restrict__ mean_in,
     const float* __restrict__ rstd_in, float* __restrict__ partial_w, float* __restrict__ partial_b, int64_t rows,
@@ -270,7 +272,7 @@ __global__ void __launch_bounds__(kWideThreads) layer_norm_bwd_wide_dwdb_kernel(
   float w = 0.f, b = 0.f;
   for (int64_t row = first; row < last; ++row) {
     const float d = to_float(dy[row * int64_t(C) + col]);
-    w += d * ((to_float(x[row * x_stride + col]) - mean_in[row]) * rstd_in[row]);
+    w += d * ((to_float(x[row * x_stride + col]) - (RMS ? 0.f : mean_in[row])) * rstd_in[row]);
     b += d;
   }
   partial_w[blockIdx.y * int64_t(C) + col] = w;
@@ -288,7 +290,7 @@ __global__ void layer_norm_dwdb_final_kernel(const float* __restrict__ partial_w
     b += partial_b[k * int64_t(C) + col];
   }
   dw[col] = from_float<W>(w);
-  db[col] = from_float<W>(b);
+  if (db) db[col] = from_float<W>(b);  // RMSNorm has no bias
 }
 
 int row_threads(int C, int vec) {
@@ -318,15 +320,18 @@ const char* forward(const LayerNormForward& a, cudaStream_t stream) {
   auto b = static_cast<const W*>(a.bias);
   auto y = static_cast<T*>(a.y);
   auto h = static_cast<T*>(a.h);
-#define SCRATCHFORMER_LN_FWD(ALIGNED, RESIDUAL)                                                        \
-  layer_norm_fwd_kernel<T, W, ALIGNED, RESIDUAL><<<grid, block, 0, stream>>>(x, a.x_stride, r, a.r_stride, w, b, \
-                                                                            y, h, a.mean, a.rstd, a.C, a.eps)
-  if (a.residual) {
-    if (vec_ok) SCRATCHFORMER_LN_FWD(true, true); else SCRATCHFORMER_LN_FWD(false, true);
-  } else {
-    if (vec_ok) SCRATCHFORMER_LN_FWD(true, false); else SCRATCHFORMER_LN_FWD(false, false);
-  }
-#undef SCRATCHFORMER_LN_FWD
+  auto launch = [&](auto aligned_, auto residual_, auto rms_) {
+    constexpr bool A = decltype(aligned_)::value, R = decltype(residual_)::value, N = decltype(rms_)::value;
+    layer_norm_fwd_kernel<T, W, A, R, N><<<grid, block, 0, stream>>>(x, a.x_stride, r, a.r_stride, w, b, y, h, a.mean,
+                                                                      a.rstd, a.C, a.eps);
+  };
+  auto with_rms = [&](auto aligned_, auto residual_) {
+    if (a.bias) launch(aligned_, residual_, std::false_type{}); else launch(aligned_, residual_, std::true_type{});
+  };
+  auto with_residual = [&](auto aligned_) {
+    if (a.residual) with_rms(aligned_, std::true_type{}); else with_rms(aligned_, std::false_type{});
+  };
+  if (vec_ok) with_residual(std::true_type{}); else with_residual(std::false_type{});
   return last_error();
 }
 
@@ -344,19 +349,22 @@ void backward_wide(const LayerNormBackward& a, bool vec_ok, int chunks, float* p
   auto w = static_cast<const W*>(a.weight);
   auto gh = static_cast<const T*>(a.grad_h);
   auto dx = static_cast<T*>(a.dx);
-  auto launch = [&](auto aligned_, auto grad_h_) {
-    constexpr bool A = decltype(aligned_)::value, G = decltype(grad_h_)::value;
-    layer_norm_bwd_wide_dx_kernel<T, W, A, G><<<unsigned(a.rows), kWideThreads, 0, stream>>>(
+  auto launch = [&](auto aligned_, auto grad_h_, auto rms_) {
+    constexpr bool A = decltype(aligned_)::value, G = decltype(grad_h_)::value, N = decltype(rms_)::value;
+    layer_norm_bwd_wide_dx_kernel<T, W, A, G, N><<<unsigned(a.rows), kWideThreads, 0, stream>>>(
         dy, x, a.x_stride, w, a.mean, a.rstd, gh, dx, a.C);
+    const int64_t rows_per_chunk = (a.rows + chunks - 1) / chunks;
+    const dim3 grid((a.C + kWideThreads - 1) / kWideThreads, chunks);
+    layer_norm_bwd_wide_dwdb_kernel<T, N><<<grid, kWideThreads, 0, stream>>>(
+        dy, x, a.x_stride, a.mean, a.rstd, partial_w, partial_b, a.rows, a.C, rows_per_chunk);
+  };
+  auto with_rms = [&](auto aligned_, auto grad_h_) {
+    if (a.dbias) launch(aligned_, grad_h_, std::false_type{}); else launch(aligned_, grad_h_, std::true_type{});
   };
   auto with_grad_h = [&](auto aligned_) {
-    if (a.grad_h) launch(aligned_, std::true_type{}); else launch(aligned_, std::false_type{});
+    if (a.grad_h) with_rms(aligned_, std::true_type{}); else with_rms(aligned_, std::false_type{});
   };
   if (vec_ok) with_grad_h(std::true_type{}); else with_grad_h(std::false_type{});
-  const int64_t rows_per_chunk = (a.rows + chunks - 1) / chunks;
-  const dim3 grid((a.C + kWideThreads - 1) / kWideThreads, chunks);
-  layer_norm_bwd_wide_dwdb_kernel<T><<<grid, kWideThreads, 0, stream>>>(
-      dy, x, a.x_stride, a.mean, a.rstd, partial_w, partial_b, a.rows, a.C, rows_per_chunk);
 }
 
 template <typename T, typename W>
@@ -371,19 +379,22 @@ void backward_narrow(const LayerNormBackward& a, bool vec_ok, int chunks, float*
   auto w = static_cast<const W*>(a.weight);
   auto gh = static_cast<const T*>(a.grad_h);
   auto dx = static_cast<T*>(a.dx);
-  auto launch = [&](auto aligned_, auto grad_h_, auto maxv) {
-    constexpr bool A = decltype(aligned_)::value, G = decltype(grad_h_)::value;
+  auto launch = [&](auto aligned_, auto grad_h_, auto rms_, auto maxv) {
+    constexpr bool A = decltype(aligned_)::value, G = decltype(grad_h_)::value, N = decltype(rms_)::value;
     constexpr int M = decltype(maxv)::value;
-    layer_norm_bwd_kernel<T, W, A, G, M><<<chunks, block, 0, stream>>>(dy, x, a.x_stride, w, a.mean, a.rstd, gh, dx,
-                                                                        partial_w, partial_b, a.rows, a.C, rows_per_chunk);
+    layer_norm_bwd_kernel<T, W, A, G, N, M><<<chunks, block, 0, stream>>>(dy, x, a.x_stride, w, a.mean, a.rstd, gh, dx,
+                                                                           partial_w, partial_b, a.rows, a.C, rows_per_chunk);
   };
-  auto with_maxv = [&](auto aligned_, auto grad_h_) {
-    if (v <= 1) launch(aligned_, grad_h_, std::integral_constant<int, 1>{});
-    else if (v <= 2 || VEC != 4) launch(aligned_, grad_h_, std::integral_constant<int, 2>{});
-    else if constexpr (VEC == 4) launch(aligned_, grad_h_, std::integral_constant<int, 4>{});  // float32 only
+  auto with_maxv = [&](auto aligned_, auto grad_h_, auto rms_) {
+    if (v <= 1) launch(aligned_, grad_h_, rms_, std::integral_constant<int, 1>{});
+    else if (v <= 2 || VEC != 4) launch(aligned_, grad_h_, rms_, std::integral_constant<int, 2>{});
+    else if constexpr (VEC == 4) launch(aligned_, grad_h_, rms_, std::integral_constant<int, 4>{});  // float32 only
+  };
+  auto with_rms = [&](auto aligned_, auto grad_h_) {
+    if (a.dbias) with_maxv(aligned_, grad_h_, std::false_type{}); else with_maxv(aligned_, grad_h_, std::true_type{});
   };
   auto with_grad_h = [&](auto aligned_) {
-    if (a.grad_h) with_maxv(aligned_, std::true_type{}); else with_maxv(aligned_, std::false_type{});
+    if (a.grad_h) with_rms(aligned_, std::true_type{}); else with_rms(aligned_, std::false_type{});
   };
   if (vec_ok) with_grad_h(std::true_type{}); else with_grad_h(std::false_type{});
 }

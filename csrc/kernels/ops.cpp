@@ -90,14 +90,16 @@ Tensor rows_of_floats(const Tensor& like, int64_t rows) {
   return torch::stable::new_empty(like, {rows}, ScalarType::Float);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(Tensor x, Tensor weight, Tensor bias,
-                                                          std::optional<Tensor> residual, double eps) {
-  const char* op = "scratchformer::layer_norm_fwd";
+// LayerNorm, or RMSNorm where bias is null (the same kernels).
+std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd(const char* op, Tensor x, Tensor weight, const Tensor* bias,
+                                                    std::optional<Tensor> residual, double eps) {
   check_layer_norm_inputs(op, x, weight);
-  check_cuda(op, "bias", bias, x);
-  STD_TORCH_CHECK(bias.scalar_type() == weight.scalar_type() && bias.dim() == 1 &&
-                      bias.size(0) == x.size(1) && bias.is_contiguous(),
-                  op, ": bias must be contiguous, shaped and typed like weight");
+  if (bias) {
+    check_cuda(op, "bias", *bias, x);
+    STD_TORCH_CHECK(bias->scalar_type() == weight.scalar_type() && bias->dim() == 1 &&
+                        bias->size(0) == x.size(1) && bias->is_contiguous(),
+                    op, ": bias must be contiguous, shaped and typed like weight");
+  }
   STD_TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
   const auto dtype = cuda_dtype(op, x.scalar_type());
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
@@ -121,7 +123,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(Tensor x, Tensor weigh
     args.h = h.data_ptr();
   }
   args.weight = weight.data_ptr();
-  args.bias = bias.data_ptr();
+  args.bias = bias ? bias->data_ptr() : nullptr;
   args.y = y.data_ptr();
   args.mean = static_cast<float*>(mean.data_ptr());
   args.rstd = static_cast<float*>(rstd.data_ptr());
@@ -133,9 +135,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(Tensor x, Tensor weigh
   return {y, h, mean, rstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd,
-                                                  std::optional<Tensor> grad_h) {
-  const char* op = "scratchformer::layer_norm_bwd";
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(Tensor x, Tensor weight, Tensor bias,
+                                                          std::optional<Tensor> residual, double eps) {
+  return norm_fwd("scratchformer::layer_norm_fwd", x, weight, &bias, residual, eps);
+}
+
+std::tuple<Tensor, Tensor, Tensor> rms_norm_fwd(Tensor x, Tensor weight, std::optional<Tensor> residual, double eps) {
+  auto [y, h, mean, rstd] = norm_fwd("scratchformer::rms_norm_fwd", x, weight, nullptr, residual, eps);
+  return {y, h, rstd};
+}
+
+// LayerNorm's backward, or RMSNorm's where mean is null (then no dbias: returned empty).
+std::tuple<Tensor, Tensor, Tensor> norm_bwd(const char* op, Tensor dy, Tensor x, Tensor weight, const Tensor* mean,
+                                            Tensor rstd, std::optional<Tensor> grad_h) {
   check_layer_norm_inputs(op, x, weight);
   const int64_t rows = x.size(0), C = x.size(1);
   const Tensor gh = grad_h.value_or(dy);
@@ -145,7 +157,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(Tensor dy, Tensor x, Tensor we
                         t->size(1) == C && t->is_contiguous(),
                     op, ": dy and grad_h must be contiguous with x's dtype and shape");
   }
-  for (const Tensor* t : {static_cast<const Tensor*>(&mean), static_cast<const Tensor*>(&rstd)}) {
+  for (const Tensor* t : {mean ? mean : &rstd, static_cast<const Tensor*>(&rstd)}) {
     check_cuda(op, "mean and rstd", *t, x);
     STD_TORCH_CHECK(t->scalar_type() == ScalarType::Float && t->dim() == 1 && t->size(0) == rows &&
                         t->is_contiguous(),
@@ -154,7 +166,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(Tensor dy, Tensor x, Tensor we
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   Tensor dx = torch::stable::new_empty(x, {rows, C});
   Tensor dweight = torch::stable::new_empty(weight, {C});
-  Tensor dbias = torch::stable::new_empty(weight, {C});
+  Tensor dbias = torch::stable::new_empty(weight, {mean ? C : 0});
   const int chunks = scratchformer::layer_norm_backward_chunks(rows, C);
   Tensor partial = torch::stable::new_empty(x, {2 * int64_t(chunks) * C}, ScalarType::Float);
   scratchformer::LayerNormBackward args{};
@@ -164,18 +176,28 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(Tensor dy, Tensor x, Tensor we
   args.x = x.data_ptr();
   args.x_stride = x.stride(0);
   args.weight = weight.data_ptr();
-  args.mean = static_cast<const float*>(mean.data_ptr());
+  args.mean = mean ? static_cast<const float*>(mean->data_ptr()) : nullptr;
   args.rstd = static_cast<const float*>(rstd.data_ptr());
   args.grad_h = grad_h ? grad_h->data_ptr() : nullptr;
   args.dx = dx.data_ptr();
   args.dweight = dweight.data_ptr();
-  args.dbias = dbias.data_ptr();
+  args.dbias = mean ? dbias.data_ptr() : nullptr;
   args.partial = static_cast<float*>(partial.data_ptr());
   args.rows = rows;
   args.C = int(C);
   const char* err = scratchformer::launch_layer_norm_backward(args, current_stream(x));
   STD_TORCH_CHECK(err == nullptr, op, ": CUDA launch failed: ", err);
   return {dx, dweight, dbias};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd,
+                                                  std::optional<Tensor> grad_h) {
+  return norm_bwd("scratchformer::layer_norm_bwd", dy, x, weight, &mean, rstd, grad_h);
+}
+
+std::tuple<Tensor, Tensor> rms_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor rstd, std::optional<Tensor> grad_h) {
+  auto [dx, dweight, dbias] = norm_bwd("scratchformer::rms_norm_bwd", dy, x, weight, nullptr, rstd, grad_h);
+  return {dx, dweight};
 }
 
 // ---- causal attention ------------------------------------------------------------------------
@@ -327,6 +349,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(Tensor dout, Tensor q, Tensor k
 STABLE_TORCH_LIBRARY(scratchformer, m) {
   m.def("layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, Tensor? residual, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor? grad_h) -> (Tensor, Tensor, Tensor)");
+  m.def("rms_norm_fwd(Tensor x, Tensor weight, Tensor? residual, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor rstd, Tensor? grad_h) -> (Tensor, Tensor)");
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, float scale) -> (Tensor, Tensor, Tensor)");
 }
@@ -334,6 +358,8 @@ STABLE_TORCH_LIBRARY(scratchformer, m) {
 #define SCRATCHFORMER_IMPL_ALL(m)                         \
   m.impl("layer_norm_fwd", TORCH_BOX(&layer_norm_fwd));   \
   m.impl("layer_norm_bwd", TORCH_BOX(&layer_norm_bwd));   \
+  m.impl("rms_norm_fwd", TORCH_BOX(&rms_norm_fwd));       \
+  m.impl("rms_norm_bwd", TORCH_BOX(&rms_norm_bwd));       \
   m.impl("attention_fwd", TORCH_BOX(&attention_fwd));     \
   m.impl("attention_bwd", TORCH_BOX(&attention_bwd))
 

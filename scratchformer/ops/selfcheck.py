@@ -22,6 +22,7 @@ from . import backend, reference
 from .attention import FUSED_DTYPES as ATTENTION_DTYPES
 from .attention import FUSED_HEAD_DIMS, causal_attention
 from .layer_norm import add_layer_norm, layer_norm
+from .rms_norm import add_rms_norm, rms_norm
 
 
 @dataclass
@@ -55,8 +56,14 @@ def _fused_layer_norm(x, w, b, r):
     return add_layer_norm(x, r, w, b, backend="fused")
 
 
+def _fused_rms_norm(x, w, b, r):
+    if r is None:
+        return rms_norm(x, w, 1e-5, backend="fused"), None
+    return add_rms_norm(x, r, w, 1e-5, backend="fused")
+
+
 # What runs as "the kernel" in a check; tests put a faulty one here to see it caught.
-FUSED = {"causal_attention": _fused_attention, "layer_norm": _fused_layer_norm}
+FUSED = {"causal_attention": _fused_attention, "layer_norm": _fused_layer_norm, "rms_norm": _fused_rms_norm}
 
 
 def _grads(outputs, weights, leaves):
@@ -91,8 +98,10 @@ def check_attention(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
     return Result("causal_attention", config, str(device), errors, passed)
 
 
-def check_layer_norm(device: torch.device, dtype: torch.dtype, weight_dtype: torch.dtype) -> Result:
-    """Vectorised and element-wise rows, with and without the fused residual add; y, h and every gradient."""
+def check_layer_norm(device: torch.device, dtype: torch.dtype, weight_dtype: torch.dtype, op: str = "layer_norm") -> Result:
+    """Vectorised and element-wise rows, with and without the fused residual add; y, h and every
+    gradient. `op` "rms_norm": RMSNorm on the same kernels (no bias)."""
+    rms = op == "rms_norm"
     g = torch.Generator().manual_seed(7)
     errors, passed = {}, True
     for channels, residual in ((512, False), (67, True)):
@@ -101,23 +110,25 @@ def check_layer_norm(device: torch.device, dtype: torch.dtype, weight_dtype: tor
         dy, dh = torch.randn(37, channels, generator=g), torch.randn(37, channels, generator=g)
         runs = []
         for cast, wcast, fused in ((dtype, weight_dtype, True), (dtype, weight_dtype, False), (torch.float64, torch.float64, False)):
-            leaves = [x.to(device, cast), w.to(device, wcast), b.to(device, wcast)] + ([r.to(device, cast)] if residual else [])
-            leaves = [t.requires_grad_() for t in leaves]
-            rr = leaves[3] if residual else None
+            leaves = [x.to(device, cast), w.to(device, wcast)] + ([] if rms else [b.to(device, wcast)])
+            leaves = [t.requires_grad_() for t in leaves + ([r.to(device, cast)] if residual else [])]
+            rr = leaves[-1] if residual else None
+            bias = None if rms else leaves[2]
             if fused:
-                y, h = FUSED["layer_norm"](leaves[0], leaves[1], leaves[2], rr)
+                y, h = FUSED[op](leaves[0], leaves[1], bias, rr)
             else:
                 h = leaves[0] + rr if residual else None
-                y = reference.layer_norm(h if residual else leaves[0], leaves[1], leaves[2])[0]
+                normalized = h if residual else leaves[0]
+                y = reference.rms_norm(normalized, leaves[1], 1e-5) if rms else reference.layer_norm(normalized, leaves[1], bias)[0]
             outputs = [y, h]
             runs.append([y.detach()] + _grads(outputs, [dy.to(device, torch.float64), dh.to(device, torch.float64)], leaves))
-        names = ["y", "dx", "dweight", "dbias"] + (["dresidual"] if residual else [])
+        names = ["y", "dx", "dweight"] + ([] if rms else ["dbias"]) + (["dresidual"] if residual else [])
         for name, got, low, truth in zip(names, *runs):
             err, err_ref, ok = _within(got, low, truth)
             errors[f"{name} (C={channels})"] = (err, err_ref)
             passed &= ok
     config = str(dtype).removeprefix("torch.") + (f", {str(weight_dtype).removeprefix('torch.')} weights" if weight_dtype != dtype else "")
-    return Result("layer_norm", config, str(device), errors, passed)
+    return Result(op, config, str(device), errors, passed)
 
 
 _verdicts: dict[tuple, bool] = {}
@@ -158,7 +169,7 @@ backend.set_first_use_check(first_use_check)
 def run_check(op: str, device: torch.device, config: tuple) -> Result:
     if op == "causal_attention":
         return check_attention(device, *config)
-    return check_layer_norm(device, *config)
+    return check_layer_norm(device, *config, op=op)
 
 
 def device_name(device: torch.device) -> str:
@@ -173,5 +184,5 @@ def all_checks(device: torch.device) -> list[Result]:
     results = [check_attention(device, dtype, d) for dtype in ATTENTION_DTYPES for d in FUSED_HEAD_DIMS]
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for weight_dtype in {dtype, torch.float32}:
-            results.append(check_layer_norm(device, dtype, weight_dtype))
+            results += [check_layer_norm(device, dtype, weight_dtype, op) for op in ("layer_norm", "rms_norm")]
     return results
