@@ -1,4 +1,4 @@
-"""Build the CUDA kernels' source (attention, LayerNorm) for the CPU emulator (tests/emulator)
+"""Build the CUDA kernels' source (attention, LayerNorm, the cross-entropy chunk) for the CPU emulator (tests/emulator)
 and call their launchers.
 
 The `.cu` files are compiled by g++ as they are, with three mechanical rewrites: the `<<<grid,
@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ROOT / "csrc" / "kernels"
 EMULATOR = Path(__file__).resolve().parent / "emulator"
-SOURCES = ["attention_fwd.cu", "attention_bwd.cu", "attention_simt.cu", "attention_hopper.cu", "layernorm.cu"]
+SOURCES = ["attention_fwd.cu", "attention_bwd.cu", "attention_simt.cu", "attention_hopper.cu", "layernorm.cu", "cross_entropy.cu"]
 HEADERS = ["attention.cuh", "attention_launch.cuh", "common.cuh", "kernels.h"]
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # kernel<...><<<launch configuration>>>(  ->  emu::launch(kernel<...>, launch configuration,
@@ -109,7 +109,7 @@ class EmulatedKernels:
 
     def __init__(self, library: Path):
         self.lib = ctypes.CDLL(str(library))
-        for name in ("attention_forward", "attention_backward", "layer_norm_forward", "layer_norm_backward"):
+        for name in ("attention_forward", "attention_backward", "layer_norm_forward", "layer_norm_backward", "cross_entropy"):
             getattr(self.lib, f"emulated_{name}").restype = ctypes.c_char_p
 
     @staticmethod
@@ -170,6 +170,19 @@ class EmulatedKernels:
             ptr(mean), ptr(rstd), ctypes.c_longlong(rows), channels, ctypes.c_float(eps))
         assert err is None, err.decode()
         return y, h, mean, rstd
+
+    def cross_entropy_chunk(self, logits, targets, row_scale=None, scale=1.0, ignore_index=-100, label_smoothing=0.0,
+                            softcap=0.0, grad=True):
+        """Each row's loss (float32); with `grad`, the logits are overwritten by the gradient."""
+        rows, vocab = logits.shape
+        loss = torch.full((rows,), float("nan"))
+        ptr = lambda t: ctypes.c_void_p(t.data_ptr() if t is not None else None)  # noqa: E731
+        err = self.lib.emulated_cross_entropy(
+            DTYPES[logits.dtype], ptr(logits), ctypes.c_longlong(logits.stride(0)), ptr(targets), ptr(row_scale),
+            ctypes.c_float(scale), ctypes.c_longlong(ignore_index), ctypes.c_float(label_smoothing), ctypes.c_float(softcap),
+            ptr(loss), ctypes.c_longlong(rows), vocab, ctypes.c_bool(grad))
+        assert err is None, err.decode()
+        return loss
 
     def layer_norm_backward(self, dy, x, weight, mean, rstd, grad_h=None):
         """(dx, dweight, dbias); x is the normalized input (h in the residual variant). mean None:

@@ -27,7 +27,7 @@ def run(backend, hidden, weight, bias, targets, cast=lambda t: t, reduction="mea
     leaves = [cast(t).clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
     loss = ops.linear_cross_entropy(leaves[0], leaves[1], targets, bias=leaves[2], reduction=reduction, backend=backend, **kw)
     weights = torch.randn(loss.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    (loss * weights.to(loss.dtype)).sum().backward()
+    (loss * weights.to(loss.device, loss.dtype)).sum().backward()
     return [loss.detach()] + [t.grad for t in leaves if t is not None]
 
 
@@ -50,6 +50,21 @@ def test_every_backend_against_float64(backend, label_smoothing, reduction, dtyp
     truth = run("reference", *inputs, cast=torch.Tensor.double, **kw)
     low = run("reference", *inputs, **kw)
     assert_within_twice_the_reference(run(backend, *inputs, **kw), low, truth)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("vocab, softcap", [(50257, None), (1009, 30.0)])
+def test_the_chunk_kernel_on_a_gpu_against_float64(dtype, reduction, vocab, softcap, monkeypatch):
+    monkeypatch.setenv("SCRATCHFORMER_SELFCHECK", "0")  # this test is the check: the kernel itself runs
+    hidden, weight, bias, targets = (t.cuda() if t is not None else None for t in make_inputs(61, 64, vocab, dtype))
+    torch.library.opcheck(torch.ops.scratchformer.cross_entropy_chunk.default,
+                          (hidden @ weight.T, targets, None, 1.0, -100, 0.1, 0.0, True))
+    kw = dict(label_smoothing=0.1, softcap=softcap, reduction=reduction, chunk_rows=16)
+    truth = run("reference", hidden, weight, bias, targets, cast=torch.Tensor.double, **kw)
+    low = run("reference", hidden, weight, bias, targets, **kw)
+    assert_within_twice_the_reference(run("fused", hidden, weight, bias, targets, **kw), low, truth)
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])

@@ -54,6 +54,23 @@ def rms_bwd(dy, x, weight, rstd, grad_h):
     return dx.to(x.dtype), (dy.float() * xhat).sum(0).to(weight.dtype)
 
 
+def ce_chunk(logits, targets, row_scale, scale, ignore_index, label_smoothing, softcap, grad):
+    z = logits.float()
+    capped = softcap * torch.tanh(z / softcap) if softcap else z
+    log_probs = torch.log_softmax(capped, dim=1)
+    counted = targets != ignore_index
+    picked = log_probs.gather(1, torch.where(counted, targets, 0)[:, None])[:, 0]
+    loss = torch.where(counted, -(1 - label_smoothing) * picked - label_smoothing * log_probs.mean(1), 0.0)
+    if grad:
+        d = torch.exp(log_probs) - label_smoothing / z.shape[1]
+        d.scatter_add_(1, torch.where(counted, targets, 0)[:, None], torch.full((z.shape[0], 1), label_smoothing - 1.0))
+        if softcap:
+            d = d * (1 - (capped / softcap) ** 2)
+        weight = torch.where(counted, (row_scale if row_scale is not None else torch.ones_like(loss)) * scale, 0.0)
+        logits.copy_(d * weight[:, None])
+    return loss
+
+
 def _probabilities(q, k, scale):
     group = q.shape[1] // k.shape[1]
     kk = k.repeat_interleave(group, 1).float()
@@ -85,11 +102,12 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, scale):
 
 @pytest.fixture
 def stand_ins(monkeypatch):
-    """The six ops on CPU tensors run the formulas above, and `fused` is allowed on the CPU."""
+    """The seven ops on CPU tensors run the formulas above, and `fused` is allowed on the CPU."""
     monkeypatch.setattr(backend, "_gpu_reason", lambda tensors: None)
     with torch.library._scoped_library("scratchformer", "IMPL") as lib:
         for name, fn in (("layer_norm_fwd", ln_fwd), ("layer_norm_bwd", ln_bwd), ("rms_norm_fwd", rms_fwd),
-                         ("rms_norm_bwd", rms_bwd), ("attention_fwd", attn_fwd), ("attention_bwd", attn_bwd)):
+                         ("rms_norm_bwd", rms_bwd), ("attention_fwd", attn_fwd), ("attention_bwd", attn_bwd),
+                         ("cross_entropy_chunk", ce_chunk)):
             lib.impl(name, fn, "CPU", allow_override=True)
         yield
 
@@ -137,6 +155,25 @@ def test_rms_norm_gradients_through_the_fused_node(stand_ins, dtype, shape):
         assert_same(fused, reference, tol)
     with torch.no_grad():  # no autograd node: the op alone
         assert ops.rms_norm(x, w, backend="fused").grad_fn is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy_through_the_chunk_kernel(stand_ins, dtype, reduction, monkeypatch):
+    # The chunked path hands each chunk to the kernel (here its stand-in): the row weights of each
+    # reduction, the gradient in the logits' dtype, its sums into weight and bias.
+    monkeypatch.setenv("SCRATCHFORMER_SELFCHECK", "0")  # the stand-in itself, not PyTorch's math after a check
+    torch.manual_seed(0)
+    hidden, weight, bias = torch.randn(37, 16, dtype=dtype), torch.randn(61, 16, dtype=dtype) * 0.3, torch.randn(61, dtype=dtype)
+    targets = torch.randint(0, 61, (37,))
+    targets[5] = -100
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+
+    def op(h, w, b, backend):
+        return ops.linear_cross_entropy(h, w, targets, bias=b, label_smoothing=0.1, softcap=20.0, reduction=reduction,
+                                        chunk_rows=8, backend=backend)
+    fused, reference = (grads(lambda *leaves: op(*leaves, backend=name), (hidden, weight, bias)) for name in ("fused", "reference"))
+    assert_same(fused, reference, tol)
 
 
 def test_only_the_residual_output_of_add_layer_norm_gets_a_gradient(stand_ins):

@@ -70,6 +70,19 @@ def test_rms_norm_check(fresh):
     assert not selfcheck.check_layer_norm(torch.device("cpu"), torch.bfloat16, torch.float32, "rms_norm").passed
 
 
+def test_cross_entropy_check(fresh):
+    fresh.setitem(selfcheck.FUSED, "cross_entropy_chunk", selfcheck._cross_entropy_truth)  # a correct "kernel"
+    for dtype in (torch.float32, torch.bfloat16):
+        result = selfcheck.check_cross_entropy(torch.device("cpu"), dtype)
+        assert result.passed, result.worst()
+        assert set(result.errors) == {f"{n} (V={v})" for n in ("loss", "gradient") for v in (50257, 96)}
+
+    def forgets_the_smoothing(logits, targets, row_scale, label_smoothing, softcap):
+        return selfcheck._cross_entropy_truth(logits, targets, row_scale, 0.0, softcap)
+    fresh.setitem(selfcheck.FUSED, "cross_entropy_chunk", forgets_the_smoothing)
+    assert not selfcheck.check_cross_entropy(torch.device("cpu"), torch.bfloat16).passed
+
+
 def test_auto_runs_pytorchs_op_for_a_configuration_that_failed_and_says_so_once(fresh):
     # Pretend the fused kernels could run here; the "kernel" is faulty for every configuration.
     fresh.setattr(backend, "_gpu_reason", lambda tensors: None)

@@ -54,6 +54,27 @@ const char* launch_layer_norm_backward(const LayerNormBackward& args, void* stre
 // scratch buffer).
 int layer_norm_backward_chunks(int64_t rows, int64_t C);
 
+// One chunk of linear_cross_entropy (cross_entropy.cu): each row's loss of the logits, and with
+// `grad` its gradient (times row_scale[row] * scale, 0 on ignored rows) written over the logits.
+// Rows are `stride` elements apart with unit stride inside a row.
+struct CrossEntropyChunk {
+  DType dtype;
+  void* logits;             // [rows, V]: read, then overwritten by the gradient when `grad`
+  int64_t stride;
+  const int64_t* targets;   // [rows]
+  const float* row_scale;   // [rows], or nullptr for 1
+  float scale;
+  int64_t ignore_index;
+  float label_smoothing;
+  float softcap;            // 0: none
+  float* loss;              // [rows]
+  int64_t rows;
+  int V;
+  bool grad;
+};
+
+const char* launch_cross_entropy(const CrossEntropyChunk& args, void* stream);
+
 // Causal attention (attention_*.cu). q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D]; Hq % Hkv == 0 and
 // query head h reads kv head h / (Hq / Hkv); 1 <= Tq <= Tk and query i sees keys j <= i + Tk - Tq.
 // Inputs have unit stride along D and the element strides below for the other dimensions, each

@@ -33,6 +33,7 @@ constexpr const char* kNoKernels = "scratchformer was built without CUDA kernels
 const char* launch_layer_norm_forward(const LayerNormForward&, void*) { return kNoKernels; }
 const char* launch_layer_norm_backward(const LayerNormBackward&, void*) { return kNoKernels; }
 int layer_norm_backward_chunks(int64_t, int64_t) { return 1; }
+const char* launch_cross_entropy(const CrossEntropyChunk&, void*) { return kNoKernels; }
 bool attention_head_dim_supported(int) { return false; }
 int attention_forward_splits(const AttentionShape&, DType) { return 1; }
 int attention_backward_dkv_splits(const AttentionShape&, DType, void*) { return 1; }
@@ -200,6 +201,51 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tens
   return {dx, dweight};
 }
 
+// ---- one chunk of linear_cross_entropy -------------------------------------------------------
+
+// The loss of each row of logits [rows, V]; with `grad`, its gradient (times row_scale * scale)
+// written over the logits.
+Tensor cross_entropy_chunk(Tensor logits, Tensor targets, std::optional<Tensor> row_scale, double scale,
+                           int64_t ignore_index, double label_smoothing, double softcap, bool grad) {
+  const char* op = "scratchformer::cross_entropy_chunk";
+  STD_TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor");
+  STD_TORCH_CHECK(logits.dim() == 2 && logits.size(1) >= 1 && logits.size(1) <= INT32_MAX, op,
+                  ": logits must be 2-D [rows, V] with 1 <= V < 2^31");
+  STD_TORCH_CHECK(logits.size(1) == 1 || logits.stride(1) == 1, op, ": logits must be contiguous along V");
+  const int64_t rows = logits.size(0);
+  check_cuda(op, "targets", targets, logits);
+  STD_TORCH_CHECK(targets.scalar_type() == ScalarType::Long && targets.dim() == 1 && targets.size(0) == rows &&
+                      targets.is_contiguous(),
+                  op, ": targets must be contiguous int64 of shape [rows]");
+  if (row_scale) {
+    check_cuda(op, "row_scale", *row_scale, logits);
+    STD_TORCH_CHECK(row_scale->scalar_type() == ScalarType::Float && row_scale->dim() == 1 &&
+                        row_scale->size(0) == rows && row_scale->is_contiguous(),
+                    op, ": row_scale must be contiguous float32 of shape [rows]");
+  }
+  STD_TORCH_CHECK(label_smoothing >= 0 && label_smoothing <= 1, op, ": label_smoothing must be in [0, 1]");
+  STD_TORCH_CHECK(softcap >= 0, op, ": softcap must be >= 0 (0: none)");
+  torch::stable::accelerator::DeviceGuard guard(logits.get_device_index());
+  Tensor loss = rows_of_floats(logits, rows);
+  scratchformer::CrossEntropyChunk args{};
+  args.dtype = cuda_dtype(op, logits.scalar_type());
+  args.logits = logits.data_ptr();
+  args.stride = logits.stride(0);
+  args.targets = static_cast<const int64_t*>(targets.data_ptr());
+  args.row_scale = row_scale ? static_cast<const float*>(row_scale->data_ptr()) : nullptr;
+  args.scale = float(scale);
+  args.ignore_index = ignore_index;
+  args.label_smoothing = float(label_smoothing);
+  args.softcap = float(softcap);
+  args.loss = static_cast<float*>(loss.data_ptr());
+  args.rows = rows;
+  args.V = int(logits.size(1));
+  args.grad = grad;
+  const char* err = scratchformer::launch_cross_entropy(args, current_stream(logits));
+  STD_TORCH_CHECK(err == nullptr, op, ": CUDA launch failed: ", err);
+  return loss;
+}
+
 // ---- causal attention ------------------------------------------------------------------------
 
 scratchformer::Strides strides_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
@@ -351,6 +397,8 @@ STABLE_TORCH_LIBRARY(scratchformer, m) {
   m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor? grad_h) -> (Tensor, Tensor, Tensor)");
   m.def("rms_norm_fwd(Tensor x, Tensor weight, Tensor? residual, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor rstd, Tensor? grad_h) -> (Tensor, Tensor)");
+  m.def("cross_entropy_chunk(Tensor(a!) logits, Tensor targets, Tensor? row_scale, float scale, int ignore_index, "
+        "float label_smoothing, float softcap, bool grad) -> Tensor");
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, float scale) -> (Tensor, Tensor, Tensor)");
 }
@@ -360,6 +408,7 @@ STABLE_TORCH_LIBRARY(scratchformer, m) {
   m.impl("layer_norm_bwd", TORCH_BOX(&layer_norm_bwd));   \
   m.impl("rms_norm_fwd", TORCH_BOX(&rms_norm_fwd));       \
   m.impl("rms_norm_bwd", TORCH_BOX(&rms_norm_bwd));       \
+  m.impl("cross_entropy_chunk", TORCH_BOX(&cross_entropy_chunk)); \
   m.impl("attention_fwd", TORCH_BOX(&attention_fwd));     \
   m.impl("attention_bwd", TORCH_BOX(&attention_bwd))
 

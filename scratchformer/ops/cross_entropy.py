@@ -6,8 +6,9 @@ walks the rows in chunks sized by a memory budget: each chunk's logits are compu
 through torch, so cuBLAS on a GPU), turned into the loss and its gradient in place, and the
 gradients of hidden, weight and bias accumulate chunk by chunk during the forward, so that the
 backward is a scale (with reduction "none", whose row weights arrive only in the backward, the
-backward recomputes each chunk instead). The chunk's loss math runs as PyTorch ops on every
-device for now; it is the place for a CUDA kernel.
+backward recomputes each chunk instead). On a GPU the chunk's loss and gradient come from one
+kernel (csrc/kernels/cross_entropy.cu: two passes over each row, the gradient written over the
+logits in their own dtype); elsewhere, and for float64, from PyTorch ops.
 
 Backends: `fused` and `auto` (the chunked path, on any device), `torch` (F.linear and
 F.cross_entropy, logits materialised), `reference` (reference.linear_cross_entropy, the formula).
@@ -20,10 +21,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import _extensions
 from . import reference
-from .backend import _validate, get_backend
+from .backend import _validate, choose, get_backend
 
 REDUCTIONS = ("mean", "sum", "none")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CHUNK_BYTES = 32 * 2**20  # the float32 logits of one chunk; its temporaries are about as large again
 
 
@@ -47,11 +50,24 @@ def _check_inputs(hidden, weight, targets, bias, label_smoothing, reduction, sof
         raise ValueError(f"linear_cross_entropy: softcap must be a positive number or None, got {softcap}")
 
 
-def _chunk(hidden, weight, bias, targets, valid, label_smoothing, softcap, row_scale):
+def _kernel_reason(z: torch.Tensor) -> str | None:
+    return None if z.dtype in KERNEL_DTYPES else f"the kernel takes float32, float16 or bfloat16, not {z.dtype}"
+
+
+def _chunk(hidden, weight, bias, targets, ignore_index, label_smoothing, softcap, row_scale):
     """Loss per row (float32, 0 where ignored) of one chunk, and with `row_scale` (per row, or a
     number) the gradient of sum(row_scale * loss) with respect to the chunk's logits, in place of
     them. The logits are computed in the inputs' dtype, the rest in float32 (float64 for float64)."""
-    z = F.linear(hidden, weight, bias).to(torch.promote_types(hidden.dtype, torch.float32))
+    z = F.linear(hidden, weight, bias)
+    if choose("cross_entropy_chunk", "auto", (z,), lambda: _kernel_reason(z), (z.dtype,)) == "fused":
+        scale, per_row = (1.0, row_scale) if isinstance(row_scale, torch.Tensor) else (row_scale or 1.0, None)
+        if per_row is not None:
+            per_row = per_row.float().expand(z.shape[0]).contiguous()
+        loss = torch.ops.scratchformer.cross_entropy_chunk(z, targets, per_row, scale, ignore_index, label_smoothing,
+                                                           softcap or 0.0, row_scale is not None)
+        return loss, (z if row_scale is not None else None)
+    valid = targets != ignore_index
+    z = z.to(torch.promote_types(hidden.dtype, torch.float32))
     cap_grad = None
     if softcap is not None:
         z = torch.tanh(z.div_(softcap))
@@ -89,12 +105,13 @@ def _walk(hidden, weight, bias, targets, ignore_index, label_smoothing, softcap,
         rows = slice(start, start + step)
         h, t = hidden[rows], targets[rows]
         scale = row_scale[rows] if isinstance(row_scale, torch.Tensor) and row_scale.dim() else row_scale
-        loss, grad = _chunk(h, weight, bias, t, t != ignore_index, label_smoothing, softcap, scale if grads else None)
+        loss, grad = _chunk(h, weight, bias, t, ignore_index, label_smoothing, softcap, scale if grads else None)
         losses[rows] = loss
         if grads:
             grad_hidden, grad_weight, grad_bias = grads
             g = grad.to(weight.dtype)
             grad_hidden[rows] = g @ weight
+            grad = grad.to(grad_weight.dtype)  # the kernel's gradient is in the logits' dtype: sums in float32
             grad_weight.addmm_(grad.T, h.to(grad.dtype))
             if grad_bias is not None:
                 grad_bias += grad.sum(0)
@@ -181,3 +198,10 @@ def linear_cross_entropy(
                                                softcap, chunk_rows)
     losses = _walk(hidden, weight, bias, targets, ignore_index, label_smoothing, softcap, chunk_rows, None, None)
     return _reduce(losses, (targets != ignore_index).sum(), reduction)
+
+
+if _extensions.kernels is not None:
+
+    @torch.library.register_fake("scratchformer::cross_entropy_chunk")
+    def _chunk_fake(logits, targets, row_scale, scale, ignore_index, label_smoothing, softcap, grad):
+        return logits.new_empty((logits.shape[0],), dtype=torch.float32)

@@ -62,8 +62,13 @@ def _fused_rms_norm(x, w, b, r):
     return add_rms_norm(x, r, w, 1e-5, backend="fused")
 
 
+def _fused_cross_entropy(logits, targets, row_scale, label_smoothing, softcap):
+    return torch.ops.scratchformer.cross_entropy_chunk(logits, targets, row_scale, 1.0, -100, label_smoothing, softcap, True)
+
+
 # What runs as "the kernel" in a check; tests put a faulty one here to see it caught.
-FUSED = {"causal_attention": _fused_attention, "layer_norm": _fused_layer_norm, "rms_norm": _fused_rms_norm}
+FUSED = {"causal_attention": _fused_attention, "layer_norm": _fused_layer_norm, "rms_norm": _fused_rms_norm,
+         "cross_entropy_chunk": _fused_cross_entropy}
 
 
 def _grads(outputs, weights, leaves):
@@ -131,6 +136,41 @@ def check_layer_norm(device: torch.device, dtype: torch.dtype, weight_dtype: tor
     return Result(op, config, str(device), errors, passed)
 
 
+def _cross_entropy_truth(logits, targets, row_scale, label_smoothing, softcap):
+    """Loss per row and, in place of the logits, the gradient of sum(row_scale * loss): autograd of
+    the formula, in the logits' precision (float32 for 16-bit ones) or float64."""
+    z = logits.float().detach().requires_grad_() if logits.dtype != torch.float64 else logits.detach().requires_grad_()
+    capped = softcap * torch.tanh(z / softcap) if softcap else z
+    log_probs = torch.log_softmax(capped, dim=1)
+    counted = targets != -100
+    picked = log_probs.gather(1, torch.where(counted, targets, 0)[:, None])[:, 0]
+    loss = torch.where(counted, -(1 - label_smoothing) * picked - label_smoothing * log_probs.mean(1), 0.0)
+    (loss * row_scale.to(loss.dtype)).sum().backward()
+    logits.copy_(z.grad)
+    return loss.detach()
+
+
+def check_cross_entropy(device: torch.device, dtype: torch.dtype) -> Result:
+    """The loss chunk of linear_cross_entropy: rows of GPT-2's vocabulary (off the vector width) and
+    of a narrow one, an ignored row, label smoothing and softcapping; the loss and the gradient."""
+    g = torch.Generator().manual_seed(11)
+    errors, passed = {}, True
+    for vocab, label_smoothing, softcap in ((50257, 0.1, 0.0), (96, 0.0, 30.0)):
+        logits, targets = torch.randn(5, vocab, generator=g) * 4, torch.randint(0, vocab, (5,), generator=g)
+        targets[2] = -100
+        row_scale = torch.rand(5, generator=g) + 0.5
+        runs = []
+        for cast, fn in ((dtype, FUSED["cross_entropy_chunk"]), (dtype, _cross_entropy_truth), (torch.float64, _cross_entropy_truth)):
+            z = logits.to(device, cast, copy=True)  # each run overwrites its logits
+            loss = fn(z, targets.to(device), row_scale.to(device), label_smoothing, softcap)
+            runs.append([loss, z])
+        for name, got, low, truth in zip(("loss", "gradient"), *runs):
+            err, err_ref, ok = _within(got, low, truth)
+            errors[f"{name} (V={vocab})"] = (err, err_ref)
+            passed &= ok
+    return Result("cross_entropy_chunk", str(dtype).removeprefix("torch."), str(device), errors, passed)
+
+
 _verdicts: dict[tuple, bool] = {}
 
 
@@ -169,6 +209,8 @@ backend.set_first_use_check(first_use_check)
 def run_check(op: str, device: torch.device, config: tuple) -> Result:
     if op == "causal_attention":
         return check_attention(device, *config)
+    if op == "cross_entropy_chunk":
+        return check_cross_entropy(device, *config)
     return check_layer_norm(device, *config, op=op)
 
 
@@ -185,4 +227,5 @@ def all_checks(device: torch.device) -> list[Result]:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for weight_dtype in {dtype, torch.float32}:
             results += [check_layer_norm(device, dtype, weight_dtype, op) for op in ("layer_norm", "rms_norm")]
+        results.append(check_cross_entropy(device, dtype))
     return results

@@ -87,6 +87,17 @@ const char* emulated_layer_norm_forward(int dtype, int weight_dtype, const void*
   return launch_layer_norm_forward(a, nullptr);
 }
 
+const char* emulated_cross_entropy(int dtype, void* logits, long long stride, const int64_t* targets,
+                                   const float* row_scale, float scale, long long ignore_index, float label_smoothing,
+                                   float softcap, float* loss, long long rows, int V, bool grad) {
+  CrossEntropyChunk a{};
+  a.dtype = DType(dtype);
+  a.logits = logits, a.stride = stride, a.targets = targets, a.row_scale = row_scale;
+  a.scale = scale, a.ignore_index = ignore_index, a.label_smoothing = label_smoothing, a.softcap = softcap;
+  a.loss = loss, a.rows = rows, a.V = V, a.grad = grad;
+  return launch_cross_entropy(a, nullptr);
+}
+
 const char* emulated_layer_norm_backward(int dtype, int weight_dtype, const void* dy, const void* x,
                                          long long x_stride, const void* weight, const float* mean,
                                          const float* rstd, const void* grad_h, void* dx, void* dweight,
