@@ -140,7 +140,21 @@ def gpt_oss():  # attention sinks, and a sliding window on every other layer
                                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
 
 
-MODELS = {**CONFIGS, "mistral": mistral, "qwen2": qwen2, "gemma2": gemma2, "gpt-oss": gpt_oss}
+def qwen3():  # per-head q/k norms; a sliding window on every other layer
+    return transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                                    use_sliding_window=True, sliding_window=6, max_window_layers=1,
+                                    bos_token_id=0, eos_token_id=0)
+
+
+def gemma3():  # local (sliding) and global layers, each with its own rotary base
+    return transformers.Gemma3TextConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                         intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=64, head_dim=16,
+                                         sliding_window=6, sliding_window_pattern=2, bos_token_id=0, eos_token_id=0,
+                                         pad_token_id=0)
+
+
+MODELS = {**CONFIGS, "mistral": mistral, "qwen2": qwen2, "qwen3": qwen3, "gemma2": gemma2, "gemma3": gemma3, "gpt-oss": gpt_oss}
 
 
 def pair(arch):
