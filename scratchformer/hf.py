@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import os
 import warnings
+import weakref
 
 import torch
 import torch.nn as nn
@@ -90,7 +91,9 @@ def _window(kwargs) -> tuple[int, int] | None:
     return None if window is None else (window - 1, 0)
 
 
-_last_mask: tuple = (None, None, None)  # (mask, window, document ids): every layer of a forward passes the same mask
+# (a weak reference to the mask, window, document ids): every layer of a forward passes the same mask,
+# read once; held weakly, so a large mask is not kept past its forward.
+_last_mask: tuple = (lambda: None, None, None)
 
 
 def _documents(mask: torch.Tensor, batch: int, t_q: int, t_k: int, window) -> torch.Tensor | None:
@@ -99,7 +102,7 @@ def _documents(mask: torch.Tensor, batch: int, t_q: int, t_k: int, window) -> to
     None when no such ids exist (a pattern of another kind). Padding queries attend to themselves
     alone: their outputs are not eager's, and no real position reads them."""
     global _last_mask
-    if _last_mask[0] is mask and _last_mask[1] == window:
+    if _last_mask[0]() is mask and _last_mask[1] == window:
         return _last_mask[2]
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (t_q, t_k):
         return None
@@ -118,7 +121,7 @@ def _documents(mask: torch.Tensor, batch: int, t_q: int, t_k: int, window) -> to
     if not torch.equal(derived & rows, visible & rows):
         return None
     documents = documents.expand(batch, t_k)
-    _last_mask = (mask, window, documents)
+    _last_mask = (weakref.ref(mask), window, documents)
     return documents
 
 
@@ -436,6 +439,10 @@ def to_hf(model):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     c = model.config
+    if c.document_token is not None:
+        warnings.warn(f"to_hf: this model was trained with a document mask (no position sees past a {c.document_token} "
+                      "token); transformers' model has none: give it one document per sequence, or position_ids that "
+                      "restart at each document (packed, as in training)", stacklevel=2)
     if c.activation == "swiglu" or c.norm == "rmsnorm":
         return _to_llama(model)
     _check_convertible(c)

@@ -93,6 +93,14 @@ def test_what_the_conversion_refuses():
         to_hf(GPT(ModelConfig(vocab_size=50, context=8, n_layers=1, d_model=32, n_heads=2, d_ff=64)))
 
 
+def test_to_hf_says_that_transformers_has_no_document_mask():
+    import dataclasses
+
+    config = dataclasses.replace(GPT2, vocab_size=50, context=8, n_layers=1, d_model=32, n_heads=2, d_ff=64, document_token=49)
+    with pytest.warns(UserWarning, match="trained with a document mask .* transformers' model has none"):
+        to_hf(GPT(config))
+
+
 def test_the_gpt2_preset_is_gpt2_small():
     with torch.device("meta"):
         ours = GPT(GPT2)
