@@ -63,3 +63,11 @@ def test_emulated_loss_only_leaves_the_logits_and_strided_rows_work(emulated):
     expected = truth(before, targets, None, 0.5, -100, 0.0, 0.0, torch.float64)[1]
     torch.testing.assert_close(logits.double(), expected, rtol=2e-2, atol=2e-3)
     assert torch.equal(wide[:, 100:], gaps)  # between the rows: untouched
+
+
+def test_emulated_target_out_of_range_gives_nan_not_a_read_past_the_row(emulated):
+    logits = torch.randn(3, 10)
+    targets = torch.tensor([2, 10, -5])  # 10 and -5: outside [0, 10), not the ignore_index
+    loss = emulated.cross_entropy_chunk(logits, targets)
+    assert torch.isfinite(loss[0]) and loss[1:].isnan().all()
+    assert torch.isfinite(logits[0]).all() and logits[1:].isnan().all()

@@ -5,6 +5,8 @@
 // second [rows, V] buffer, nor a float32 copy):
 //   dz[j] = w * (softmax(z)[j] - (1 - ls) * [j == t] - ls / V),  w = row_scale * scale (0 if ignored).
 // With softcap, z = softcap * tanh(raw / softcap) first and dz gains the factor 1 - tanh^2.
+// A target outside [0, V) that is not ignore_index is never read: its row's loss and gradient are
+// NaN, so that the mistake shows (as a NaN loss) instead of reading past the row.
 //
 // One thread block per row, 16-byte vector loads. Pass one keeps, per thread, a running max and
 // the sum of exp(z - max) (rescaled when the max grows: one read of the row for both) and the sum
@@ -55,6 +57,7 @@ __global__ void cross_entropy_kernel(T* __restrict__ logits, int64_t stride, con
   T* z = logits + row * stride;
   const int64_t target = targets[row];
   const bool counted = target != ignore_index;
+  const bool in_range = target >= 0 && target < V;
   const int step = blockDim.x * VEC;
 
   float running_max = -INFINITY, sum_exp = 0.f, sum_z = 0.f;
@@ -79,13 +82,13 @@ __global__ void cross_entropy_kernel(T* __restrict__ logits, int64_t stride, con
   const float lse = row_max + logf(block_sum(mine, scratch));
   const float mean_z = block_sum(sum_z, scratch) / V;
   // Every thread reads the target's logit before any thread overwrites the row (pass two).
-  const float z_target = counted ? capped<CAP>(to_float(z[target]), softcap) : 0.f;
+  const float z_target = !counted ? 0.f : in_range ? capped<CAP>(to_float(z[target]), softcap) : NAN;
   if (threadIdx.x == 0)
     loss[row] = counted ? (1.f - label_smoothing) * (lse - z_target) + label_smoothing * (lse - mean_z) : 0.f;
   if constexpr (!GRAD) return;
   __syncthreads();
 
-  const float weight = counted ? (row_scale ? row_scale[row] : 1.f) * scale : 0.f;
+  const float weight = !counted ? 0.f : in_range ? (row_scale ? row_scale[row] : 1.f) * scale : NAN;
   const float uniform = label_smoothing / V;
   for (int i = threadIdx.x * VEC; i < V; i += step) {
     float a[VEC];
