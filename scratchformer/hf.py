@@ -135,8 +135,9 @@ def _packed_offsets(query, key, kwargs) -> torch.Tensor | None:
 
 
 def _fallback_reason(module, query, key, value, attention_mask, dropout, kwargs) -> str | None:
-    if attention_mask is not None and _packed_offsets(query, key, kwargs) is None and _documents(attention_mask, query.shape[0], query.shape[2], key.shape[2], _window(kwargs)) is None:
-        return "an attention mask other than padding, packed sequences or a sliding window"
+    if attention_mask is not None and _packed_offsets(query, key, kwargs) is None:
+        if _documents(attention_mask, query.shape[0], query.shape[2], key.shape[2], _window(kwargs)) is None:
+            return "an attention mask other than padding, packed sequences or a sliding window"
     is_causal = kwargs.get("is_causal")
     # One query sees every key either way, so a decoding step marked non-causal is still ours.
     if not (is_causal if is_causal is not None else getattr(module, "is_causal", True)) and query.shape[2] > 1:
