@@ -34,7 +34,7 @@ def test_rms_norm_against_float64(backend, dtype):
 
 
 def test_rms_norm_errors():
-    with pytest.raises(ops.FusedUnavailableError, match="rms_norm: backend 'fused' cannot run: the fused kernels run on CUDA tensors"):
+    with pytest.raises(ops.FusedUnavailableError, match="rms_norm: backend 'fused' cannot run: "):  # why depends on the build
         ops.rms_norm(torch.randn(2, 8), torch.ones(8), backend="fused")
     with pytest.raises(ValueError, match=r"weight must be a floating-point tensor of shape \(8,\)"):
         ops.rms_norm(torch.randn(2, 8), torch.ones(7))
