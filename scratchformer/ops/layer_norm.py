@@ -55,14 +55,23 @@ def _fused_reason(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
     return None
 
 
+def _norm_fwd(x, weight, bias, residual, eps):
+    """(y, h, mean, rstd) from the kernels: LayerNorm, or RMSNorm where bias is None (mean None)."""
+    if bias is None:
+        y, h, rstd = torch.ops.scratchformer.rms_norm_fwd(x, weight, residual, eps)
+        return y, h, None, rstd
+    return torch.ops.scratchformer.layer_norm_fwd(x, weight, bias, residual, eps)
+
+
 class FusedLayerNorm(torch.autograd.Function):
-    """The kernels and their backward as one autograd node. (A torch.library autograd
+    """The kernels and their backward as one autograd node, for LayerNorm and (bias None) RMSNorm,
+    which share them. (A torch.library autograd
     registration costs more Python per call: the dispatcher calls back into Python, which
     redispatches and refills the op's defaults; the host time of every call is the point here.)"""
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, eps):
-        y, h, mean, rstd = torch.ops.scratchformer.layer_norm_fwd(x, weight, bias, residual, eps)
+        y, h, mean, rstd = _norm_fwd(x, weight, bias, residual, eps)
         ctx.has_residual = residual is not None
         ctx.save_for_backward(h if ctx.has_residual else x, weight, mean, rstd)
         ctx.set_materialize_grads(False)
@@ -76,21 +85,26 @@ class FusedLayerNorm(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros_like(normalized)
         grad_h = dh.contiguous() if ctx.has_residual and dh is not None else None
-        dx, dweight, dbias = torch.ops.scratchformer.layer_norm_bwd(dy.contiguous(), normalized, weight, mean, rstd, grad_h)
+        if mean is None:  # RMSNorm: no bias
+            dx, dweight = torch.ops.scratchformer.rms_norm_bwd(dy.contiguous(), normalized, weight, rstd, grad_h)
+            dbias = None
+        else:
+            dx, dweight, dbias = torch.ops.scratchformer.layer_norm_bwd(dy.contiguous(), normalized, weight, mean, rstd, grad_h)
         return dx, dweight, dbias, (dx if ctx.has_residual else None), None
 
 
 def _fused(x, weight, bias, residual, eps):
+    """The kernels on x of any shape: LayerNorm, or RMSNorm where bias is None."""
     shape, channels = x.shape, x.shape[-1]
     flat = x.dim() != 2  # 2-D inputs go as they are: a view costs host time too
     if flat:
         x = x.reshape(-1, channels)  # a view when the leading dimensions allow one
         residual = residual.reshape(-1, channels) if residual is not None else None
-    weight, bias = weight.contiguous(), bias.contiguous()
+    weight, bias = weight.contiguous(), bias.contiguous() if bias is not None else None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
         y, h = FusedLayerNorm.apply(x, weight, bias, residual, eps)
     else:  # nothing to differentiate: the op alone, without an autograd node's cost
-        y, h, _, _ = torch.ops.scratchformer.layer_norm_fwd(x, weight, bias, residual, eps)
+        y, h, _, _ = _norm_fwd(x, weight, bias, residual, eps)
     if residual is None:
         h = None
     return (y.view(shape), h.view(shape) if h is not None else None) if flat else (y, h)

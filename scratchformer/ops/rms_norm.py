@@ -4,8 +4,8 @@ backend of your choice.
     y = x / sqrt(mean(x^2) + eps) * weight
 
 The fused backend is `torch.ops.scratchformer.rms_norm_fwd` / `rms_norm_bwd`: the LayerNorm kernels
-of csrc/kernels/layernorm.cu without the mean and the bias (one template), differentiated by
-`FusedRMSNorm`; `torch` is F.rms_norm, `reference` the formula in reference.py.
+of csrc/kernels/layernorm.cu without the mean and the bias (one template), through layer_norm.py's
+`_fused` and `FusedLayerNorm` with no bias; `torch` is F.rms_norm, `reference` the formula in reference.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .. import _extensions
 from . import reference
 from .backend import choose
-from .layer_norm import FUSED_DTYPES
+from .layer_norm import FUSED_DTYPES, _fused
 
 
 def _check_inputs(op: str, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
@@ -40,52 +40,13 @@ def _fused_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
     return None
 
 
-class FusedRMSNorm(torch.autograd.Function):
-    """The kernels and their backward as one autograd node (as FusedLayerNorm)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, residual, eps):
-        y, h, rstd = torch.ops.scratchformer.rms_norm_fwd(x, weight, residual, eps)
-        ctx.has_residual = residual is not None
-        ctx.save_for_backward(h if ctx.has_residual else x, weight, rstd)
-        ctx.set_materialize_grads(False)
-        if not ctx.has_residual:
-            ctx.mark_non_differentiable(h)  # an empty placeholder
-        return y, h
-
-    @staticmethod
-    def backward(ctx, dy, dh):
-        normalized, weight, rstd = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros_like(normalized)
-        grad_h = dh.contiguous() if ctx.has_residual and dh is not None else None
-        dx, dweight = torch.ops.scratchformer.rms_norm_bwd(dy.contiguous(), normalized, weight, rstd, grad_h)
-        return dx, dweight, (dx if ctx.has_residual else None), None
-
-
-def _fused(x, weight, residual, eps):
-    shape, channels = x.shape, x.shape[-1]
-    flat = x.dim() != 2
-    if flat:
-        x = x.reshape(-1, channels)
-        residual = residual.reshape(-1, channels) if residual is not None else None
-    weight = weight.contiguous()
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, residual)):
-        y, h = FusedRMSNorm.apply(x, weight, residual, eps)
-    else:
-        y, h, _ = torch.ops.scratchformer.rms_norm_fwd(x, weight, residual, eps)
-    if residual is None:
-        h = None
-    return (y.view(shape), h.view(shape) if h is not None else None) if flat else (y, h)
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6, *, backend: str | None = None) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight over the last dimension, in x's dtype (weight None: ones)."""
     weight = torch.ones(x.shape[-1:], dtype=x.dtype, device=x.device) if weight is None else weight
     _check_inputs("rms_norm", x, weight, eps)
     which = choose("rms_norm", backend, (x, weight), lambda: _fused_reason(x, weight), (x.dtype, weight.dtype))
     if which == "fused":
-        return _fused(x, weight, None, eps)[0]
+        return _fused(x, weight, None, None, eps)[0]
     if which == "torch":
         return F.rms_norm(x.float(), x.shape[-1:], weight.float(), eps).to(x.dtype)
     return reference.rms_norm(x, weight, eps)
@@ -101,7 +62,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor |
     _check_inputs("add_rms_norm", x, weight, eps)
     which = choose("rms_norm", backend, (x, residual, weight), lambda: _fused_reason(x, weight), (x.dtype, weight.dtype))
     if which == "fused":
-        return _fused(x, weight, residual, eps)
+        return _fused(x, weight, None, residual, eps)
     h = x + residual
     return rms_norm(h, weight, eps, backend=which), h
 
