@@ -36,14 +36,15 @@ def make_inputs(batch, heads, kv_heads, t_q, t_k, dim, dtype, seed=0):
     return q, k, v, dout
 
 
-def run(backend, q, k, v, dout):
-    """out, dq, dk, dv of causal_attention; backend "truth": the reference in float64."""
+def run(backend, q, k, v, dout, **pattern):
+    """out, dq, dk, dv of causal_attention; backend "truth": the reference in float64. `pattern`:
+    document_ids and window."""
     cast = (lambda t: t.double()) if backend == "truth" else (lambda t: t)
     backend = "reference" if backend == "truth" else backend
     leaves = [cast(t.detach()).clone().requires_grad_() for t in (q, k, v)]
     if backend == "fused":
         poison_allocator(4 * (q.numel() + 2 * k.numel()) + 4096)
-    out = ops.causal_attention(*leaves, backend=backend)
+    out = ops.causal_attention(*leaves, backend=backend, **pattern)
     out.backward(cast(dout))
     return [out.detach()] + [t.grad for t in leaves]
 
@@ -70,11 +71,11 @@ def check_against_float64(batch, heads, kv_heads, t_q, t_k, dim, dtype):
 def test_fake_implementations_give_the_shapes_on_meta_tensors():
     q = torch.empty(2, 8, 5, 64, device="meta", dtype=torch.bfloat16)
     k = torch.empty(2, 2, 9, 64, device="meta", dtype=torch.bfloat16)
-    out, lse = torch.ops.scratchformer.attention_fwd(q, k, k, 0.125)
+    out, lse = torch.ops.scratchformer.attention_fwd(q, k, k, None, 0.125)
     assert out.shape == q.shape and out.dtype == torch.bfloat16
     assert lse.shape == (2, 8, 5) and lse.dtype == torch.float32
     for dlse in (None, lse):
-        dq, dk, dv = torch.ops.scratchformer.attention_bwd(out, q, k, k, out, lse, dlse, 0.125)
+        dq, dk, dv = torch.ops.scratchformer.attention_bwd(out, q, k, k, out, lse, dlse, None, 0.125)
         assert dq.shape == q.shape and dk.shape == dv.shape == k.shape and dk.dtype == torch.bfloat16
 
 
@@ -114,6 +115,28 @@ def test_other_head_dims(dtype, dim, t_q, t_k, kv_heads):
 @pytest.mark.parametrize("dim", [32, 64, 96, 128])
 def test_float32_on_cuda_cores(dim, t_q, t_k, kv_heads):
     check_against_float64(2, 4, kv_heads, t_q, t_k, dim, torch.float32)
+
+
+def random_documents(batch, t, mean, seed):
+    """document ids [B, T]: runs of random lengths (exponential, about `mean` long)."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.rand(batch, t, generator=g) < 1 / mean
+    return torch.cumsum(starts, dim=1).cuda()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dim", [32, 64, 96, 128])
+@pytest.mark.parametrize("t_q, t_k, mean, left", [(1000, 1000, 150, None), (1000, 1000, None, 200), (1000, 1000, 100, 64),
+                                                   (300, 2000, 400, None), (1, 3000, 500, 700), (9, 700, 80, None)])
+def test_patterns_against_float64(dtype, dim, t_q, t_k, mean, left):
+    """Packed documents and sliding windows on every kernel family (tensor cores, the 8-warp
+    backward, CUDA cores, split-key decoding; on Hopper, the mma.sync kernels)."""
+    q, k, v, dout = make_inputs(2, 4, 2, t_q, t_k, dim, dtype)
+    pattern = dict(document_ids=random_documents(2, t_k, mean, t_k + dim) if mean else None,
+                   window=(left, 0) if left is not None else None)
+    fused = run("fused", q, k, v, dout, **pattern)
+    assert_within_twice_the_reference(fused, run("reference", q, k, v, dout, **pattern), run("truth", q, k, v, dout, **pattern))
 
 
 @pytest.mark.cuda
@@ -237,7 +260,7 @@ def test_no_score_matrix_is_allocated(dtype):
 def test_opcheck_and_compile():
     q, k, v, dout = make_inputs(2, 4, 2, 33, 40, 64, torch.bfloat16)
     # The op itself (its schema, fake implementation, dynamic shapes); its autograd is FusedAttention's, compiled below.
-    torch.library.opcheck(torch.ops.scratchformer.attention_fwd.default, (q, k, v, 0.125))
+    torch.library.opcheck(torch.ops.scratchformer.attention_fwd.default, (q, k, v, None, 0.125))
 
     def f(q, k, v):
         return (ops.causal_attention(q * 2, k, v, backend="fused").float().tanh() * dout.float()).sum()
@@ -262,17 +285,17 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ops.FusedUnavailableError, match="head_dim 80"):
         ops.causal_attention(x, x, x, backend="fused")
     with pytest.raises(RuntimeError, match="head_dim 80 is not supported"):
-        op(x, x, x, 0.1)
+        op(x, x, x, None, 0.1)
     with pytest.raises(RuntimeError, match="k must be a CUDA tensor on the same device"):
-        op(q, q.cpu(), q, 0.1)
+        op(q, q.cpu(), q, None, 0.1)
     with pytest.raises(RuntimeError, match="v has dtype .*, q has .*; they must match"):
-        op(q, q, q.half(), 0.1)
+        op(q, q, q.half(), None, 0.1)
     with pytest.raises(RuntimeError, match="the 4 query heads must be a multiple of the 3 key/value heads"):
-        op(q, q[:, :3], q[:, :3], 0.1)
+        op(q, q[:, :3], q[:, :3], None, 0.1)
     with pytest.raises(RuntimeError, match="need 1 <= query length <= key length"):
-        op(q, q[:, :, :4], q[:, :, :4], 0.1)
+        op(q, q[:, :, :4], q[:, :, :4], None, 0.1)
     with pytest.raises(RuntimeError, match="must be 4-D"):
-        op(q[0], q[0], q[0], 0.1)
+        op(q[0], q[0], q[0], None, 0.1)
 
 
 @pytest.mark.cuda

@@ -13,8 +13,9 @@ BACKENDS = ["reference", "torch"]
 
 
 def loop_attention(q, k, v, document_ids=None, left=None, softcap=None, sinks=None, scale=None):
-    """One query at a time, from the definition: the keys it sees, their capped scores, a softmax with
-    the sink in its denominator. Differentiable, float64."""
+    """One query at a time, from the definition: the keys it sees (a document is a run of equal ids:
+    no change of id between key and query), their capped scores, a softmax with the sink in its
+    denominator. Differentiable, float64."""
     batch, n_heads, t_q, dim = q.shape
     t_k, group = k.shape[2], n_heads // k.shape[1]
     scale = dim**-0.5 if scale is None else scale
@@ -24,7 +25,7 @@ def loop_attention(q, k, v, document_ids=None, left=None, softcap=None, sinks=No
             for i in range(t_q):
                 p = i + t_k - t_q
                 keys = [j for j in range(t_k) if j <= p and (left is None or j >= p - left)
-                        and (document_ids is None or document_ids[b, j] == document_ids[b, p])]
+                        and (document_ids is None or all(document_ids[b, x] == document_ids[b, p] for x in range(j, p)))]
                 scores = torch.stack([q[b, h, i] @ k[b, h // group, j] * scale for j in keys])
                 if softcap is not None:
                     scores = softcap * torch.tanh(scores / softcap)
@@ -43,8 +44,11 @@ def inputs(batch=2, heads=4, kv_heads=2, t=11, dim=8, dtype=torch.float64, seed=
 
 
 DOCS = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 5], [0, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3]])
+# An id used again later starts another document: the runs [0 0] [1] [0 0 0] ... are six documents.
+REUSED = torch.tensor([[0, 0, 1, 0, 0, 0, 1, 1, 0, 1, 1], [7, 7, 7, 7, 2, 2, 7, 7, 7, 7, 7]])
 CASES = {
     "documents": dict(document_ids=DOCS),
+    "documents, ids reused": dict(document_ids=REUSED),
     "window 3": dict(window=(3, 0)),
     "window 0": dict(window=(0, 0)),
     "softcap": dict(softcap=1.5),
@@ -182,10 +186,11 @@ def test_bad_varlen_offsets_get_one_clear_error(cu_q, cu_k, message):
         ops.varlen_attention(q, k, v, torch.tensor([0, 3, 7], dtype=torch.int32), torch.tensor([0, 3, 7], dtype=torch.int32), 3, 4)
 
 
-def test_the_fused_backend_says_the_patterns_are_not_in_its_kernels_yet():
+def test_the_fused_backend_says_softcap_and_sinks_are_not_in_its_kernels_yet():
     q, k, v = (t.detach() for t in inputs(dtype=torch.float32))
     with pytest.raises(FusedUnavailableError):
-        ops.causal_attention(q, k, v, window=(3, 0), backend="fused")
+        ops.causal_attention(q, k, v, softcap=2.0, backend="fused")
     from scratchformer.ops.attention import _fused_reason
 
-    assert "not in them yet" in _fused_reason(q.bfloat16(), patterned=True)
+    assert "softcap and sinks are not in the kernels yet" in _fused_reason(q.bfloat16(), reshaped=True)
+    assert _fused_reason(torch.zeros(2, 4, 11, 32, dtype=torch.bfloat16)) is None  # documents and windows are

@@ -71,23 +71,25 @@ def ce_chunk(logits, targets, row_scale, scale, ignore_index, label_smoothing, s
     return loss
 
 
-def _probabilities(q, k, scale):
+def _probabilities(q, k, scale, first_key=None):
     group = q.shape[1] // k.shape[1]
     kk = k.repeat_interleave(group, 1).float()
     s = q.float() @ kk.transpose(-1, -2) * scale
     t_q, t_k = q.shape[2], k.shape[2]
     s = s.masked_fill(torch.ones(t_q, t_k, dtype=torch.bool).triu(t_k - t_q + 1), -math.inf)
+    if first_key is not None:  # the kernels' contract (kernels.h): query i sees keys from first_key[b, i] on
+        s = s.masked_fill(torch.arange(t_k) < first_key[:, None, :, None], -math.inf)
     lse = torch.logsumexp(s, -1)
     return torch.exp(s - lse[..., None]), lse, group
 
 
-def attn_fwd(q, k, v, scale):
-    p, lse, group = _probabilities(q, k, scale)
+def attn_fwd(q, k, v, first_key, scale):
+    p, lse, group = _probabilities(q, k, scale, first_key)
     return (p @ v.repeat_interleave(group, 1).float()).to(q.dtype), lse
 
 
-def attn_bwd(dout, q, k, v, out, lse, dlse, scale):
-    p, _, group = _probabilities(q, k, scale)
+def attn_bwd(dout, q, k, v, out, lse, dlse, first_key, scale):
+    p, _, group = _probabilities(q, k, scale, first_key)
     vv, kk = v.repeat_interleave(group, 1).float(), k.repeat_interleave(group, 1).float()
     do = dout.float()
     dp = do @ vv.transpose(-1, -2)
@@ -198,12 +200,35 @@ def test_attention_gradients_through_the_fused_node(stand_ins, heads, kv_heads, 
     assert_same(fused, reference, 1e-5)
 
 
+PATTERNS = {
+    "packed documents": dict(document_ids=torch.tensor([[0, 0, 0, 1, 2, 2, 2, 2, 2], [4, 4, 4, 4, 4, 4, 9, 9, 9]])),
+    "an id used again": dict(document_ids=torch.tensor([[0, 0, 1, 1, 0, 0, 0, 1, 0], [3, 3, 3, 3, 3, 3, 3, 3, 3]])),
+    "left padding": dict(document_ids=torch.tensor([[-1, -2, -3, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0, 0]])),
+    "window": dict(window=(2, 0)),
+    "window and documents": dict(document_ids=torch.tensor([[0] * 4 + [1] * 5, [0] * 9]), window=(3, 0)),
+}
+
+
+@pytest.mark.parametrize("t_q", [9, 4, 1])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_patterns_reach_the_kernels_as_first_keys(stand_ins, pattern, t_q):
+    """document_ids and window become each query's first key (the kernels' contract): the fused
+    path, with stand-ins that apply that contract, equals the reference's own mask, outputs and
+    gradients, for every query count."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, t_q, 32), torch.randn(2, 2, 9, 32), torch.randn(2, 2, 9, 32)
+    kw = PATTERNS[pattern]
+    fused = grads(lambda q, k, v: ops.causal_attention(q, k, v, scale=0.2, backend="fused", **kw), (q, k, v))
+    reference = grads(lambda q, k, v: ops.causal_attention(q, k, v, scale=0.2, backend="reference", **kw), (q, k, v))
+    assert_same(fused, reference, 1e-5)
+
+
 def test_the_log_sum_exp_output_is_differentiable(stand_ins):
     from scratchformer.ops import reference
     from scratchformer.ops.attention import FusedAttention
 
     q, k, v = torch.randn(1, 2, 6, 32), torch.randn(1, 2, 6, 32), torch.randn(1, 2, 6, 32)
-    fused = grads(lambda q, k, v: FusedAttention.apply(q, k, v, 0.3), (q, k, v))
+    fused = grads(lambda q, k, v: FusedAttention.apply(q, k, v, None, 0.3), (q, k, v))
     expected = grads(lambda q, k, v: reference.causal_attention(q, k, v, 0.3), (q, k, v))
     assert_same(fused, expected, 1e-5)
 

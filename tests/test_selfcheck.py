@@ -12,12 +12,16 @@ from scratchformer import cli, ops
 from scratchformer.ops import backend, reference, selfcheck
 
 
-def sdpa(q, k, v):  # an independent correct "kernel": PyTorch's own attention
+def sdpa(q, k, v, **pattern):  # an independent correct "kernel": PyTorch's own attention
+    return ops.causal_attention(q, k, v, backend="torch", **pattern)
+
+
+def off_by_a_little(q, k, v, **pattern):  # a kernel with a subtle bug: the softmax scale slightly off
+    return ops.causal_attention(q, k, v, scale=1.02 * q.shape[-1] ** -0.5, backend="torch", **pattern)
+
+
+def pattern_blind(q, k, v, **pattern):  # a kernel that ignores document_ids and window
     return ops.causal_attention(q, k, v, backend="torch")
-
-
-def off_by_a_little(q, k, v):  # a kernel with a subtle bug: the softmax scale slightly off
-    return ops.causal_attention(q, k, v, scale=1.02 * q.shape[-1] ** -0.5, backend="torch")
 
 
 def torch_layer_norm(x, w, b, r):  # PyTorch's LayerNorm in float32, as the kernel computes it
@@ -38,11 +42,13 @@ def test_a_correct_kernel_passes_and_a_faulty_one_is_caught(fresh, dtype):
     fresh.setitem(selfcheck.FUSED, "causal_attention", sdpa)
     good = selfcheck.check_attention(torch.device("cpu"), dtype, 32)
     assert good.passed, good.worst()
-    cases = ((70, 70, 2), (3, 133, 2), (200, 200, 1))
-    assert set(good.errors) == {f"{n} (Tq={tq}, Tk={tk}, {g} queries per kv head)" for n in ("out", "dq", "dk", "dv") for tq, tk, g in cases}
-    fresh.setitem(selfcheck.FUSED, "causal_attention", off_by_a_little)
-    bad = selfcheck.check_attention(torch.device("cpu"), dtype, 32)
-    assert not bad.passed
+    cases = ((70, 70, 2, ""), (3, 133, 2, ""), (200, 200, 1, ""), (200, 200, 2, ", documents, window"))
+    assert set(good.errors) == {f"{n} (Tq={tq}, Tk={tk}, {g} queries per kv head{p})"
+                                for n in ("out", "dq", "dk", "dv") for tq, tk, g, p in cases}
+    for faulty in (off_by_a_little, pattern_blind):
+        fresh.setitem(selfcheck.FUSED, "causal_attention", faulty)
+        bad = selfcheck.check_attention(torch.device("cpu"), dtype, 32)
+        assert not bad.passed, faulty.__name__
 
 
 def test_layer_norm_check(fresh):

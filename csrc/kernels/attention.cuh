@@ -100,6 +100,29 @@ __device__ __forceinline__ void load_tile_async(T* tile, const void* tensor, con
   load_rows_async<T, ROWS, D, STRIDE, THREADS>(tile, row_ptr<T>(tensor, s, b, h, 0), s.time, t0, t_end);
 }
 
+// ---- the pattern (first_key, kernels.h) ----------------------------------------------------
+
+// The first key `query` of batch b sees (0 without a pattern); queries past the end read the
+// last one's, which is what their masking needs (their P is zero anyway).
+__device__ __forceinline__ int first_key_of(const int* first_key, const AttentionShape& s, int b, int query) {
+  return first_key == nullptr ? 0 : first_key[int64_t(b) * s.t_q + min(query, s.t_q - 1)];
+}
+
+// The first query from `lo` on whose first key is past `key` (Tq if none): first_key is
+// nondecreasing, so queries [lo, result) see `key` where causality lets them, and none after
+// do. A binary search: every thread of a block runs it alike, its loads cached.
+__device__ inline int first_query_past(const int* first_key, const AttentionShape& s, int b, int lo, int key) {
+  if (first_key == nullptr) return s.t_q;
+  const int* row = first_key + int64_t(b) * s.t_q;
+  int hi = s.t_q;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (row[mid] > key) hi = mid;
+    else lo = mid + 1;
+  }
+  return lo;
+}
+
 // A dk/dv block's share of its kv group's work when the backward is split (dkv_splits): the
 // (query head, query tile) pairs from the first query that sees the block's keys on, head-major,
 // cut into `splits` contiguous ranges of which split z takes the z-th. The splits' sums are added
@@ -112,6 +135,7 @@ struct DkvShare {
 __host__ __device__ inline DkvShare dkv_share(int group, int tiles_per_head, int first_query, int tile, int z, int splits) {
   // The first total % splits ranges hold one pair more than the others (32-bit: no overflow).
   const int total = group * tiles_per_head, least = total / splits, longer = total % splits;
+  if (total == 0) return {0, first_query, 0};  // a pattern hides the block's keys from every query
   const int begin = z * least + min(z, longer), tiles = least + (z < longer);
   return {begin / tiles_per_head, first_query + begin % tiles_per_head * tile, tiles};
 }

@@ -23,7 +23,10 @@
 //   dP = dO V^T, dQ += dS K; masking only on the diagonal tiles. At D = 128, where a block may
 //   have 136 KB of shared memory, dq_wide_kernel takes its place: 8 warps over 128 queries,
 //   dS through shared memory.
-// Shared tiles are padded as in the forward; fragment layouts are in attention.cuh.
+// With a pattern (first_key, kernels.h) every kernel walks only the tiles whose keys some query
+// of the block sees (a dk/dv block, the queries up to the last one that sees one of its keys), and
+// masks those where a query's first key falls inside. Shared tiles are padded as in the forward;
+// fragment layouts are in attention.cuh.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -106,7 +109,12 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
   // The query tiles: those from the first query that sees key n0 on, for each query head of
   // the kv group (this block's share of them). Tile `it + 1` loads into the other buffer while
   // tile `it` is computed.
-  const int first_query = max(0, n0 - offset), tiles_per_head = (s.t_q - first_query + BM - 1) / BM;
+  // With a pattern, queries from q_end on see none of the block's keys, and those from
+  // plain_end on miss key n0 (their tiles are masked).
+  const int first_query = max(0, n0 - offset);
+  const int q_end = first_query_past(a.first_key, s, b, first_query, min(n0 + BN, s.t_k) - 1);
+  const int plain_end = first_query_past(a.first_key, s, b, first_query, n0);
+  const int tiles_per_head = (q_end - first_query + BM - 1) / BM;
   const DkvShare share = dkv_share(group, tiles_per_head, first_query, BM, blockIdx.z, a.dkv_splits);
   const int tiles = share.tiles;
   // Cursors instead of it / tiles_per_head: no integer division in the loop.
@@ -114,7 +122,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
   auto load_query_tile = [&](int buf) {
     const int h = load_h, i0 = load_i0;
     load_i0 += BM;
-    if (load_i0 >= s.t_q) load_i0 = first_query, ++load_h;
+    if (load_i0 >= q_end) load_i0 = first_query, ++load_h;
     load_tile_async<T, BM, D, STRIDE, kThreads>(q_buf + buf * BM * STRIDE, a.q, a.q_stride, b, h, i0, s.t_q);
     load_tile_async<T, BM, D, STRIDE, kThreads>(do_buf + buf * BM * STRIDE, a.dout, a.dout_stride, b, h, i0, s.t_q);
     if (threadIdx.x < BM) {
@@ -179,15 +187,18 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
     for (int nt = 0; nt < QTILES; ++nt) {
       const float2 lse2 = *reinterpret_cast<const float2*>(&lse_s[nt * 8 + 2 * c]);
       const float2 delta = *reinterpret_cast<const float2*>(&delta_s[nt * 8 + 2 * c]);
+      int from[2] = {0, 0};  // the first keys of this thread's two queries (masked tiles)
+      if constexpr (decltype(masked)::value)
+        for (int e = 0; e < 2; ++e) from[e] = first_key_of(a.first_key, s, b, i0 + nt * 8 + 2 * c + e);
 #pragma unroll
       for (int km = 0; km < KT; ++km)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           float p = exp2_approx(fmaf(st[km][nt][e], scale2, -(e & 1 ? lse2.y : lse2.x)));
           if constexpr (decltype(masked)::value) {
-            // Key key0 + 8 r sees the queries from key - offset on.
+            // Key key0 + 8 r sees the queries from key - offset on whose first key is not past it.
             const int query = i0 + nt * 8 + 2 * c + (e & 1), key = key0 + km * 16 + (e >> 1) * 8;
-            if (key > query + offset || key >= s.t_k) p = 0.f;
+            if (key > query + offset || key >= s.t_k || key < from[e & 1]) p = 0.f;
           }
           st[km][nt][e] = p;
           dpt[km][nt][e] = p * (dpt[km][nt][e] - (e & 1 ? delta.y : delta.x));
@@ -223,8 +234,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
     }
   };
   // A tile needs no mask when every query in it sees every key of the block and all exist.
-  auto plain = [&](int i0) { return i0 + offset >= n0 + BN - 1 && i0 + BM <= s.t_q && n0 + BN <= s.t_k; };
-  auto advance = [&](int i0) { return i0 + BM < s.t_q ? i0 + BM : first_query; };  // the next head starts over
+  auto plain = [&](int i0) { return i0 + offset >= n0 + BN - 1 && i0 + BM <= plain_end && n0 + BN <= s.t_k; };
+  auto advance = [&](int i0) { return i0 + BM < q_end ? i0 + BM : first_query; };  // the next head starts over
   for (int it = 0; it < tiles;) {
     for (; it < tiles && !plain(next_i0); ++it, next_i0 = advance(next_i0)) step(it, next_i0, std::true_type{});
     for (; it < tiles && plain(next_i0); ++it, next_i0 = advance(next_i0)) step(it, next_i0, std::false_type{});
@@ -279,13 +290,16 @@ __global__ void __launch_bounds__(kWideThreads, 1) dkv_wide_kernel(AttentionBack
   const float scale2 = a.scale * kLog2e;
 
   // The query tiles as in dkv_kernel, with cursors for the next Q and the next dO to load.
-  const int first_query = max(0, n0 - offset), tiles_per_head = (s.t_q - first_query + BM - 1) / BM;
+  const int first_query = max(0, n0 - offset);
+  const int q_end = first_query_past(a.first_key, s, b, first_query, min(n0 + BN, s.t_k) - 1);
+  const int plain_end = first_query_past(a.first_key, s, b, first_query, n0);
+  const int tiles_per_head = (q_end - first_query + BM - 1) / BM;
   const DkvShare share = dkv_share(group, tiles_per_head, first_query, BM, blockIdx.z, a.dkv_splits);
   const int tiles = share.tiles;
   int q_h = kv_head * group + share.head, q_i0 = share.i0, do_h = q_h, do_i0 = q_i0;
   auto next = [&](int& h, int& i0) {
     i0 += BM;
-    if (i0 >= s.t_q) i0 = first_query, ++h;
+    if (i0 >= q_end) i0 = first_query, ++h;
   };
   auto load_query_tile = [&](int buf) {
     load_tile_async<T, BM, D, STRIDE, kWideThreads>(q_buf + buf * BM * STRIDE, a.q, a.q_stride, b, q_h, q_i0, s.t_q);
@@ -358,6 +372,9 @@ __global__ void __launch_bounds__(kWideThreads, 1) dkv_wide_kernel(AttentionBack
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
       const float2 lse2 = *reinterpret_cast<const float2*>(&lse_s[half * 32 + nt * 8 + 2 * c]);
+      int from[2] = {0, 0};  // the first keys of this thread's two queries (masked tiles)
+      if constexpr (decltype(masked)::value)
+        for (int e = 0; e < 2; ++e) from[e] = first_key_of(a.first_key, s, b, i0 + half * 32 + nt * 8 + 2 * c + e);
 #pragma unroll
       for (int km = 0; km < 2; ++km)
 #pragma unroll
@@ -365,7 +382,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) dkv_wide_kernel(AttentionBack
           float p = exp2_approx(fmaf(pt[km][nt][e], scale2, -(e & 1 ? lse2.y : lse2.x)));
           if constexpr (decltype(masked)::value) {
             const int query = i0 + half * 32 + nt * 8 + 2 * c + (e & 1), key = key0 + km * 16 + (e >> 1) * 8;
-            if (key > query + offset || key >= s.t_k) p = 0.f;
+            if (key > query + offset || key >= s.t_k || key < from[e & 1]) p = 0.f;
           }
           pt[km][nt][e] = p;
         }
@@ -406,8 +423,8 @@ __global__ void __launch_bounds__(kWideThreads, 1) dkv_wide_kernel(AttentionBack
       }
     }
   };
-  auto plain = [&](int i0) { return i0 + offset >= n0 + BN - 1 && i0 + BM <= s.t_q && n0 + BN <= s.t_k; };
-  auto advance = [&](int i0) { return i0 + BM < s.t_q ? i0 + BM : first_query; };
+  auto plain = [&](int i0) { return i0 + offset >= n0 + BN - 1 && i0 + BM <= plain_end && n0 + BN <= s.t_k; };
+  auto advance = [&](int i0) { return i0 + BM < q_end ? i0 + BM : first_query; };
   for (int it = 0; it < tiles;) {
     for (; it < tiles && !plain(next_i0); ++it, next_i0 = advance(next_i0)) step(it, next_i0, std::true_type{});
     for (; it < tiles && plain(next_i0); ++it, next_i0 = advance(next_i0)) step(it, next_i0, std::false_type{});
@@ -455,6 +472,9 @@ __global__ void __launch_bounds__(kWideThreads, 1) dq_wide_kernel(AttentionBackw
 
   const int key_end = min(s.t_k, min(m0 + BM, s.t_q) + offset);
   const int tiles = (key_end + BN - 1) / BN;
+  // With a pattern: from the tile of the first query's first key; masked below the last query's.
+  const int first_tile = first_key_of(a.first_key, s, b, m0) / BN;
+  const int low_end = first_key_of(a.first_key, s, b, min(m0 + BM, s.t_q) - 1);
   auto load_key_tile = [&](int j) {
     T* k_tile = kv_s + j % 2 * 2 * BN * STRIDE;
     load_tile_async<T, BN, D, STRIDE, kWideThreads>(k_tile, a.k, a.k_stride, b, kv_head, j * BN, key_end);
@@ -463,7 +483,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) dq_wide_kernel(AttentionBackw
   load_tile_async<T, BM, D, STRIDE, kWideThreads>(q_s, a.q, a.q_stride, b, h, m0, s.t_q);
   load_tile_async<T, BM, D, STRIDE, kWideThreads>(do_s, a.dout, a.dout_stride, b, h, m0, s.t_q);
   cp_async_commit();
-  if (tiles > 0) load_key_tile(0);
+  if (first_tile < tiles) load_key_tile(first_tile);
   cp_async_commit();
   // Q and dO as A fragments: this lane's ldmatrix row of m tile mt, slab kk.
   auto a_row = [&](int mt, int kk) { return (qw * 32 + mt * 16 + lane % 16) * STRIDE + kk * 16 + (lane / 16) * 8; };
@@ -529,8 +549,8 @@ __global__ void __launch_bounds__(kWideThreads, 1) dq_wide_kernel(AttentionBackw
           const int r = 2 * mt + (e >> 1);
           float p = exp2_approx(fmaf(sc[mt][nt][e], scale2, -lse2[r]));
           if constexpr (decltype(masked)::value) {
-            const int key = n0 + half * 32 + nt * 8 + 2 * c + (e & 1);
-            if (key >= key_end || key > query0 + r * 8 + offset) p = 0.f;
+            const int key = n0 + half * 32 + nt * 8 + 2 * c + (e & 1), query = query0 + r * 8;
+            if (key >= key_end || key > query + offset || key < first_key_of(a.first_key, s, b, query)) p = 0.f;
           }
           ds[e] = p * (dp[mt][nt][e] - delta[r]);
         }
@@ -559,9 +579,10 @@ __global__ void __launch_bounds__(kWideThreads, 1) dq_wide_kernel(AttentionBackw
       }
     }
   };
-  // Tiles below plain_tiles hold only keys that every query of the block sees.
+  // Tiles below plain_tiles hold only keys that every query of the block sees on the causal side.
   const int plain_tiles = min(key_end, m0 + offset + 1) / BN;
-  int j = 0;
+  int j = first_tile;
+  for (; j * BN < low_end; ++j) step(j, std::true_type{});
   for (; j < plain_tiles; ++j) step(j, std::false_type{});
   for (; j < tiles; ++j) step(j, std::true_type{});
 
@@ -646,12 +667,14 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
 
   const int key_end = min(s.t_k, min(m0 + BM, s.t_q) + offset);
   const int tiles = (key_end + BN - 1) / BN;
+  const int first_tile = first_key_of(a.first_key, s, b, m0) / BN;  // as in dq_wide_kernel
+  const int low_end = first_key_of(a.first_key, s, b, min(m0 + BM, s.t_q) - 1);
   auto load_key_tile = [&](int j) {
     T* k_tile = kv_s + j % 2 * 2 * BN * STRIDE;
     load_tile_async<T, BN, D, STRIDE, kThreads>(k_tile, a.k, a.k_stride, b, kv_head, j * BN, key_end);
     load_tile_async<T, BN, D, STRIDE, kThreads>(k_tile + BN * STRIDE, a.v, a.v_stride, b, kv_head, j * BN, key_end);
   };
-  load_key_tile(0);
+  load_key_tile(first_tile);
   cp_async_commit();
 
   float dq[MT][DTILES][4] = {};
@@ -708,8 +731,8 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
           const int r = 2 * mt + (e >> 1);
           float p = exp2_approx(fmaf(sc[mt][nt][e], scale2, -lse2[r]));
           if constexpr (decltype(masked)::value) {
-            const int key = n0 + nt * 8 + 2 * c + (e & 1);
-            if (key >= key_end || key > query0 + r * 8 + offset) p = 0.f;
+            const int key = n0 + nt * 8 + 2 * c + (e & 1), query = query0 + r * 8;
+            if (key >= key_end || key > query + offset || key < first_key_of(a.first_key, s, b, query)) p = 0.f;
           }
           sc[mt][nt][e] = p * (dp[mt][nt][e] - delta[r]);
         }
@@ -732,9 +755,10 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
       }
     }
   };
-  // Tiles below plain_tiles hold only keys that every query of the block sees.
+  // Tiles below plain_tiles hold only keys that every query of the block sees on the causal side.
   const int plain_tiles = min(key_end, m0 + offset + 1) / BN;
-  int j = 0;
+  int j = first_tile;
+  for (; j * BN < low_end; ++j) step(j, std::true_type{});
   for (; j < plain_tiles; ++j) step(j, std::false_type{});
   for (; j < tiles; ++j) step(j, std::true_type{});
 

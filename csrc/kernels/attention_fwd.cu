@@ -15,7 +15,10 @@
 //   O = O * alpha + P V  P goes from C to A fragments in registers (see attention.cuh)
 // V(j) loads while S(j) is computed, K(j+1) while softmax(j) and P(j) V(j) run: two barriers
 // per tile. Tiles that cross the causal diagonal or the end of the keys (a few: up to four at
-// D = 128) run a masked copy of the loop body; the others carry no masking code. The output is normalised by l
+// D = 128) run a masked copy of the loop body; the others carry no masking code. With a pattern
+// (first_key, kernels.h) the block starts at the tile of its first query's first key, so tiles
+// wholly outside a document or a window are never read, and tiles below its last query's first
+// key are masked too. The output is normalised by l
 // and written once through shared memory (whole rows, 16 bytes a thread); the log-sum-exp
 // m + log(l) is kept for the backward. Blocks run longest-first (the last queries of every
 // head first) so the tail of the grid is short.
@@ -69,8 +72,11 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(AttentionForward a
 
   const float scale2 = a.scale * kLog2e;
   const int key_end = min(s.t_k, min(m0 + kBlockM, s.t_q) + offset);  // past the last query's last key
-  // Tiles below `plain_end` hold only keys every query of the block sees: no masking.
+  // Tiles below `plain_end` hold only keys every query of the block sees on the causal side: no
+  // masking from `low_end` (where the last query's first key is) on.
   const int plain_end = min(key_end, m0 + offset + 1) / kBlockN * kBlockN;
+  const int key_begin = first_key_of(a.first_key, s, b, m0) / kBlockN * kBlockN;
+  const int low_end = first_key_of(a.first_key, s, b, min(m0 + kBlockM, s.t_q) - 1);
 
   // The K and V heads' row 0, kept in shared memory: the loop's registers go to the accumulators.
   __shared__ const T* kv_head_rows[2];
@@ -79,7 +85,7 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(AttentionForward a
     kv_head_rows[1] = row_ptr<T>(a.v, a.v_stride, b, kv_head, 0);
   }
   load_tile_async<T, kBlockM, D, STRIDE, kThreads>(q_s, a.q, a.q_stride, b, h, m0, s.t_q);
-  load_tile_async<T, kBlockN, D, STRIDE, kThreads>(k_s, a.k, a.k_stride, b, kv_head, 0, key_end);
+  load_tile_async<T, kBlockN, D, STRIDE, kThreads>(k_s, a.k, a.k_stride, b, kv_head, key_begin, key_end);
   cp_async_commit();
 
   float o[2][DTILES][4] = {};                                     // [m tile][d tile]
@@ -124,19 +130,20 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(AttentionForward a
     if (n0 + kBlockN < key_end) load_rows_async<T, kBlockN, D, STRIDE, kThreads>(k_s, kv_head_rows[0], a.k_stride.time, n0 + kBlockN, key_end);
     cp_async_commit();   // (an empty group after the last tile)
 
-    if constexpr (decltype(masked)::value) {  // keys past the end or past a query's diagonal
+    if constexpr (decltype(masked)::value) {  // keys past the end, past a query's diagonal or before its first key
       // This thread's first query, derived here afresh: held through S it would cost registers.
       const int tid = special_register_tid_x();
       const int first = m0 + tid / 32 * 32 + tid % 32 / 4, column = 2 * (tid % 4);
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
-        // Row r sees the columns nt * 8 + e below `seen` of this tile.
+        // Row r sees the columns nt * 8 + e from `from` up to below `seen` of this tile.
         const int seen = min(key_end, first + 8 * r + offset + 1) - n0 - column;
+        const int from = first_key_of(a.first_key, s, b, first + 8 * r) - n0 - column;
 #pragma unroll
         for (int nt = 0; nt < NTILES; ++nt)
 #pragma unroll
           for (int e = 0; e < 2; ++e)
-            if (nt * 8 + e >= seen) sc[r / 2][nt][2 * (r % 2) + e] = -INFINITY;
+            if (nt * 8 + e >= seen || nt * 8 + e < from) sc[r / 2][nt][2 * (r % 2) + e] = -INFINITY;
       }
     }
 
@@ -152,8 +159,9 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(AttentionForward a
 #pragma unroll
         for (int nt = 0; nt < NTILES; ++nt) mx = fmaxf(mx, fmaxf(sc[mt][nt][2 * hf], sc[mt][nt][2 * hf + 1]));
         mx = quad_max(mx);
-        // Finite: every query sees key 0, which is in the block's first tile.
-        const float shift = -mx * scale2;
+        // Finite on plain tiles. A masked tile may hide every key from a row that has seen none
+        // yet (one before its first key): then nothing is added (2^-inf = 0), and no inf - inf.
+        const float shift = decltype(masked)::value && mx == -INFINITY ? 0.f : -mx * scale2;
         const float alpha = exp2_approx(fmaf(m_row[r], scale2, shift));
         m_row[r] = mx;
         float sum = 0.f;
@@ -188,7 +196,8 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(AttentionForward a
       }
     }
   };
-  int n0 = 0;
+  int n0 = key_begin;
+  for (; n0 < low_end; n0 += kBlockN) step(n0, std::true_type{});
   for (; n0 < plain_end; n0 += kBlockN) step(n0, std::false_type{});
   for (; n0 < key_end; n0 += kBlockN) step(n0, std::true_type{});
 
@@ -204,7 +213,7 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(AttentionForward a
     for (int r = 0; r < 4; ++r) {
       const int mt = r / 2, hf = r % 2;
       const float l = quad_sum(l_row[r]);
-      const float inv = __fdividef(1.f, l);  // every query sees key 0, so l >= 1
+      const float inv = __fdividef(1.f, l);  // every query sees a key (its own position), so l >= 1
       T* staged = q_warp + (mt * 16 + hf * 8 + g) * STRIDE;
 #pragma unroll
       for (int dt = 0; dt < DTILES; ++dt)

@@ -15,6 +15,10 @@
 //
 // dk, dv: a warp per key, lanes over 32-query tiles of every query head in the kv group, so the
 // group's sum happens in registers (no atomics; the result is deterministic).
+//
+// A pattern (first_key, kernels.h): a block reads keys from its rows' least first key on (a
+// dk/dv block, queries up to the last that sees one of its keys); each row masks the keys before
+// its own first key.
 #include <cuda_runtime.h>
 
 #include "attention.cuh"
@@ -52,6 +56,10 @@ struct QueryRows {
   __device__ int last_position(int r0) const {
     const int r1 = min(group * t_q, r0 + kWarps) - 1;
     return r1 / t_q != r0 / t_q ? t_q - 1 : r1 % t_q;
+  }
+  __device__ int first_position(int r0) const {  // the least, which bounds the first key a block reads
+    const int r1 = min(group * t_q, r0 + kWarps) - 1;
+    return r1 / t_q != r0 / t_q ? 0 : r0 % t_q;
   }
 };
 
@@ -111,9 +119,11 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a
   const int keys_per_warp = kTile / per_row, key_lane = slot * keys_per_warp + lane % keys_per_warp;
   const int part = lane / keys_per_warp;
   const int offset = s.t_k - s.t_q;
-  const int key_begin = blockIdx.z * chunk;
-  const int key_end = min(min(s.t_k, key_begin + chunk), rows.last_position(r0) + offset + 1);
+  const int range_begin = blockIdx.z * chunk;
+  const int key_end = min(min(s.t_k, range_begin + chunk), rows.last_position(r0) + offset + 1);
+  const int key_begin = max(range_begin, first_key_of(a.first_key, s, b, rows.first_position(r0)));
   const int last_key = min(key_end - 1, t + offset);  // the last key this row sees in this range
+  const int first = first_key_of(a.first_key, s, b, t);  // and its first key
 
   // Scores in log2 units: exp(x) = exp2(x * log2(e)), folded into q once.
   const float scale2 = a.scale * kLog2e;
@@ -139,7 +149,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a
     cp_async_commit();   // (an empty group after the last tile)
     cp_async_wait<1>();  // this tile has landed
     __syncthreads();
-    if (!active || k0 > last_key) continue;  // warp-uniform
+    if (!active || k0 > last_key || k0 + kTile <= first) continue;  // warp-uniform
     const T* k_tile = kv_s + it % 2 * 2 * kTile * STRIDE;
     const T* v_tile = k_tile + kTile * STRIDE;
 
@@ -153,7 +163,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a
       for (int e = 0; e < ELEMS; ++e) score += qx[e] * kx[e];
     }
     for (int step = keys_per_warp; step < 32; step <<= 1) score += __shfl_xor_sync(0xffffffffu, score, step);
-    if (k0 + key_lane > last_key) score = -INFINITY;
+    if (k0 + key_lane > last_key || k0 + key_lane < first) score = -INFINITY;
     const float m_new = fmaxf(m, warp_max(score));  // -inf while this warp has seen no visible key
     const float m_use = m_new == -INFINITY ? 0.f : m_new;
     const float alpha = exp2f(m - m_use), p = exp2f(score - m_use);
@@ -219,7 +229,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(AttentionForward a
   if (row >= rows_total) return;
   float m = -INFINITY;
   for (int s = lane; s < a.splits; s += 32) m = fmaxf(m, a.partial_lse[s * rows_total + row]);
-  m = warp_max(m);  // finite: the first range holds key 0, which every query sees
+  m = warp_max(m);  // finite: some range holds the query's own position, which it sees
   float sum = 0.f, o[PER_LANE] = {};
   for (int s = 0; s < a.splits; ++s) {
     const float w = expf(a.partial_lse[s * rows_total + row] - m);
@@ -266,7 +276,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int offset = s.t_k - s.t_q;
   const int key_end = min(s.t_k, rows.last_position(r0) + offset + 1);
-  const int last_key = t + offset;
+  const int last_key = t + offset, first = first_key_of(a.first_key, s, b, t);
 
   const float scale2 = a.scale * kLog2e;
   const int64_t row = (int64_t(b) * s.heads + h) * s.t_q + t;
@@ -280,14 +290,14 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
   }
 
   float dq[PER_LANE] = {};
-  for (int k0 = 0; k0 < key_end; k0 += kTile) {
+  for (int k0 = first_key_of(a.first_key, s, b, rows.first_position(r0)); k0 < key_end; k0 += kTile) {
     __syncthreads();
     stage_rows<T, D>(k_s, a.k, a.k_stride, b, kv_head, k0, key_end);
     stage_rows<T, D>(v_s, a.v, a.v_stride, b, kv_head, k0, key_end);
     __syncthreads();
-    if (!active || k0 > last_key) continue;
+    if (!active || k0 > last_key || k0 + kTile <= first) continue;
     float ds = 0.f;
-    if (k0 + lane <= last_key) {
+    if (k0 + lane <= last_key && k0 + lane >= first) {
       float score = 0.f, dp = 0.f;
 #pragma unroll 8
       for (int d = 0; d < D; ++d) {
@@ -336,11 +346,13 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
 
   float dk[PER_LANE] = {}, dv[PER_LANE] = {};
   const int first_query = max(0, j0 - offset);  // the first query that sees key j0
+  // and the last that sees one of the block's keys, plus one
+  const int q_end = first_query_past(a.first_key, s, b, first_query, min(j0 + kWarps, s.t_k) - 1);
   for (int g = 0; g < group; ++g) {
     const int h = kv_head * group + g;
     const float* lse = a.lse + (int64_t(b) * s.heads + h) * s.t_q;
     const float* delta = a.delta + (int64_t(b) * s.heads + h) * s.t_q;
-    for (int i0 = first_query; i0 < s.t_q; i0 += kTile) {
+    for (int i0 = first_query; i0 < q_end; i0 += kTile) {
       __syncthreads();
       stage_rows<T, D>(q_s, a.q, a.q_stride, b, h, i0, s.t_q);
       stage_rows<T, D>(do_s, a.dout, a.dout_stride, b, h, i0, s.t_q);
@@ -351,10 +363,11 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
       }
       __syncthreads();
       const int last_query = min(s.t_q - 1, i0 + kTile - 1);
-      if (!active || last_query + offset < j) continue;  // no query of the tile sees key j
+      // No query of the tile sees key j (first keys rise with the query):
+      if (!active || last_query + offset < j || first_key_of(a.first_key, s, b, i0) > j) continue;
       const int query = i0 + lane;
       float p = 0.f, ds = 0.f;
-      if (query < s.t_q && j <= query + offset) {
+      if (query < s.t_q && j <= query + offset && j >= first_key_of(a.first_key, s, b, query)) {
         float score = 0.f, dp = 0.f;
 #pragma unroll 8
         for (int d = 0; d < D; ++d) {

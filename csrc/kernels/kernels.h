@@ -79,6 +79,10 @@ const char* launch_cross_entropy(const CrossEntropyChunk& args, void* stream);
 // query head h reads kv head h / (Hq / Hkv); 1 <= Tq <= Tk and query i sees keys j <= i + Tk - Tq.
 // Inputs have unit stride along D and the element strides below for the other dimensions, each
 // row 16-byte aligned; outputs are contiguous. D is one of attention_head_dim_supported's.
+// A pattern narrows what a query sees: with first_key (int32 [B, Tq], nondecreasing along each
+// row, first_key[i] <= i + Tk - Tq) query i sees only keys first_key[i] .. i + Tk - Tq. That is
+// a packed document's start, a sliding window's left edge or a left-padded row's first real key,
+// whichever is last (the glue computes it). nullptr: every key up to the diagonal.
 struct Strides {
   int64_t batch, head, time;
 };
@@ -92,6 +96,7 @@ struct AttentionForward {
   AttentionShape shape;
   const void *q, *k, *v;
   Strides q_stride, k_stride, v_stride;
+  const int* first_key;  // [B, Tq] or nullptr: see above
   float scale;
   void* out;   // [B, Hq, Tq, D]
   float* lse;  // [B, Hq, Tq]: natural log of the sum of exp(scaled scores) of each query
@@ -111,6 +116,7 @@ struct AttentionBackward {
   const void* out;   // [B, Hq, Tq, D], the forward's output
   const float* lse;  // [B, Hq, Tq], the forward's log-sum-exp
   const float* dlse; // [B, Hq, Tq], the gradient reaching the log-sum-exp, or nullptr
+  const int* first_key;  // [B, Tq] or nullptr, as the forward's
   float scale;
   float* delta;      // scratch [B, Hq, Tq]: rowsum(dout * out) - dlse
   void *dq, *dk, *dv;  // [B, Hq, Tq, D], [B, Hkv, Tk, D], [B, Hkv, Tk, D]

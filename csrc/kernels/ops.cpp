@@ -296,7 +296,18 @@ scratchformer::AttentionShape attention_shape(const char* op, const Tensor& q, c
   return {int(q.size(0)), int(heads), int(kv_heads), int(t_q), int(t_k), int(dim)};
 }
 
-std::tuple<Tensor, Tensor> attention_fwd(Tensor q, Tensor k, Tensor v, double scale) {
+// first_key as the kernels read it (kernels.h), or nullptr. Its values are the Python side's
+// to get right (nondecreasing, at most each query's position): checking them would cost a sync.
+const int* first_key_of(const char* op, const std::optional<Tensor>& first_key, const Tensor& q) {
+  if (!first_key) return nullptr;
+  check_cuda(op, "first_key", *first_key, q);
+  STD_TORCH_CHECK(first_key->scalar_type() == ScalarType::Int && first_key->dim() == 2 &&
+                      first_key->size(0) == q.size(0) && first_key->size(1) == q.size(2) && first_key->is_contiguous(),
+                  op, ": first_key must be contiguous int32 [batch, queries]");
+  return static_cast<const int*>(first_key->data_ptr());
+}
+
+std::tuple<Tensor, Tensor> attention_fwd(Tensor q, Tensor k, Tensor v, std::optional<Tensor> first_key, double scale) {
   const char* op = "scratchformer::attention_fwd";
   // The forward takes each row's max of the raw scores and scales after it: right for scale > 0.
   STD_TORCH_CHECK(scale > 0, op, ": scale must be positive, got ", scale, "; use backend=\"reference\" for others");
@@ -317,6 +328,7 @@ std::tuple<Tensor, Tensor> attention_fwd(Tensor q, Tensor k, Tensor v, double sc
   args.q_stride = strides_of(q);
   args.k_stride = strides_of(k);
   args.v_stride = strides_of(v);
+  args.first_key = first_key_of(op, first_key, q);
   args.scale = float(scale);
   args.out = out.data_ptr();
   args.lse = static_cast<float*>(lse.data_ptr());
@@ -333,7 +345,8 @@ std::tuple<Tensor, Tensor> attention_fwd(Tensor q, Tensor k, Tensor v, double sc
 }
 
 std::tuple<Tensor, Tensor, Tensor> attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
-                                                 std::optional<Tensor> dlse, double scale) {
+                                                 std::optional<Tensor> dlse, std::optional<Tensor> first_key,
+                                                 double scale) {
   const char* op = "scratchformer::attention_bwd";
   const auto shape = attention_shape(op, q, k, v);
   check_attention_input(op, "dout", dout, q);
@@ -374,6 +387,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(Tensor dout, Tensor q, Tensor k
   args.out = out.data_ptr();
   args.lse = static_cast<const float*>(lse.data_ptr());
   args.dlse = dlse ? static_cast<const float*>(dlse->data_ptr()) : nullptr;
+  args.first_key = first_key_of(op, first_key, q);
   args.scale = float(scale);
   args.delta = static_cast<float*>(delta.data_ptr());
   args.dq = dq.data_ptr();
@@ -399,8 +413,8 @@ STABLE_TORCH_LIBRARY(scratchformer, m) {
   m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor rstd, Tensor? grad_h) -> (Tensor, Tensor)");
   m.def("cross_entropy_chunk(Tensor(a!) logits, Tensor targets, Tensor? row_scale, float scale, int ignore_index, "
         "float label_smoothing, float softcap, bool grad) -> Tensor");
-  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
-  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? first_key, float scale) -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, Tensor? first_key, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 #define SCRATCHFORMER_IMPL_ALL(m)                         \

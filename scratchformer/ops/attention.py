@@ -92,10 +92,10 @@ def _check_pattern(q, k, document_ids, window, softcap, sinks, op: str = "causal
     return left
 
 
-def _fused_reason(q: torch.Tensor, patterned: bool = False) -> str | None:
-    """Why the kernel cannot take these inputs, or None."""
-    if patterned:
-        return "the kernels compute plain causal attention: document_ids, window, softcap and sinks are not in them yet"
+def _fused_reason(q: torch.Tensor, reshaped: bool = False) -> str | None:
+    """Why the kernel cannot take these inputs, or None. `reshaped`: softcap or sinks given."""
+    if reshaped:
+        return "softcap and sinks are not in the kernels yet (document_ids and window are)"
     if q.dtype not in FUSED_DTYPES:
         return f"the kernel takes float32, float16 or bfloat16, not {q.dtype}"
     if q.shape[-1] not in FUSED_HEAD_DIMS:
@@ -136,15 +136,32 @@ def _torch_sdpa(q, k, v, scale, document_ids=None, window=None, softcap=None, si
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=gqa)
 
 
+def first_keys(t_q: int, t_k: int, document_ids: torch.Tensor | None, left: int | None) -> torch.Tensor:
+    """The pattern as the kernels take it: the first key each query sees, int32 [B, Tq] (B = 1 for
+    a window alone); query i then sees keys first[i] .. i + Tk - Tq. A document starts where
+    document_ids changes, so its first key is the last such change at or before the query's
+    position (a running max); a window's is the position minus `left`. Nondecreasing in i."""
+    device = document_ids.device if document_ids is not None else None
+    positions = torch.arange(t_k, device=device)
+    first = torch.zeros(1, t_k, dtype=torch.long, device=device)
+    if document_ids is not None:
+        starts = torch.ones_like(document_ids, dtype=torch.bool)
+        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+        first = torch.where(starts, positions, 0).cummax(dim=1).values
+    if left is not None:
+        first = torch.maximum(first, positions - left)
+    return first[:, t_k - t_q :].to(torch.int32).contiguous()
+
+
 class FusedAttention(torch.autograd.Function):
-    """The kernels and their backward as one autograd node: apply(q, k, v, scale) -> (out, lse),
-    both differentiable (a gradient reaching the log-sum-exp joins the backward). Its own Python
-    rather than a torch.library autograd registration, which costs more host time per call."""
+    """The kernels and their backward as one autograd node: apply(q, k, v, first_key, scale) ->
+    (out, lse), both differentiable (a gradient reaching the log-sum-exp joins the backward). Its
+    own Python rather than a torch.library autograd registration, which costs more host time per call."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale):
-        out, lse = torch.ops.scratchformer.attention_fwd(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
+    def forward(ctx, q, k, v, first_key, scale):
+        out, lse = torch.ops.scratchformer.attention_fwd(q, k, v, first_key, scale)
+        ctx.save_for_backward(q, k, v, out, lse, first_key)
         ctx.scale = scale
         ctx.set_materialize_grads(False)
         return out, lse
@@ -152,14 +169,14 @@ class FusedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         if dout is None and dlse is None:
-            return None, None, None, None
-        q, k, v, out, lse = ctx.saved_tensors
+            return None, None, None, None, None
+        q, k, v, out, lse, first_key = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
         if dlse is not None:
             dlse = dlse.float().contiguous()
-        dq, dk, dv = torch.ops.scratchformer.attention_bwd(dout, q, k, v, out, lse, dlse, ctx.scale)
-        return dq, dk, dv, None
+        dq, dk, dv = torch.ops.scratchformer.attention_bwd(dout, q, k, v, out, lse, dlse, first_key, ctx.scale)
+        return dq, dk, dv, None, None
 
 
 def causal_attention(
@@ -178,21 +195,25 @@ def causal_attention(
 
     Hq % Hkv == 0 (multi-head, grouped-query or multi-query attention); the causal mask is
     aligned bottom-right (query i sees keys j <= i + Tk - Tq); scale defaults to D ** -0.5.
-    Optional, in any combination: `document_ids` [B, Tk] (integers; a query sees only keys of its
-    own document: packed documents need no repacking), `window=(left, 0)` (query i sees keys
+    Optional, in any combination: `document_ids` [B, Tk] (integers; a document is a run of equal
+    ids, e.g. a running count of separator tokens, and a query sees only keys of its own: packed
+    documents need no repacking), `window=(left, 0)` (query i sees keys
     i - left .. i: a sliding window), `softcap` (scores become softcap * tanh(score / softcap)) and
     `sinks` [Hq] (a learned logit per head in each softmax denominator).
     `backend` picks the implementation for this call (default: `get_backend()`).
     """
     _check_inputs(q, k, v, scale)
     left = _check_pattern(q, k, document_ids, window, softcap, sinks)
-    patterned = document_ids is not None or left is not None or softcap is not None or sinks is not None
-    which = choose("causal_attention", backend, (q, k, v), lambda: _fused_reason(q, patterned), (q.dtype, q.shape[-1]))
+    reshaped = softcap is not None or sinks is not None
+    which = choose("causal_attention", backend, (q, k, v), lambda: _fused_reason(q, reshaped), (q.dtype, q.shape[-1]))
     if which == "fused":
         scale = q.shape[-1] ** -0.5 if scale is None else scale
+        first_key = None
+        if document_ids is not None or left is not None:
+            first_key = first_keys(q.shape[2], k.shape[2], document_ids, left).expand(q.shape[0], -1).contiguous()
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            return FusedAttention.apply(q, k, v, scale)[0]
-        return torch.ops.scratchformer.attention_fwd(q, k, v, scale)[0]  # nothing to differentiate: no autograd node
+            return FusedAttention.apply(q, k, v, first_key, scale)[0]
+        return torch.ops.scratchformer.attention_fwd(q, k, v, first_key, scale)[0]  # nothing to differentiate: no autograd node
     if which == "torch":
         return _torch_sdpa(q, k, v, scale, document_ids, left, softcap, sinks)
     return reference.causal_attention(q, k, v, scale, document_ids, left, softcap, sinks)[0]
@@ -262,11 +283,11 @@ def varlen_attention(
 if _extensions.kernels is not None:
 
     @torch.library.register_fake("scratchformer::attention_fwd")
-    def _fwd_fake(q, k, v, scale):
+    def _fwd_fake(q, k, v, first_key, scale):
         batch, heads, t_q, dim = q.shape
         torch._check(k.shape == v.shape and k.shape[0] == batch and k.shape[3] == dim, lambda: "attention_fwd: bad k/v shape")
         return q.new_empty((batch, heads, t_q, dim)), q.new_empty((batch, heads, t_q), dtype=torch.float32)
 
     @torch.library.register_fake("scratchformer::attention_bwd")
-    def _bwd_fake(dout, q, k, v, out, lse, dlse, scale):
+    def _bwd_fake(dout, q, k, v, out, lse, dlse, first_key, scale):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)

@@ -22,7 +22,8 @@ def visible_keys(
 
     The Tq queries are the last Tq of the Tk positions (bottom-right alignment): query i sits at
     position p = i + Tk - Tq and sees keys j <= p; with `window` = left, only j >= p - left; with
-    `document_ids` [B, Tk], only keys of its own document (document_ids[j] == document_ids[p]).
+    `document_ids` [B, Tk], only keys of its own document: a document is a run of equal ids, so j
+    and p must lie in the same run (equal ids in separate runs are separate documents).
     """
     query_pos = torch.arange(t_q, device=device)[:, None] + (t_k - t_q)
     key_pos = torch.arange(t_k, device=device)[None, :]
@@ -31,8 +32,9 @@ def visible_keys(
         visible = visible & (key_pos >= query_pos - window)
     visible = visible[None, None]
     if document_ids is not None:
-        query_docs = document_ids[:, t_k - t_q :]
-        visible = visible & (query_docs[:, None, :, None] == document_ids[:, None, None, :])
+        runs = torch.cumsum(document_ids[:, 1:] != document_ids[:, :-1], dim=1)
+        runs = torch.cat([torch.zeros_like(runs[:, :1]), runs], dim=1)  # which run each position is in
+        visible = visible & (runs[:, None, t_k - t_q :, None] == runs[:, None, None, :])
     return visible
 
 

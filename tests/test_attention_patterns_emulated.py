@@ -1,0 +1,172 @@
+"""Document masks, sliding windows and left padding in the attention kernels' own CUDA source, run
+on the CPU emulator (tests/emulator) against the float64 reference: the 2x rule of
+test_attention_emulated.py for out, lse, dq, dk and dv, over every kernel family (tensor-core
+forward, dk/dv and dq at each head dim, the 8-warp kernels, CUDA-core float32, split-key decoding).
+
+The kernels take the pattern as each query's first visible key (`first_keys` in
+scratchformer/ops/attention.py); the reference builds its mask from the document ids and window
+on its own. Tiles outside every query's pattern must be skipped, not read and masked: keys there
+hold NaN, which any product would spread, and the results must not change by a bit.
+"""
+
+import pytest
+import torch
+from test_attention_emulated import assert_within_twice_the_reference, make_inputs
+
+from scratchformer.ops import reference
+from scratchformer.ops.attention import first_keys
+
+
+def documents(lengths_per_row):
+    """document ids [B, T] from each row's document lengths (runs numbered from 0)."""
+    return torch.stack([torch.repeat_interleave(torch.arange(len(ls)), torch.tensor(ls)) for ls in lengths_per_row])
+
+
+def left_padded(t, real_lengths):
+    """A ragged batch as `GPT.generate` feeds it: each pad slot its own document, then one document."""
+    rows = []
+    for n in real_lengths:
+        rows.append(torch.cat([-1 - torch.arange(t - n), torch.zeros(n, dtype=torch.long)]))
+    return torch.stack(rows)
+
+
+def reference_run(q, k, v, dout, dtype, document_ids, left):
+    leaves = [t.to(dtype).clone().requires_grad_() for t in (q, k, v)]
+    out, lse = reference.causal_attention(*leaves, q.shape[-1] ** -0.5, document_ids, left)
+    out.backward(dout.to(dtype))
+    return [out.detach(), lse.detach()] + [t.grad for t in leaves]
+
+
+def emulated_run(kernels, q, k, v, dout, document_ids, left, arch=80):
+    scale = q.shape[-1] ** -0.5
+    first = None
+    if document_ids is not None or left is not None:
+        first = first_keys(q.shape[2], k.shape[2], document_ids, left).expand(q.shape[0], -1).contiguous()
+    out, lse, splits = kernels.forward(q, k, v, scale, arch=arch, first_key=first)
+    return [out, lse, *kernels.backward(dout, q, k, v, out, lse, scale, arch=arch, first_key=first)], splits
+
+
+def check(kernels, batch, heads, kv_heads, t_q, t_k, dim, dtype, document_ids=None, left=None, arch=80):
+    q, k, v, dout = make_inputs(batch, heads, kv_heads, t_q, t_k, dim, dtype)
+    got, splits = emulated_run(kernels, q, k, v, dout, document_ids, left, arch)
+    assert_within_twice_the_reference(got, reference_run(q, k, v, dout, dtype, document_ids, left),
+                                      reference_run(q, k, v, dout, torch.float64, document_ids, left))
+    return got, splits
+
+
+# Documents of random lengths off the tile multiples, with a one-token document; sequences of
+# another length per row.
+DOCS_300 = documents([[37, 1, 90, 130, 42], [200, 100]])
+DOCS_150 = documents([[1, 64, 3, 82], [150]])
+GRID = [
+    # (batch, heads, kv_heads, t_q, t_k, dim, dtype, document_ids, window left)
+    (2, 2, 1, 300, 300, 64, torch.bfloat16, DOCS_300, None),     # tensor cores, MQA
+    (2, 4, 2, 300, 300, 32, torch.float16, DOCS_300, None),      # D 32: 128-key tiles, 64-query dk/dv tiles
+    (2, 2, 2, 150, 150, 128, torch.bfloat16, DOCS_150, None),    # D 128: the 8-warp dk/dv and dq kernels
+    (2, 2, 1, 150, 150, 96, torch.float16, DOCS_150, None),      # D 96: dkv_wide, dq_kernel
+    (1, 2, 1, 300, 300, 64, torch.bfloat16, None, 20),           # a window shorter than a tile
+    (1, 2, 2, 300, 300, 128, torch.float16, None, 150),          # and longer
+    (2, 2, 1, 300, 300, 64, torch.float16, DOCS_300, 50),        # both
+    (1, 2, 1, 100, 300, 64, torch.bfloat16, DOCS_300[:1], 70),   # fewer queries than keys (a KV cache)
+    (2, 2, 1, 150, 150, 64, torch.float32, DOCS_150, 40),        # CUDA cores, float32
+    (1, 4, 2, 120, 300, 32, torch.float32, DOCS_300[1:], None),
+    (2, 4, 2, 1, 300, 64, torch.bfloat16, DOCS_300, None),       # decoding: split keys, each query's own document
+    (2, 2, 1, 7, 300, 128, torch.float16, None, 100),
+    (3, 2, 1, 9, 80, 64, torch.bfloat16, left_padded(80, [80, 33, 1]), None),  # a ragged batch, left-padded
+    (3, 2, 1, 40, 40, 64, torch.float16, left_padded(40, [40, 17, 5]), None),
+]
+
+
+def grid_id(case):
+    batch, heads, kv_heads, t_q, t_k, dim, dtype, docs, left = case
+    pattern = "+".join(p for p, on in (("docs", docs is not None), (f"window{left}", left is not None)) if on)
+    return f"B{batch}-H{heads}/{kv_heads}-T{t_q}x{t_k}-D{dim}-{str(dtype).split('.')[-1]}-{pattern}"
+
+
+@pytest.mark.parametrize("case", GRID, ids=map(grid_id, GRID))
+def test_patterns_in_the_emulated_kernels_against_float64(emulated, case):
+    batch, heads, kv_heads, t_q, t_k, dim, dtype, docs, left = case
+    _, splits = check(emulated, batch, heads, kv_heads, t_q, t_k, dim, dtype, docs, left)
+    if t_q == 1:
+        assert splits > 1, "decoding against a long cache should split the keys (some ranges then see no key)"
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+def test_an_h100_leaves_patterns_to_the_mma_sync_kernels(emulated, dim):
+    """The Hopper kernels take no pattern yet: on an emulated H100 a patterned call gives the
+    A100's results bit for bit (and a plain one does not: the wgmma kernels run there)."""
+    q, k, v, dout = make_inputs(1, 2, 1, 200, 200, dim, torch.bfloat16)
+    docs = documents([[1, 120, 79]])
+    h100 = emulated_run(emulated, q, k, v, dout, docs, None, arch=90)[0]
+    a100 = emulated_run(emulated, q, k, v, dout, docs, None)[0]
+    assert all(torch.equal(x, y) for x, y in zip(h100, a100))
+    plain = emulated_run(emulated, q, k, v, dout, None, None, arch=90)[0]
+    assert not all(torch.equal(x, y) for x, y in zip(plain, emulated_run(emulated, q, k, v, dout, None, None)[0]))
+
+
+# The key tiles the kernels walk (attention_fwd.cu block_n(), attention_bwd.cu dq_key_tile() and
+# the 8-warp dq's 64) and the dk/dv blocks' keys (128, or 64 at D 96/128): keys below the start of
+# the tile holding the first visible key are never read.
+TILES = {32: (128, 64), 64: (96, 32, 128), 96: (80, 32, 128), 128: (48, 32, 128)}
+
+
+@pytest.mark.parametrize("dim, dtype, t_q, t_k, docs, left", [
+    (64, torch.bfloat16, 50, 300, [[250, 50]], None),   # the queries' document starts at key 250
+    (128, torch.float16, 60, 300, None, 30),            # a window: keys before 240 - 30 unseen
+    (32, torch.float32, 40, 300, [[260, 40]], None),
+    (64, torch.bfloat16, 1, 300, [[200, 100]], None),   # decoding, split keys
+])
+def test_tiles_outside_every_querys_pattern_are_never_read(emulated, dim, dtype, t_q, t_k, docs, left):
+    docs = documents(docs) if docs is not None else None
+    first = int(first_keys(t_q, t_k, docs, left).min())
+    unread = min(first // n * n for n in TILES[dim])
+    assert unread >= 128, "the case should leave whole tiles unread"
+    q, k, v, dout = make_inputs(1, 2, 1, t_q, t_k, dim, dtype)
+    clean = emulated_run(emulated, q, k, v, dout, docs, left)[0]
+    k_nan, v_nan = k.clone(), v.clone()
+    k_nan[:, :, :unread] = float("nan")
+    v_nan[:, :, :unread] = float("nan")
+    poisoned = emulated_run(emulated, q, k_nan, v_nan, dout, docs, left)[0]
+    for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], clean, poisoned):
+        assert torch.equal(a, b), f"{name} changed: a tile outside every query's pattern was read"
+    assert (clean[3][:, :, :unread] == 0).all() and (clean[4][:, :, :unread] == 0).all()
+
+
+MISTAKES = {
+    # (file, text, mutation): each a bug in the pattern's handling the grid must catch.
+    "forward: a document's first key masked": (
+        "attention_fwd.cu", "if (nt * 8 + e >= seen || nt * 8 + e < from)", "if (nt * 8 + e >= seen || nt * 8 + e <= from)"),
+    "forward: a tile skipped that holds a first key": (
+        "attention_fwd.cu", "const int key_begin = first_key_of(a.first_key, s, b, m0) / kBlockN * kBlockN;",
+        "const int key_begin = (first_key_of(a.first_key, s, b, m0) + kBlockN - 1) / kBlockN * kBlockN;"),
+    "forward: a masked tile taken as plain": (
+        "attention_fwd.cu", "for (; n0 < low_end; n0 += kBlockN) step(n0, std::true_type{});",
+        "for (; n0 < low_end - kBlockN; n0 += kBlockN) step(n0, std::true_type{});"),
+    "dk/dv: the last query that sees the block's keys dropped": (
+        "attention_bwd.cu", "  const int tiles_per_head = (q_end - first_query + BM - 1) / BM;\n  const DkvShare share = dkv_share(group, tiles_per_head, first_query, BM, blockIdx.z, a.dkv_splits);\n  const int tiles = share.tiles;\n  // Cursors",
+        "  const int tiles_per_head = (q_end - 1 - first_query + BM - 1) / BM;\n  const DkvShare share = dkv_share(group, tiles_per_head, first_query, BM, blockIdx.z, a.dkv_splits);\n  const int tiles = share.tiles;\n  // Cursors"),
+    "dk/dv: a query's first key off by one": (
+        "attention_bwd.cu", "if (key > query + offset || key >= s.t_k || key < from[e & 1]) p = 0.f;\n          }\n          st[km][nt][e] = p;",
+        "if (key > query + offset || key >= s.t_k || key <= from[e & 1]) p = 0.f;\n          }\n          st[km][nt][e] = p;"),
+    "dq: the low masked tiles run plain": (
+        "attention_bwd.cu", "  int j = first_tile;\n  for (; j * BN < low_end; ++j) step(j, std::true_type{});\n  for (; j < plain_tiles; ++j) step(j, std::false_type{});\n  for (; j < tiles; ++j) step(j, std::true_type{});\n\n#pragma unroll\n  for (int r = 0; r < 2 * MT; ++r) {",
+        "  int j = first_tile;\n  for (; j < plain_tiles; ++j) step(j, std::false_type{});\n  for (; j < tiles; ++j) step(j, std::true_type{});\n\n#pragma unroll\n  for (int r = 0; r < 2 * MT; ++r) {"),
+    "CUDA cores: a row's first key ignored": (
+        "attention_simt.cu", "if (k0 + key_lane > last_key || k0 + key_lane < first) score = -INFINITY;",
+        "if (k0 + key_lane > last_key) score = -INFINITY;"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mistake", MISTAKES)
+def test_the_grid_catches_pattern_mistakes(tmp_path, mistake):
+    from emulated_kernels import EmulatedKernels, build
+
+    file, text, mutation = MISTAKES[mistake]
+    mutated = EmulatedKernels(build(tmp_path, {file: (text, mutation)}))
+    for batch, heads, kv_heads, t_q, t_k, dim, dtype, docs, left in GRID:
+        try:
+            check(mutated, batch, heads, kv_heads, t_q, t_k, dim, dtype, docs, left)
+        except AssertionError:
+            return  # caught
+    pytest.fail(f"no case of the grid catches: {mistake}")
