@@ -42,11 +42,11 @@ def _ln_bwd_stub(dy, x, weight, mean, rstd, grad_h):
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
 
 
-def _attn_fwd_stub(q, k, v, first_key, scale):
+def _attn_fwd_stub(q, k, v, first_key, sinks, softcap, scale):
     return torch.empty_like(q), torch.empty(q.shape[:3], dtype=torch.float32)
 
 
-def _attn_bwd_stub(dout, q, k, v, out, lse, dlse, first_key, scale):
+def _attn_bwd_stub(dout, q, k, v, out, lse, dlse, first_key, softcap, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -103,9 +103,9 @@ def cases():
 
     def attn_stubs(backward):
         def run():
-            _attn_fwd_stub(q, k, v, None, 0.125)
+            _attn_fwd_stub(q, k, v, None, None, 0.0, 0.125)
             if backward:
-                _attn_bwd_stub(do, q, k, v, q, lse, None, None, 0.125)
+                _attn_bwd_stub(do, q, k, v, q, lse, None, None, 0.0, 0.125)
         return run
 
     def ln():

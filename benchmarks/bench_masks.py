@@ -6,9 +6,8 @@ softcapping. `ops.causal_attention` with its options against SDPA with the equiv
 
 Cases (bf16, H=16, D=128): packed documents in rows of T=4096 (random lengths, mean 512), a
 sliding window of 1024 at T=8192, softcap 50 at T=4096. Median ms of forward and of
-forward+backward (CUDA events, L2 flushed), and the ratios. Documents and windows run on the
-kernels (the mma.sync ones, also on Hopper); softcapping, not in them yet, on the `torch` backend
-(PyTorch's softmax over the capped scores); the table says which backend ran. Writes DIR/bench_masks.md.
+forward+backward (CUDA events, L2 flushed), and the ratios. `ops` runs them on its kernels (the
+mma.sync ones, also on Hopper); the table says which backend ran. Writes DIR/bench_masks.md.
 """
 
 from __future__ import annotations
@@ -80,7 +79,7 @@ def run_case(name, batch, t, options, sdpa_mask, mask_mod, score_mod, reps, flus
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the op says once that it runs on PyTorch's op: the table says it
-        backend = choose("causal_attention", None, (q, k, v), lambda: _fused_reason(q, "softcap" in options or "sinks" in options), (q.dtype, DIM))
+        backend = choose("causal_attention", None, (q, k, v), lambda: _fused_reason(q), (q.dtype, DIM))
     rows = []
     for pass_name in ("forward", "forward+backward"):
         ms = {}

@@ -132,21 +132,23 @@ class EmulatedKernels:
         assert first_key.dtype == torch.int32 and first_key.shape == (q.shape[0], q.shape[2]) and first_key.is_contiguous()
         return ctypes.c_void_p(first_key.data_ptr())
 
-    def forward(self, q, k, v, scale, sm_count=8, arch=80, first_key=None):
+    def forward(self, q, k, v, scale, sm_count=8, arch=80, first_key=None, sinks=None, softcap=0.0):
         """(out, lse, splits): splits is how many key ranges the launcher chose. arch: the emulated
         GPU's compute capability (90: an H100, where the launcher takes the wgmma kernel).
-        first_key: the pattern, int32 [B, Tq] (kernels.h)."""
+        first_key: the pattern, int32 [B, Tq]; sinks: float32 [Hq]; softcap: 0 for none (kernels.h)."""
+        sinks = sinks.float().contiguous() if sinks is not None else None
         out = torch.full(q.shape, float("nan"), dtype=q.dtype)
         lse = torch.full(q.shape[:3], float("nan"))
         splits = ctypes.c_int()
         err = self.lib.emulated_attention_forward(
             DTYPES[q.dtype], self._shape(q, k), sm_count, arch, *self._args(q), *self._args(k), *self._args(v),
-            self._first_key(first_key, q), ctypes.c_float(scale), ctypes.c_void_p(out.data_ptr()),
+            self._first_key(first_key, q), ctypes.c_void_p(sinks.data_ptr() if sinks is not None else None),
+            ctypes.c_float(softcap), ctypes.c_float(scale), ctypes.c_void_p(out.data_ptr()),
             ctypes.c_void_p(lse.data_ptr()), ctypes.byref(splits))
         assert err is None, err.decode()
         return out, lse, splits.value
 
-    def backward(self, dout, q, k, v, out, lse, scale, dlse=None, sm_count=8, arch=80, first_key=None):
+    def backward(self, dout, q, k, v, out, lse, scale, dlse=None, sm_count=8, arch=80, first_key=None, softcap=0.0):
         """(dq, dk, dv); dlse: the gradient reaching the log-sum-exp, if any. `self.dkv_splits` is
         how many sets the launcher cut each kv group's query heads into for this GPU size."""
         out, lse = out.contiguous(), lse.contiguous()
@@ -158,7 +160,7 @@ class EmulatedKernels:
         err = self.lib.emulated_attention_backward(
             DTYPES[q.dtype], self._shape(q, k), *self._args(q), *self._args(k), *self._args(v), *self._args(dout),
             ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(lse.data_ptr()),
-            ctypes.c_void_p(dlse.data_ptr() if dlse is not None else None), self._first_key(first_key, q), ctypes.c_float(scale),
+            ctypes.c_void_p(dlse.data_ptr() if dlse is not None else None), self._first_key(first_key, q), ctypes.c_float(softcap), ctypes.c_float(scale),
             ctypes.c_void_p(dq.data_ptr()), ctypes.c_void_p(dk.data_ptr()), ctypes.c_void_p(dv.data_ptr()),
             sm_count, arch, ctypes.byref(splits))
         assert err is None, err.decode()

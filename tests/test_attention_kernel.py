@@ -71,11 +71,11 @@ def check_against_float64(batch, heads, kv_heads, t_q, t_k, dim, dtype):
 def test_fake_implementations_give_the_shapes_on_meta_tensors():
     q = torch.empty(2, 8, 5, 64, device="meta", dtype=torch.bfloat16)
     k = torch.empty(2, 2, 9, 64, device="meta", dtype=torch.bfloat16)
-    out, lse = torch.ops.scratchformer.attention_fwd(q, k, k, None, 0.125)
+    out, lse = torch.ops.scratchformer.attention_fwd(q, k, k, None, None, 0.0, 0.125)
     assert out.shape == q.shape and out.dtype == torch.bfloat16
     assert lse.shape == (2, 8, 5) and lse.dtype == torch.float32
     for dlse in (None, lse):
-        dq, dk, dv = torch.ops.scratchformer.attention_bwd(out, q, k, k, out, lse, dlse, None, 0.125)
+        dq, dk, dv = torch.ops.scratchformer.attention_bwd(out, q, k, k, out, lse, dlse, None, 0.0, 0.125)
         assert dq.shape == q.shape and dk.shape == dv.shape == k.shape and dk.dtype == torch.bfloat16
 
 
@@ -260,7 +260,7 @@ def test_no_score_matrix_is_allocated(dtype):
 def test_opcheck_and_compile():
     q, k, v, dout = make_inputs(2, 4, 2, 33, 40, 64, torch.bfloat16)
     # The op itself (its schema, fake implementation, dynamic shapes); its autograd is FusedAttention's, compiled below.
-    torch.library.opcheck(torch.ops.scratchformer.attention_fwd.default, (q, k, v, None, 0.125))
+    torch.library.opcheck(torch.ops.scratchformer.attention_fwd.default, (q, k, v, None, None, 0.0, 0.125))
 
     def f(q, k, v):
         return (ops.causal_attention(q * 2, k, v, backend="fused").float().tanh() * dout.float()).sum()
@@ -285,17 +285,17 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ops.FusedUnavailableError, match="head_dim 80"):
         ops.causal_attention(x, x, x, backend="fused")
     with pytest.raises(RuntimeError, match="head_dim 80 is not supported"):
-        op(x, x, x, None, 0.1)
+        op(x, x, x, None, None, 0.0, 0.1)
     with pytest.raises(RuntimeError, match="k must be a CUDA tensor on the same device"):
-        op(q, q.cpu(), q, None, 0.1)
+        op(q, q.cpu(), q, None, None, 0.0, 0.1)
     with pytest.raises(RuntimeError, match="v has dtype .*, q has .*; they must match"):
-        op(q, q, q.half(), None, 0.1)
+        op(q, q, q.half(), None, None, 0.0, 0.1)
     with pytest.raises(RuntimeError, match="the 4 query heads must be a multiple of the 3 key/value heads"):
-        op(q, q[:, :3], q[:, :3], None, 0.1)
+        op(q, q[:, :3], q[:, :3], None, None, 0.0, 0.1)
     with pytest.raises(RuntimeError, match="need 1 <= query length <= key length"):
-        op(q, q[:, :, :4], q[:, :, :4], None, 0.1)
+        op(q, q[:, :, :4], q[:, :, :4], None, None, 0.0, 0.1)
     with pytest.raises(RuntimeError, match="must be 4-D"):
-        op(q[0], q[0], q[0], None, 0.1)
+        op(q[0], q[0], q[0], None, None, 0.0, 0.1)
 
 
 @pytest.mark.cuda

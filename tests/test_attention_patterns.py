@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from scratchformer import ops
-from scratchformer.ops import FusedUnavailableError
 
 BACKENDS = ["reference", "torch"]
 
@@ -184,13 +183,3 @@ def test_bad_varlen_offsets_get_one_clear_error(cu_q, cu_k, message):
         ops.varlen_attention(q, k, v, torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32))
     with pytest.raises(ValueError, match="more than the max_seqlen given"):
         ops.varlen_attention(q, k, v, torch.tensor([0, 3, 7], dtype=torch.int32), torch.tensor([0, 3, 7], dtype=torch.int32), 3, 4)
-
-
-def test_the_fused_backend_says_softcap_and_sinks_are_not_in_its_kernels_yet():
-    q, k, v = (t.detach() for t in inputs(dtype=torch.float32))
-    with pytest.raises(FusedUnavailableError):
-        ops.causal_attention(q, k, v, softcap=2.0, backend="fused")
-    from scratchformer.ops.attention import _fused_reason
-
-    assert "softcap and sinks are not in the kernels yet" in _fused_reason(q.bfloat16(), reshaped=True)
-    assert _fused_reason(torch.zeros(2, 4, 11, 32, dtype=torch.bfloat16)) is None  # documents and windows are

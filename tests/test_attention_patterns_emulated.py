@@ -1,7 +1,7 @@
-"""Document masks, sliding windows and left padding in the attention kernels' own CUDA source, run
-on the CPU emulator (tests/emulator) against the float64 reference: the 2x rule of
-test_attention_emulated.py for out, lse, dq, dk and dv, over every kernel family (tensor-core
-forward, dk/dv and dq at each head dim, the 8-warp kernels, CUDA-core float32, split-key decoding).
+"""Document masks, sliding windows, left padding, softcapping and sinks in the attention kernels' own
+CUDA source, run on the CPU emulator (tests/emulator) against the float64 reference: the 2x rule of
+test_attention_emulated.py for out, lse, dq, dk and dv, over every kernel family that takes them
+(the tensor-core kernels' PATTERN instances at each head dim, CUDA-core float32, split-key decoding).
 
 The kernels take the pattern as each query's first visible key (`first_keys` in
 scratchformer/ops/attention.py); the reference builds its mask from the document ids and window
@@ -30,27 +30,35 @@ def left_padded(t, real_lengths):
     return torch.stack(rows)
 
 
-def reference_run(q, k, v, dout, dtype, document_ids, left):
+def reference_run(q, k, v, dout, dtype, document_ids, left, softcap=None, sinks=None):
     leaves = [t.to(dtype).clone().requires_grad_() for t in (q, k, v)]
-    out, lse = reference.causal_attention(*leaves, q.shape[-1] ** -0.5, document_ids, left)
+    out, lse = reference.causal_attention(*leaves, q.shape[-1] ** -0.5, document_ids, left, softcap, sinks)
     out.backward(dout.to(dtype))
     return [out.detach(), lse.detach()] + [t.grad for t in leaves]
 
 
-def emulated_run(kernels, q, k, v, dout, document_ids, left, arch=80):
+def emulated_run(kernels, q, k, v, dout, document_ids, left, arch=80, softcap=None, sinks=None):
     scale = q.shape[-1] ** -0.5
     first = None
     if document_ids is not None or left is not None:
         first = first_keys(q.shape[2], k.shape[2], document_ids, left).expand(q.shape[0], -1).contiguous()
-    out, lse, splits = kernels.forward(q, k, v, scale, arch=arch, first_key=first)
-    return [out, lse, *kernels.backward(dout, q, k, v, out, lse, scale, arch=arch, first_key=first)], splits
+    cap = softcap or 0.0
+    out, lse, splits = kernels.forward(q, k, v, scale, arch=arch, first_key=first, sinks=sinks, softcap=cap)
+    return [out, lse, *kernels.backward(dout, q, k, v, out, lse, scale, arch=arch, first_key=first, softcap=cap)], splits
 
 
-def check(kernels, batch, heads, kv_heads, t_q, t_k, dim, dtype, document_ids=None, left=None, arch=80):
+def head_sinks(heads):
+    """A sink logit per head, from below the scores to above them."""
+    return torch.linspace(-2.0, 3.0, heads)
+
+
+def check(kernels, batch, heads, kv_heads, t_q, t_k, dim, dtype, document_ids=None, left=None, softcap=None,
+          sinks=False, arch=80):
     q, k, v, dout = make_inputs(batch, heads, kv_heads, t_q, t_k, dim, dtype)
-    got, splits = emulated_run(kernels, q, k, v, dout, document_ids, left, arch)
-    assert_within_twice_the_reference(got, reference_run(q, k, v, dout, dtype, document_ids, left),
-                                      reference_run(q, k, v, dout, torch.float64, document_ids, left))
+    sinks = head_sinks(heads) if sinks else None
+    got, splits = emulated_run(kernels, q, k, v, dout, document_ids, left, arch, softcap, sinks)
+    assert_within_twice_the_reference(got, reference_run(q, k, v, dout, dtype, document_ids, left, softcap, sinks),
+                                      reference_run(q, k, v, dout, torch.float64, document_ids, left, softcap, sinks))
     return got, splits
 
 
@@ -62,8 +70,8 @@ GRID = [
     # (batch, heads, kv_heads, t_q, t_k, dim, dtype, document_ids, window left)
     (2, 2, 1, 300, 300, 64, torch.bfloat16, DOCS_300, None),     # tensor cores, MQA
     (2, 4, 2, 300, 300, 32, torch.float16, DOCS_300, None),      # D 32: 128-key tiles, 64-query dk/dv tiles
-    (2, 2, 2, 150, 150, 128, torch.bfloat16, DOCS_150, None),    # D 128: the 8-warp dk/dv and dq kernels
-    (2, 2, 1, 150, 150, 96, torch.float16, DOCS_150, None),      # D 96: dkv_wide, dq_kernel
+    (2, 2, 2, 150, 150, 128, torch.bfloat16, DOCS_150, None),    # D 128 (no 8-warp kernels with a pattern)
+    (2, 2, 1, 150, 150, 96, torch.float16, DOCS_150, None),      # D 96: 32-key forward tiles, 16-key dq tiles
     (1, 2, 1, 300, 300, 64, torch.bfloat16, None, 20),           # a window shorter than a tile
     (1, 2, 2, 300, 300, 128, torch.float16, None, 150),          # and longer
     (2, 2, 1, 300, 300, 64, torch.float16, DOCS_300, 50),        # both
@@ -75,18 +83,29 @@ GRID = [
     (3, 2, 1, 9, 80, 64, torch.bfloat16, left_padded(80, [80, 33, 1]), None),  # a ragged batch, left-padded
     (3, 2, 1, 40, 40, 64, torch.float16, left_padded(40, [40, 17, 5]), None),
 ]
+GRID = [case + (None, False) for case in GRID] + [
+    # ... + (softcap, sinks): capping hard (scores about N(0, 1)), and sinks from -2 to 3
+    (1, 2, 1, 300, 300, 64, torch.bfloat16, None, None, 1.0, False),
+    (2, 2, 2, 150, 150, 128, torch.float16, None, None, 1.0, False),
+    (1, 2, 1, 150, 150, 96, torch.bfloat16, None, None, 2.0, True),
+    (1, 4, 2, 150, 150, 32, torch.float16, None, None, None, True),
+    (2, 2, 1, 150, 150, 64, torch.float32, DOCS_150, None, 1.5, True),  # CUDA cores
+    (2, 4, 2, 1, 300, 64, torch.bfloat16, DOCS_300, None, 1.0, True),  # split keys: the sink in the combine
+    (2, 2, 1, 300, 300, 64, torch.float16, DOCS_300, 50, 1.0, True),   # everything at once
+]
 
 
 def grid_id(case):
-    batch, heads, kv_heads, t_q, t_k, dim, dtype, docs, left = case
-    pattern = "+".join(p for p, on in (("docs", docs is not None), (f"window{left}", left is not None)) if on)
+    batch, heads, kv_heads, t_q, t_k, dim, dtype, docs, left, softcap, sinks = case
+    pattern = "+".join(p for p, on in (("docs", docs is not None), (f"window{left}", left is not None),
+                                       (f"softcap{softcap}", softcap is not None), ("sinks", sinks)) if on)
     return f"B{batch}-H{heads}/{kv_heads}-T{t_q}x{t_k}-D{dim}-{str(dtype).split('.')[-1]}-{pattern}"
 
 
 @pytest.mark.parametrize("case", GRID, ids=map(grid_id, GRID))
 def test_patterns_in_the_emulated_kernels_against_float64(emulated, case):
-    batch, heads, kv_heads, t_q, t_k, dim, dtype, docs, left = case
-    _, splits = check(emulated, batch, heads, kv_heads, t_q, t_k, dim, dtype, docs, left)
+    batch, heads, kv_heads, t_q, t_k, dim, dtype, docs, left, softcap, sinks = case
+    _, splits = check(emulated, batch, heads, kv_heads, t_q, t_k, dim, dtype, docs, left, softcap, sinks)
     if t_q == 1:
         assert splits > 1, "decoding against a long cache should split the keys (some ranges then see no key)"
 
@@ -104,10 +123,10 @@ def test_an_h100_leaves_patterns_to_the_mma_sync_kernels(emulated, dim):
     assert not all(torch.equal(x, y) for x, y in zip(plain, emulated_run(emulated, q, k, v, dout, None, None)[0]))
 
 
-# The key tiles the kernels walk (attention_fwd.cu block_n(), attention_bwd.cu dq_key_tile() and
-# the 8-warp dq's 64) and the dk/dv blocks' keys (128, or 64 at D 96/128): keys below the start of
-# the tile holding the first visible key are never read.
-TILES = {32: (128, 64), 64: (96, 32, 128), 96: (80, 32, 128), 128: (48, 32, 128)}
+# The key tiles the PATTERN instances walk (attention_fwd.cu block_n(), attention_bwd.cu
+# dq_key_tile()) and their dk/dv blocks' keys (64): keys below the start of the tile holding the
+# first visible key are never read.
+TILES = {32: (112, 32, 64), 64: (96, 32, 64), 96: (32, 16, 64), 128: (48, 32, 64)}
 
 
 @pytest.mark.parametrize("dim, dtype, t_q, t_k, docs, left", [
@@ -135,25 +154,31 @@ def test_tiles_outside_every_querys_pattern_are_never_read(emulated, dim, dtype,
 MISTAKES = {
     # (file, text, mutation): each a bug in the pattern's handling the grid must catch.
     "forward: a document's first key masked": (
-        "attention_fwd.cu", "if (nt * 8 + e >= seen || nt * 8 + e < from)", "if (nt * 8 + e >= seen || nt * 8 + e <= from)"),
+        "attention_fwd.cu", "(PATTERN && nt * 8 + e < from)", "(PATTERN && nt * 8 + e <= from)"),
     "forward: a tile skipped that holds a first key": (
-        "attention_fwd.cu", "const int key_begin = first_key_of(a.first_key, s, b, m0) / kBlockN * kBlockN;",
-        "const int key_begin = (first_key_of(a.first_key, s, b, m0) + kBlockN - 1) / kBlockN * kBlockN;"),
+        "attention_fwd.cu", "const int key_begin = first_key_of(first_key, s, b, m0) / kBlockN * kBlockN;",
+        "const int key_begin = (first_key_of(first_key, s, b, m0) + kBlockN - 1) / kBlockN * kBlockN;"),
     "forward: a masked tile taken as plain": (
         "attention_fwd.cu", "for (; n0 < low_end; n0 += kBlockN) step(n0, std::true_type{});",
         "for (; n0 < low_end - kBlockN; n0 += kBlockN) step(n0, std::true_type{});"),
     "dk/dv: the last query that sees the block's keys dropped": (
-        "attention_bwd.cu", "  const int tiles_per_head = (q_end - first_query + BM - 1) / BM;\n  const DkvShare share = dkv_share(group, tiles_per_head, first_query, BM, blockIdx.z, a.dkv_splits);\n  const int tiles = share.tiles;\n  // Cursors",
-        "  const int tiles_per_head = (q_end - 1 - first_query + BM - 1) / BM;\n  const DkvShare share = dkv_share(group, tiles_per_head, first_query, BM, blockIdx.z, a.dkv_splits);\n  const int tiles = share.tiles;\n  // Cursors"),
+        "attention_bwd.cu", "const int tiles_per_head = (q_end - first_query + BM - 1) / BM;",
+        "const int tiles_per_head = (q_end - 1 - first_query + BM - 1) / BM;"),
     "dk/dv: a query's first key off by one": (
-        "attention_bwd.cu", "if (key > query + offset || key >= s.t_k || key < from[e & 1]) p = 0.f;\n          }\n          st[km][nt][e] = p;",
-        "if (key > query + offset || key >= s.t_k || key <= from[e & 1]) p = 0.f;\n          }\n          st[km][nt][e] = p;"),
+        "attention_bwd.cu", "(PATTERN && key < from[e & 1])", "(PATTERN && key <= from[e & 1])"),
     "dq: the low masked tiles run plain": (
         "attention_bwd.cu", "  int j = first_tile;\n  for (; j * BN < low_end; ++j) step(j, std::true_type{});\n  for (; j < plain_tiles; ++j) step(j, std::false_type{});\n  for (; j < tiles; ++j) step(j, std::true_type{});\n\n#pragma unroll\n  for (int r = 0; r < 2 * MT; ++r) {",
         "  int j = first_tile;\n  for (; j < plain_tiles; ++j) step(j, std::false_type{});\n  for (; j < tiles; ++j) step(j, std::true_type{});\n\n#pragma unroll\n  for (int r = 0; r < 2 * MT; ++r) {"),
     "CUDA cores: a row's first key ignored": (
         "attention_simt.cu", "if (k0 + key_lane > last_key || k0 + key_lane < first) score = -INFINITY;",
         "if (k0 + key_lane > last_key) score = -INFINITY;"),
+    "dk/dv: the cap's derivative dropped": (
+        "attention_bwd.cu", "dpt[km][nt][e] = p * (dpt[km][nt][e] - (e & 1 ? delta.y : delta.x)) * cap.derivative(score);",
+        "dpt[km][nt][e] = p * (dpt[km][nt][e] - (e & 1 ? delta.y : delta.x));"),
+    "forward: the sink left out of the sum": (
+        "attention_fwd.cu", "l = fmaf(l, corr, exp2_approx(sink - both));", "l = l * corr;"),
+    "decoding: the sink left out of the combine": (
+        "attention_simt.cu", "float sum = expf(sink - m), o[PER_LANE] = {};", "float sum = 0.f, o[PER_LANE] = {};"),
 }
 
 
@@ -164,9 +189,9 @@ def test_the_grid_catches_pattern_mistakes(tmp_path, mistake):
 
     file, text, mutation = MISTAKES[mistake]
     mutated = EmulatedKernels(build(tmp_path, {file: (text, mutation)}))
-    for batch, heads, kv_heads, t_q, t_k, dim, dtype, docs, left in GRID:
+    for case in GRID:
         try:
-            check(mutated, batch, heads, kv_heads, t_q, t_k, dim, dtype, docs, left)
+            check(mutated, *case)
         except AssertionError:
             return  # caught
     pytest.fail(f"no case of the grid catches: {mistake}")

@@ -71,31 +71,40 @@ def ce_chunk(logits, targets, row_scale, scale, ignore_index, label_smoothing, s
     return loss
 
 
-def _probabilities(q, k, scale, first_key=None):
+def _scores(q, k, scale, first_key, softcap):
+    """The kernels' contract (kernels.h): scores capped by softcap, query i seeing keys first_key[b, i]
+    .. its diagonal (-inf elsewhere); also the cap's derivative."""
     group = q.shape[1] // k.shape[1]
     kk = k.repeat_interleave(group, 1).float()
     s = q.float() @ kk.transpose(-1, -2) * scale
+    slope = torch.ones_like(s)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+        slope = 1 - (s / softcap) ** 2
     t_q, t_k = q.shape[2], k.shape[2]
     s = s.masked_fill(torch.ones(t_q, t_k, dtype=torch.bool).triu(t_k - t_q + 1), -math.inf)
-    if first_key is not None:  # the kernels' contract (kernels.h): query i sees keys from first_key[b, i] on
+    if first_key is not None:
         s = s.masked_fill(torch.arange(t_k) < first_key[:, None, :, None], -math.inf)
-    lse = torch.logsumexp(s, -1)
-    return torch.exp(s - lse[..., None]), lse, group
+    return s, slope, group
 
 
-def attn_fwd(q, k, v, first_key, scale):
-    p, lse, group = _probabilities(q, k, scale, first_key)
-    return (p @ v.repeat_interleave(group, 1).float()).to(q.dtype), lse
+def attn_fwd(q, k, v, first_key, sinks, softcap, scale):
+    s, _, group = _scores(q, k, scale, first_key, softcap)
+    with_sinks = s if sinks is None else torch.cat([s, sinks[None, :, None, None].expand(*s.shape[:3], 1)], -1)
+    lse = torch.logsumexp(with_sinks, -1)  # the sinks in the denominator
+    return (torch.exp(s - lse[..., None]) @ v.repeat_interleave(group, 1).float()).to(q.dtype), lse
 
 
-def attn_bwd(dout, q, k, v, out, lse, dlse, first_key, scale):
-    p, _, group = _probabilities(q, k, scale, first_key)
+def attn_bwd(dout, q, k, v, out, lse, dlse, first_key, softcap, scale):
+    s, slope, group = _scores(q, k, scale, first_key, softcap)
+    p = torch.exp(s - lse[..., None])  # the forward's lse: sinks included
     vv, kk = v.repeat_interleave(group, 1).float(), k.repeat_interleave(group, 1).float()
     do = dout.float()
     dp = do @ vv.transpose(-1, -2)
     ds = p * (dp - (do * out.float()).sum(-1, keepdim=True))
     if dlse is not None:
         ds = ds + p * dlse[..., None]  # d lse / d s = softmax
+    ds = ds * slope
     dq = ds @ kk * scale
     dk = (ds.transpose(-1, -2) @ q.float() * scale).unflatten(1, (k.shape[1], group)).sum(2)
     dv = (p.transpose(-1, -2) @ do).unflatten(1, (k.shape[1], group)).sum(2)
@@ -206,21 +215,29 @@ PATTERNS = {
     "left padding": dict(document_ids=torch.tensor([[-1, -2, -3, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0, 0]])),
     "window": dict(window=(2, 0)),
     "window and documents": dict(document_ids=torch.tensor([[0] * 4 + [1] * 5, [0] * 9]), window=(3, 0)),
+    "softcap": dict(softcap=0.5),
+    "sinks": dict(sinks=torch.tensor([0.5, -1.0, 2.0, 0.0])),
+    "all": dict(document_ids=torch.tensor([[0] * 4 + [1] * 5, [0] * 9]), window=(3, 0), softcap=0.7,
+                sinks=torch.tensor([0.5, -1.0, 2.0, 0.0])),
 }
 
 
 @pytest.mark.parametrize("t_q", [9, 4, 1])
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_patterns_reach_the_kernels_as_first_keys(stand_ins, pattern, t_q):
-    """document_ids and window become each query's first key (the kernels' contract): the fused
-    path, with stand-ins that apply that contract, equals the reference's own mask, outputs and
-    gradients, for every query count."""
+    """document_ids and window become each query's first key, softcap and sinks go as they are (the
+    kernels' contract): the fused path, with stand-ins that apply that contract, equals the
+    reference's own mask, outputs and gradients (the sinks' too), for every query count."""
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, t_q, 32), torch.randn(2, 2, 9, 32), torch.randn(2, 2, 9, 32)
-    kw = PATTERNS[pattern]
-    fused = grads(lambda q, k, v: ops.causal_attention(q, k, v, scale=0.2, backend="fused", **kw), (q, k, v))
-    reference = grads(lambda q, k, v: ops.causal_attention(q, k, v, scale=0.2, backend="reference", **kw), (q, k, v))
-    assert_same(fused, reference, 1e-5)
+    kw = dict(PATTERNS[pattern])
+    sinks = kw.pop("sinks", None)
+    leaves = (q, k, v) if sinks is None else (q, k, v, sinks)
+
+    def run(backend):
+        return lambda q, k, v, *sinks: ops.causal_attention(q, k, v, scale=0.2, backend=backend, sinks=(sinks or [None])[0], **kw)
+
+    assert_same(grads(run("fused"), leaves), grads(run("reference"), leaves), 1e-5)
 
 
 def test_the_log_sum_exp_output_is_differentiable(stand_ins):
@@ -228,7 +245,7 @@ def test_the_log_sum_exp_output_is_differentiable(stand_ins):
     from scratchformer.ops.attention import FusedAttention
 
     q, k, v = torch.randn(1, 2, 6, 32), torch.randn(1, 2, 6, 32), torch.randn(1, 2, 6, 32)
-    fused = grads(lambda q, k, v: FusedAttention.apply(q, k, v, None, 0.3), (q, k, v))
+    fused = grads(lambda q, k, v: FusedAttention.apply(q, k, v, None, None, 0.0, 0.3), (q, k, v))
     expected = grads(lambda q, k, v: reference.causal_attention(q, k, v, 0.3), (q, k, v))
     assert_same(fused, expected, 1e-5)
 

@@ -42,12 +42,12 @@ def test_each_op_raises_its_message(grad):
         ops.rms_norm_bwd(x.detach(), x.detach(), w.detach(), stats, None)
     q, k, v = attention_args(grad)
     with pytest.raises(RuntimeError, match="scratchformer::attention_fwd: q must be a CUDA tensor"):
-        ops.attention_fwd(q, k, v, None, 0.125)
+        ops.attention_fwd(q, k, v, None, None, 0.0, 0.125)
     with pytest.raises(RuntimeError, match="scratchformer::attention_fwd: scale must be positive, got -1"):
-        ops.attention_fwd(q, k, v, None, -1.0)  # the op's first check, before any tensor is looked at
+        ops.attention_fwd(q, k, v, None, None, 0.0, -1.0)  # the op's first check, before any tensor is looked at
     lse = torch.zeros(1, 4, 8)
     with pytest.raises(RuntimeError, match="scratchformer::attention_bwd: q must be a CUDA tensor"):
-        ops.attention_bwd(q.detach(), q.detach(), k.detach(), v.detach(), q.detach(), lse, None, None, 0.125)
+        ops.attention_bwd(q.detach(), q.detach(), k.detach(), v.detach(), q.detach(), lse, None, None, 0.0, 0.125)
 
 
 def test_a_refused_call_leaves_its_inputs_alone():
@@ -62,6 +62,6 @@ def test_a_refused_call_leaves_its_inputs_alone():
         with pytest.raises(RuntimeError):
             ops.layer_norm_fwd(x, w, b, x, 1e-5)
         with pytest.raises(RuntimeError):
-            ops.attention_fwd(q, q, q, None, 0.125)
+            ops.attention_fwd(q, q, q, None, None, 0.0, 0.125)
     assert [sys.getrefcount(t) for t in (x, w, b, q)] == before
     assert all(torch.equal(t, c) for t, c in zip((x, w, b, q), copies))

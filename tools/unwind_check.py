@@ -24,7 +24,7 @@ CASES = {
     "torch": "torch.ops.aten.view.default(torch.ones(4), [3])",
     "ours, CPU tensors": "torch.ops.scratchformer.layer_norm_fwd(torch.ones(2, 8), torch.ones(8), torch.zeros(8), None, 1e-5)",
     "ours, CUDA tensors (attention)": "x = torch.randn(1, 4, 8, 80, device='cuda', dtype=torch.bfloat16); "
-    "torch.ops.scratchformer.attention_fwd(x, x, x, None, 0.1)",
+    "torch.ops.scratchformer.attention_fwd(x, x, x, None, None, 0.0, 0.1)",
     "ours, CUDA tensors (layer_norm)": "x = torch.randn(4, 8, device='cuda'); "
     "torch.ops.scratchformer.layer_norm_fwd(x, torch.ones(9, device='cuda'), torch.zeros(9, device='cuda'), None, 1e-5)",
 }

@@ -102,6 +102,13 @@ __device__ __forceinline__ void load_tile_async(T* tile, const void* tensor, con
 
 // ---- the pattern (first_key, kernels.h) ----------------------------------------------------
 
+// Whether a call has a pattern, softcapping or sinks: the mma.sync kernels then run their
+// instance that takes them.
+__host__ __device__ inline bool patterned(const AttentionForward& a) {
+  return a.first_key != nullptr || a.softcap > 0.f || a.sinks != nullptr;
+}
+__host__ __device__ inline bool patterned(const AttentionBackward& a) { return a.first_key != nullptr || a.softcap > 0.f; }
+
 // The first key `query` of batch b sees (0 without a pattern); queries past the end read the
 // last one's, which is what their masking needs (their P is zero anyway).
 __device__ __forceinline__ int first_key_of(const int* first_key, const AttentionShape& s, int b, int query) {
@@ -111,7 +118,7 @@ __device__ __forceinline__ int first_key_of(const int* first_key, const Attentio
 // The first query from `lo` on whose first key is past `key` (Tq if none): first_key is
 // nondecreasing, so queries [lo, result) see `key` where causality lets them, and none after
 // do. A binary search: every thread of a block runs it alike, its loads cached.
-__device__ inline int first_query_past(const int* first_key, const AttentionShape& s, int b, int lo, int key) {
+__device__ __forceinline__ int first_query_past(const int* first_key, const AttentionShape& s, int b, int lo, int key) {
   if (first_key == nullptr) return s.t_q;
   const int* row = first_key + int64_t(b) * s.t_q;
   int hi = s.t_q;
@@ -122,6 +129,29 @@ __device__ inline int first_query_past(const int* first_key, const AttentionShap
   }
   return lo;
 }
+
+// Softcapping in the units a kernel keeps its scores in (raw q.k, or already scaled): with
+// cap = softcap in those units, s -> cap * tanh(s / cap), of derivative 1 - tanh^2. tanh from one
+// ex2.approx (about 1e-7 absolute; tanh.approx.f32, 2^-11 relative, would move a logit of 50 by
+// 0.02), its exponent clamped so that the division never meets infinity. Kernels branch once on
+// a.softcap and run their element loop with Softcap or with NoSoftcap, which compiles away.
+struct Softcap {
+  float cap, inv;  // inv = 1 / cap
+  __device__ static Softcap in_units(float softcap, float unit) {  // unit: one unit of score, in logits
+    return {softcap / unit, unit / softcap};
+  }
+  __device__ float apply(float s) const {
+    return cap * (1.f - __fdividef(2.f, exp2_approx(fminf(2.f * kLog2e * s * inv, 64.f)) + 1.f));
+  }
+  __device__ float derivative(float capped) const {  // d apply(s) / ds, from apply(s)
+    const float t = capped * inv;
+    return 1.f - t * t;
+  }
+};
+struct NoSoftcap {
+  __device__ float apply(float s) const { return s; }
+  __device__ float derivative(float) const { return 1.f; }
+};
 
 // A dk/dv block's share of its kv group's work when the backward is split (dkv_splits): the
 // (query head, query tile) pairs from the first query that sees the block's keys on, head-major,
@@ -135,7 +165,6 @@ struct DkvShare {
 __host__ __device__ inline DkvShare dkv_share(int group, int tiles_per_head, int first_query, int tile, int z, int splits) {
   // The first total % splits ranges hold one pair more than the others (32-bit: no overflow).
   const int total = group * tiles_per_head, least = total / splits, longer = total % splits;
-  if (total == 0) return {0, first_query, 0};  // a pattern hides the block's keys from every query
   const int begin = z * least + min(z, longer), tiles = least + (z < longer);
   return {begin / tiles_per_head, first_query + begin % tiles_per_head * tile, tiles};
 }

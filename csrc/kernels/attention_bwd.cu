@@ -23,9 +23,11 @@
 //   dP = dO V^T, dQ += dS K; masking only on the diagonal tiles. At D = 128, where a block may
 //   have 136 KB of shared memory, dq_wide_kernel takes its place: 8 warps over 128 queries,
 //   dS through shared memory.
-// With a pattern (first_key, kernels.h) every kernel walks only the tiles whose keys some query
-// of the block sees (a dk/dv block, the queries up to the last one that sees one of its keys), and
-// masks those where a query's first key falls inside. Shared tiles are padded as in the forward;
+// With a pattern (first_key, kernels.h) or softcapping, dkv_kernel and dq_kernel run an instance
+// of their own (PATTERN; the 8-warp kernels run plain causal attention only) that walks only the
+// tiles whose keys some query of the block sees (a dk/dv block: the queries up to the last one
+// that sees one of its keys), masks those where a query's first key falls inside, and caps the
+// recomputed scores, dS taking the cap's derivative. Shared tiles are padded as in the forward;
 // fragment layouts are in attention.cuh.
 #include <cuda_runtime.h>
 
@@ -43,16 +45,18 @@ constexpr int kThreads = 128;
 // dkv's key rows per warp, in 16-row m tiles: 2 where the accumulators of 32 keys (dK and dV,
 // 2 D floats a thread) fit in registers, so every Q and dO fragment feeds four products (D <= 64);
 // 1 above.
-__host__ __device__ constexpr int dkv_key_tiles(int d) { return d <= 64 ? 2 : 1; }
-__host__ __device__ constexpr int dkv_block_keys(int d) { return 4 * 16 * dkv_key_tiles(d); }
+// The instance that takes a pattern or softcapping (PATTERN) holds their bounds beside the
+// accumulators: one m tile a warp, as above D = 64.
+__host__ __device__ constexpr int dkv_key_tiles(int d, bool pattern = false) { return d <= 64 && !pattern ? 2 : 1; }
+__host__ __device__ constexpr int dkv_block_keys(int d, bool pattern = false) { return 4 * 16 * dkv_key_tiles(d, pattern); }
 
 // The query tile a dkv block walks: as large as S^T and dP^T (2 x keys x tile floats a warp)
 // leave registers for.
 __host__ __device__ constexpr int dkv_query_tile(int d) { return d <= 32 ? 64 : 32; }
 
 // K, V, and two buffers of (Q, dO, lse, delta); elements of `size` bytes.
-__host__ __device__ constexpr int dkv_shared_bytes(int d, int size) {
-  return (2 * dkv_block_keys(d) + 4 * dkv_query_tile(d)) * (d + 8) * size + 4 * dkv_query_tile(d) * int(sizeof(float));
+__host__ __device__ constexpr int dkv_shared_bytes(int d, int size, bool pattern = false) {
+  return (2 * dkv_block_keys(d, pattern) + 4 * dkv_query_tile(d)) * (d + 8) * size + 4 * dkv_query_tile(d) * int(sizeof(float));
 }
 
 // Writes a warp's rows of dK (which = 0, scaled) or dV (which = 1): keys key0 + 8 r, r < 2 KT
@@ -84,9 +88,10 @@ __device__ __forceinline__ void store_dkv(const AttentionBackward& a, const floa
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, bool PATTERN>
 __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
-  constexpr int KT = dkv_key_tiles(D), BN = dkv_block_keys(D), BM = dkv_query_tile(D);
+  const int* first_key = PATTERN ? a.first_key : nullptr;  // nullptr: the pattern's code folds away
+  constexpr int KT = dkv_key_tiles(D, PATTERN), BN = dkv_block_keys(D, PATTERN), BM = dkv_query_tile(D);
   constexpr int STRIDE = D + 8, KSLABS = D / 16, DTILES = D / 8, QTILES = BM / 8;
   extern __shared__ __align__(16) unsigned char smem[];
   T* k_s = reinterpret_cast<T*>(smem);  // [BN][STRIDE]
@@ -110,19 +115,23 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
   // the kv group (this block's share of them). Tile `it + 1` loads into the other buffer while
   // tile `it` is computed.
   // With a pattern, queries from q_end on see none of the block's keys, and those from
-  // plain_end on miss key n0 (their tiles are masked).
+  // plain_end on miss key n0 (their tiles are masked). Without one both are s.t_q, written as
+  // such where used: read from the kernel's parameters it takes no register (held in one, the
+  // plain instance spills on sm_100).
   const int first_query = max(0, n0 - offset);
-  const int q_end = first_query_past(a.first_key, s, b, first_query, min(n0 + BN, s.t_k) - 1);
-  const int plain_end = first_query_past(a.first_key, s, b, first_query, n0);
+  const int q_end = PATTERN ? first_query_past(first_key, s, b, first_query, min(n0 + BN, s.t_k) - 1) : s.t_q;
+  const int plain_end = PATTERN ? first_query_past(first_key, s, b, first_query, n0) : s.t_q;
   const int tiles_per_head = (q_end - first_query + BM - 1) / BM;
-  const DkvShare share = dkv_share(group, tiles_per_head, first_query, BM, blockIdx.z, a.dkv_splits);
-  const int tiles = share.tiles;
+  // A pattern may leave a block, or a split of it, without work: no query tiles, none loaded.
+  const DkvShare share = dkv_share(group, PATTERN ? max(1, tiles_per_head) : tiles_per_head, first_query, BM,
+                                   blockIdx.z, a.dkv_splits);
+  const int tiles = PATTERN && tiles_per_head == 0 ? 0 : share.tiles;
   // Cursors instead of it / tiles_per_head: no integer division in the loop.
   int load_h = kv_head * group + share.head, load_i0 = share.i0;  // the next tile to load
   auto load_query_tile = [&](int buf) {
     const int h = load_h, i0 = load_i0;
     load_i0 += BM;
-    if (load_i0 >= q_end) load_i0 = first_query, ++load_h;
+    if (load_i0 >= (PATTERN ? q_end : s.t_q)) load_i0 = first_query, ++load_h;
     load_tile_async<T, BM, D, STRIDE, kThreads>(q_buf + buf * BM * STRIDE, a.q, a.q_stride, b, h, i0, s.t_q);
     load_tile_async<T, BM, D, STRIDE, kThreads>(do_buf + buf * BM * STRIDE, a.dout, a.dout_stride, b, h, i0, s.t_q);
     if (threadIdx.x < BM) {
@@ -135,7 +144,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
 
   load_tile_async<T, BN, D, STRIDE, kThreads>(k_s, a.k, a.k_stride, b, kv_head, n0, s.t_k);
   load_tile_async<T, BN, D, STRIDE, kThreads>(v_s, a.v, a.v_stride, b, kv_head, n0, s.t_k);
-  load_query_tile(0);
+  if (!PATTERN || tiles > 0) load_query_tile(0);
   cp_async_commit();
 
   float dk[KT][DTILES][4] = {}, dv[KT][DTILES][4] = {};
@@ -181,29 +190,37 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
       }
     }
 
-    // P^T = 2^(S^T scale log2e - lse') and dS^T = P^T (dP^T - delta). Queries past the end
-    // have lse' = inf, so P = 0 there; masked tiles also zero keys a query does not see.
+    // P^T = 2^(S^T scale log2e - lse') and dS^T = P^T (dP^T - delta), S^T capped first and dS^T
+    // times the cap's derivative with softcapping. Queries past the end have lse' = inf, so P = 0
+    // there; masked tiles also zero keys a query does not see.
+    auto probabilities = [&](const auto& cap) {
 #pragma unroll
     for (int nt = 0; nt < QTILES; ++nt) {
       const float2 lse2 = *reinterpret_cast<const float2*>(&lse_s[nt * 8 + 2 * c]);
       const float2 delta = *reinterpret_cast<const float2*>(&delta_s[nt * 8 + 2 * c]);
       int from[2] = {0, 0};  // the first keys of this thread's two queries (masked tiles)
       if constexpr (decltype(masked)::value)
-        for (int e = 0; e < 2; ++e) from[e] = first_key_of(a.first_key, s, b, i0 + nt * 8 + 2 * c + e);
+        for (int e = 0; e < 2; ++e) from[e] = first_key_of(first_key, s, b, i0 + nt * 8 + 2 * c + e);
 #pragma unroll
       for (int km = 0; km < KT; ++km)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          float p = exp2_approx(fmaf(st[km][nt][e], scale2, -(e & 1 ? lse2.y : lse2.x)));
+          const float score = cap.apply(st[km][nt][e]);
+          float p = exp2_approx(fmaf(score, scale2, -(e & 1 ? lse2.y : lse2.x)));
           if constexpr (decltype(masked)::value) {
             // Key key0 + 8 r sees the queries from key - offset on whose first key is not past it.
             const int query = i0 + nt * 8 + 2 * c + (e & 1), key = key0 + km * 16 + (e >> 1) * 8;
-            if (key > query + offset || key >= s.t_k || key < from[e & 1]) p = 0.f;
+            if (key > query + offset || key >= s.t_k || (PATTERN && key < from[e & 1])) p = 0.f;
           }
           st[km][nt][e] = p;
-          dpt[km][nt][e] = p * (dpt[km][nt][e] - (e & 1 ? delta.y : delta.x));
+          dpt[km][nt][e] = p * (dpt[km][nt][e] - (e & 1 ? delta.y : delta.x)) * cap.derivative(score);
         }
     }
+    };
+    if (PATTERN && a.softcap > 0.f)
+      probabilities(Softcap::in_units(a.softcap, a.scale));
+    else
+      probabilities(NoSoftcap{});
 
     // dV += P^T dO and dK += dS^T Q.
 #pragma unroll
@@ -234,8 +251,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
     }
   };
   // A tile needs no mask when every query in it sees every key of the block and all exist.
-  auto plain = [&](int i0) { return i0 + offset >= n0 + BN - 1 && i0 + BM <= plain_end && n0 + BN <= s.t_k; };
-  auto advance = [&](int i0) { return i0 + BM < q_end ? i0 + BM : first_query; };  // the next head starts over
+  auto plain = [&](int i0) { return i0 + offset >= n0 + BN - 1 && i0 + BM <= (PATTERN ? plain_end : s.t_q) && n0 + BN <= s.t_k; };
+  auto advance = [&](int i0) { return i0 + BM < (PATTERN ? q_end : s.t_q) ? i0 + BM : first_query; };  // the next head starts over
   for (int it = 0; it < tiles;) {
     for (; it < tiles && !plain(next_i0); ++it, next_i0 = advance(next_i0)) step(it, next_i0, std::true_type{});
     for (; it < tiles && plain(next_i0); ++it, next_i0 = advance(next_i0)) step(it, next_i0, std::false_type{});
@@ -290,16 +307,13 @@ __global__ void __launch_bounds__(kWideThreads, 1) dkv_wide_kernel(AttentionBack
   const float scale2 = a.scale * kLog2e;
 
   // The query tiles as in dkv_kernel, with cursors for the next Q and the next dO to load.
-  const int first_query = max(0, n0 - offset);
-  const int q_end = first_query_past(a.first_key, s, b, first_query, min(n0 + BN, s.t_k) - 1);
-  const int plain_end = first_query_past(a.first_key, s, b, first_query, n0);
-  const int tiles_per_head = (q_end - first_query + BM - 1) / BM;
+  const int first_query = max(0, n0 - offset), tiles_per_head = (s.t_q - first_query + BM - 1) / BM;
   const DkvShare share = dkv_share(group, tiles_per_head, first_query, BM, blockIdx.z, a.dkv_splits);
   const int tiles = share.tiles;
   int q_h = kv_head * group + share.head, q_i0 = share.i0, do_h = q_h, do_i0 = q_i0;
   auto next = [&](int& h, int& i0) {
     i0 += BM;
-    if (i0 >= q_end) i0 = first_query, ++h;
+    if (i0 >= s.t_q) i0 = first_query, ++h;
   };
   auto load_query_tile = [&](int buf) {
     load_tile_async<T, BM, D, STRIDE, kWideThreads>(q_buf + buf * BM * STRIDE, a.q, a.q_stride, b, q_h, q_i0, s.t_q);
@@ -372,9 +386,6 @@ __global__ void __launch_bounds__(kWideThreads, 1) dkv_wide_kernel(AttentionBack
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
       const float2 lse2 = *reinterpret_cast<const float2*>(&lse_s[half * 32 + nt * 8 + 2 * c]);
-      int from[2] = {0, 0};  // the first keys of this thread's two queries (masked tiles)
-      if constexpr (decltype(masked)::value)
-        for (int e = 0; e < 2; ++e) from[e] = first_key_of(a.first_key, s, b, i0 + half * 32 + nt * 8 + 2 * c + e);
 #pragma unroll
       for (int km = 0; km < 2; ++km)
 #pragma unroll
@@ -382,7 +393,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) dkv_wide_kernel(AttentionBack
           float p = exp2_approx(fmaf(pt[km][nt][e], scale2, -(e & 1 ? lse2.y : lse2.x)));
           if constexpr (decltype(masked)::value) {
             const int query = i0 + half * 32 + nt * 8 + 2 * c + (e & 1), key = key0 + km * 16 + (e >> 1) * 8;
-            if (key > query + offset || key >= s.t_k || key < from[e & 1]) p = 0.f;
+            if (key > query + offset || key >= s.t_k) p = 0.f;
           }
           pt[km][nt][e] = p;
         }
@@ -423,8 +434,8 @@ __global__ void __launch_bounds__(kWideThreads, 1) dkv_wide_kernel(AttentionBack
       }
     }
   };
-  auto plain = [&](int i0) { return i0 + offset >= n0 + BN - 1 && i0 + BM <= plain_end && n0 + BN <= s.t_k; };
-  auto advance = [&](int i0) { return i0 + BM < q_end ? i0 + BM : first_query; };
+  auto plain = [&](int i0) { return i0 + offset >= n0 + BN - 1 && i0 + BM <= s.t_q && n0 + BN <= s.t_k; };
+  auto advance = [&](int i0) { return i0 + BM < s.t_q ? i0 + BM : first_query; };
   for (int it = 0; it < tiles;) {
     for (; it < tiles && !plain(next_i0); ++it, next_i0 = advance(next_i0)) step(it, next_i0, std::true_type{});
     for (; it < tiles && plain(next_i0); ++it, next_i0 = advance(next_i0)) step(it, next_i0, std::false_type{});
@@ -472,9 +483,6 @@ __global__ void __launch_bounds__(kWideThreads, 1) dq_wide_kernel(AttentionBackw
 
   const int key_end = min(s.t_k, min(m0 + BM, s.t_q) + offset);
   const int tiles = (key_end + BN - 1) / BN;
-  // With a pattern: from the tile of the first query's first key; masked below the last query's.
-  const int first_tile = first_key_of(a.first_key, s, b, m0) / BN;
-  const int low_end = first_key_of(a.first_key, s, b, min(m0 + BM, s.t_q) - 1);
   auto load_key_tile = [&](int j) {
     T* k_tile = kv_s + j % 2 * 2 * BN * STRIDE;
     load_tile_async<T, BN, D, STRIDE, kWideThreads>(k_tile, a.k, a.k_stride, b, kv_head, j * BN, key_end);
@@ -483,7 +491,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) dq_wide_kernel(AttentionBackw
   load_tile_async<T, BM, D, STRIDE, kWideThreads>(q_s, a.q, a.q_stride, b, h, m0, s.t_q);
   load_tile_async<T, BM, D, STRIDE, kWideThreads>(do_s, a.dout, a.dout_stride, b, h, m0, s.t_q);
   cp_async_commit();
-  if (first_tile < tiles) load_key_tile(first_tile);
+  if (tiles > 0) load_key_tile(0);
   cp_async_commit();
   // Q and dO as A fragments: this lane's ldmatrix row of m tile mt, slab kk.
   auto a_row = [&](int mt, int kk) { return (qw * 32 + mt * 16 + lane % 16) * STRIDE + kk * 16 + (lane / 16) * 8; };
@@ -549,8 +557,8 @@ __global__ void __launch_bounds__(kWideThreads, 1) dq_wide_kernel(AttentionBackw
           const int r = 2 * mt + (e >> 1);
           float p = exp2_approx(fmaf(sc[mt][nt][e], scale2, -lse2[r]));
           if constexpr (decltype(masked)::value) {
-            const int key = n0 + half * 32 + nt * 8 + 2 * c + (e & 1), query = query0 + r * 8;
-            if (key >= key_end || key > query + offset || key < first_key_of(a.first_key, s, b, query)) p = 0.f;
+            const int key = n0 + half * 32 + nt * 8 + 2 * c + (e & 1);
+            if (key >= key_end || key > query0 + r * 8 + offset) p = 0.f;
           }
           ds[e] = p * (dp[mt][nt][e] - delta[r]);
         }
@@ -579,10 +587,9 @@ __global__ void __launch_bounds__(kWideThreads, 1) dq_wide_kernel(AttentionBackw
       }
     }
   };
-  // Tiles below plain_tiles hold only keys that every query of the block sees on the causal side.
+  // Tiles below plain_tiles hold only keys that every query of the block sees.
   const int plain_tiles = min(key_end, m0 + offset + 1) / BN;
-  int j = first_tile;
-  for (; j * BN < low_end; ++j) step(j, std::true_type{});
+  int j = 0;
   for (; j < plain_tiles; ++j) step(j, std::false_type{});
   for (; j < tiles; ++j) step(j, std::true_type{});
 
@@ -607,20 +614,22 @@ __host__ __device__ constexpr int dq_row_tiles() {
 }
 
 // dq's key tile: 64 at D = 32, where a tile's fixed costs (barriers, copies, loop) would
-// otherwise weigh on its few products; 32 above, for registers.
-template <int D>
+// otherwise weigh on its few products; 32 above, for registers. The PATTERN instance holds its
+// bounds and the cap besides: 32 at D = 32, 16 at D = 96 (found by compiling, as above).
+template <int D, bool PATTERN = false>
 __host__ __device__ constexpr int dq_key_tile() {
-  return D <= 32 ? 64 : 32;
+  return D <= 32 ? (PATTERN ? 32 : 64) : PATTERN && D == 96 ? 16 : 32;
 }
 
-template <typename T, int D>
+template <typename T, int D, bool PATTERN>
 __host__ __device__ constexpr int dq_shared_bytes() {  // [Q, dO when held there] and two buffers of (K, V)
-  return ((dq_row_tiles<D>() == 2 ? 2 * 128 : 0) + 4 * dq_key_tile<D>()) * (D + 8) * int(sizeof(T));
+  return ((dq_row_tiles<D>() == 2 ? 2 * 128 : 0) + 4 * dq_key_tile<D, PATTERN>()) * (D + 8) * int(sizeof(T));
 }
 
-template <typename T, int D>
+template <typename T, int D, bool PATTERN>
 __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
-  constexpr int MT = dq_row_tiles<D>(), BM = 4 * 16 * MT, BN = dq_key_tile<D>();
+  const int* first_key = PATTERN ? a.first_key : nullptr;  // nullptr: the pattern's code folds away
+  constexpr int MT = dq_row_tiles<D>(), BM = 4 * 16 * MT, BN = dq_key_tile<D, PATTERN>();
   constexpr int STRIDE = D + 8, KSLABS = D / 16, DTILES = D / 8, NTILES = BN / 8;
   constexpr bool FRAGS_IN_SMEM = MT == 2;  // Q and dO: re-read from shared memory each tile, or held in registers
   static_assert(FRAGS_IN_SMEM || 4 * BN >= 2 * BM, "the Q and dO tiles are staged through the K/V buffers");
@@ -667,8 +676,9 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
 
   const int key_end = min(s.t_k, min(m0 + BM, s.t_q) + offset);
   const int tiles = (key_end + BN - 1) / BN;
-  const int first_tile = first_key_of(a.first_key, s, b, m0) / BN;  // as in dq_wide_kernel
-  const int low_end = first_key_of(a.first_key, s, b, min(m0 + BM, s.t_q) - 1);
+  // With a pattern: from the tile of the first query's first key; masked below the last query's.
+  const int first_tile = first_key_of(first_key, s, b, m0) / BN;
+  const int low_end = first_key_of(first_key, s, b, min(m0 + BM, s.t_q) - 1);
   auto load_key_tile = [&](int j) {
     T* k_tile = kv_s + j % 2 * 2 * BN * STRIDE;
     load_tile_async<T, BN, D, STRIDE, kThreads>(k_tile, a.k, a.k_stride, b, kv_head, j * BN, key_end);
@@ -722,6 +732,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
 
     // dS = P (dP - delta) with P = 2^(S scale log2e - lse'); queries past the end have lse' =
     // inf (P = 0); masked tiles also zero keys past a query's diagonal or past the end.
+    auto probabilities = [&](const auto& cap) {  // and dS, as in dkv_kernel
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -729,13 +740,19 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = 2 * mt + (e >> 1);
-          float p = exp2_approx(fmaf(sc[mt][nt][e], scale2, -lse2[r]));
+          const float score = cap.apply(sc[mt][nt][e]);
+          float p = exp2_approx(fmaf(score, scale2, -lse2[r]));
           if constexpr (decltype(masked)::value) {
             const int key = n0 + nt * 8 + 2 * c + (e & 1), query = query0 + r * 8;
-            if (key >= key_end || key > query + offset || key < first_key_of(a.first_key, s, b, query)) p = 0.f;
+            if (key >= key_end || key > query + offset || (PATTERN && key < first_key_of(first_key, s, b, query))) p = 0.f;
           }
-          sc[mt][nt][e] = p * (dp[mt][nt][e] - delta[r]);
+          sc[mt][nt][e] = p * (dp[mt][nt][e] - delta[r]) * cap.derivative(score);
         }
+    };
+    if (PATTERN && a.softcap > 0.f)
+      probabilities(Softcap::in_units(a.softcap, a.scale));
+    else
+      probabilities(NoSoftcap{});
 
     // dQ += dS K.
 #pragma unroll
@@ -842,11 +859,11 @@ int attention_backward_dkv_splits(const AttentionShape& s, DType dtype, void* st
 namespace {
 
 // dk and dv: the Hopper kernel, else the wide one where it runs, else dkv_kernel.
-template <typename T, int D>
+template <typename T, int D, bool PATTERN>
 cudaError_t backward_dkv(const AttentionBackward& a, cudaStream_t stream) {
   const AttentionShape& s = a.shape;
   if (backward_dkv_hopper<T, D>(a, stream)) return cudaSuccess;
-  if constexpr (dkv_wide_takes(D)) {
+  if constexpr (dkv_wide_takes(D) && !PATTERN) {  // the 8-warp kernels take no pattern (yet)
     if (dkv_wide_runs(D)) {
       constexpr int bytes = dkv_wide_shared_bytes(D);
       const cudaError_t err = cudaFuncSetAttribute(dkv_wide_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
@@ -856,21 +873,22 @@ cudaError_t backward_dkv(const AttentionBackward& a, cudaStream_t stream) {
       return cudaSuccess;
     }
   }
-  constexpr int bytes = dkv_shared_bytes(D, sizeof(T));
+  constexpr int bytes = dkv_shared_bytes(D, sizeof(T), PATTERN);
   // Above 48 KB of dynamic shared memory a kernel must opt in.
-  const cudaError_t err = cudaFuncSetAttribute(dkv_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  const cudaError_t err = cudaFuncSetAttribute(dkv_kernel<T, D, PATTERN>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid(s.batch * s.kv_heads, (s.t_k + dkv_block_keys(D) - 1) / dkv_block_keys(D), a.dkv_splits);
-  dkv_kernel<T, D><<<grid, kThreads, bytes, stream>>>(a);
+  constexpr int keys = dkv_block_keys(D, PATTERN);
+  const dim3 grid(s.batch * s.kv_heads, (s.t_k + keys - 1) / keys, a.dkv_splits);
+  dkv_kernel<T, D, PATTERN><<<grid, kThreads, bytes, stream>>>(a);
   return cudaSuccess;
 }
 
 // dq: the Hopper kernel, else the wide one where it runs, else dq_kernel.
-template <typename T, int D>
+template <typename T, int D, bool PATTERN>
 cudaError_t backward_dq(const AttentionBackward& a, cudaStream_t stream) {
   const AttentionShape& s = a.shape;
   if (backward_dq_hopper<T, D>(a, stream)) return cudaSuccess;
-  if constexpr (dq_wide_takes(D)) {
+  if constexpr (dq_wide_takes(D) && !PATTERN) {
     constexpr int bytes = dq_wide_shared_bytes(D);
     if (block_may_have(bytes)) {
       const cudaError_t err = cudaFuncSetAttribute(dq_wide_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
@@ -880,10 +898,10 @@ cudaError_t backward_dq(const AttentionBackward& a, cudaStream_t stream) {
       return cudaSuccess;
     }
   }
-  constexpr int bytes = dq_shared_bytes<T, D>(), rows = 4 * 16 * dq_row_tiles<D>();
-  const cudaError_t err = cudaFuncSetAttribute(dq_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  constexpr int bytes = dq_shared_bytes<T, D, PATTERN>(), rows = 4 * 16 * dq_row_tiles<D>();
+  const cudaError_t err = cudaFuncSetAttribute(dq_kernel<T, D, PATTERN>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err != cudaSuccess) return err;
-  dq_kernel<T, D><<<dim3(s.batch * s.heads, (s.t_q + rows - 1) / rows), kThreads, bytes, stream>>>(a);
+  dq_kernel<T, D, PATTERN><<<dim3(s.batch * s.heads, (s.t_q + rows - 1) / rows), kThreads, bytes, stream>>>(a);
   return cudaSuccess;
 }
 
@@ -892,7 +910,8 @@ cudaError_t backward_dq(const AttentionBackward& a, cudaStream_t stream) {
 template <typename T, int D>
 cudaError_t backward_tensor_cores(const AttentionBackward& a, cudaStream_t stream) {
   const AttentionShape& s = a.shape;
-  const cudaError_t dkv_err = backward_dkv<T, D>(a, stream);
+  const bool pattern = patterned(a);  // the kernels' instance that takes first_key and softcap
+  const cudaError_t dkv_err = pattern ? backward_dkv<T, D, true>(a, stream) : backward_dkv<T, D, false>(a, stream);
   if (dkv_err != cudaSuccess) return dkv_err;
   if (a.dkv_splits > 1) {
     const int64_t n = int64_t(s.batch) * s.kv_heads * s.t_k * D;
@@ -900,7 +919,7 @@ cudaError_t backward_tensor_cores(const AttentionBackward& a, cudaStream_t strea
     dkv_reduce_kernel<T><<<blocks, 256, 0, stream>>>(a.dkv_partial, a.dkv_splits, n, a.scale, static_cast<T*>(a.dk),
                                                       static_cast<T*>(a.dv));
   }
-  return backward_dq<T, D>(a, stream);
+  return pattern ? backward_dq<T, D, true>(a, stream) : backward_dq<T, D, false>(a, stream);
 }
 
 #define SCRATCHFORMER_BACKWARD(T, D) \

@@ -18,7 +18,8 @@
 // D = 128) run a masked copy of the loop body; the others carry no masking code. With a pattern
 // (first_key, kernels.h) the block starts at the tile of its first query's first key, so tiles
 // wholly outside a document or a window are never read, and tiles below its last query's first
-// key are masked too. The output is normalised by l
+// key are masked too. Softcapping caps the scores of each tile as they come (in raw units, so the
+// rest is unchanged); a sink joins l at the end. The output is normalised by l
 // and written once through shared memory (whole rows, 16 bytes a thread); the log-sum-exp
 // m + log(l) is kept for the backward. Blocks run longest-first (the last queries of every
 // head first) so the tail of the grid is short.
@@ -39,21 +40,23 @@ constexpr int kThreads = 32 * kWarps;
 // Keys per tile: as many as fit in registers beside the output (found by compiling: one more
 // 16-key step spills). A thread holds 32 x N / 32 = N scores and D outputs; a larger N spreads
 // the per-tile work (rescaling the output, row statistics, barriers) over more tensor-core
-// instructions.
-template <int D>
+// instructions. PATTERN: the instance that takes first_key, softcap and sinks (a separate one, so
+// that plain causal attention carries none of their code or registers), 16 keys fewer for them.
+template <int D, bool PATTERN = false>
 __host__ __device__ constexpr int block_n() {
-  return D == 32 ? 128 : D == 64 ? 96 : D == 96 ? 80 : 48;
+  return PATTERN ? (D == 32 ? 112 : D == 64 ? 96 : D == 96 ? 32 : 48) : (D == 32 ? 128 : D == 64 ? 96 : D == 96 ? 80 : 48);
 }
 
-template <typename T, int D>
+template <typename T, int D, bool PATTERN>
 __host__ __device__ constexpr int forward_shared_bytes() {  // Q, K and V tiles
-  return (kBlockM + 2 * block_n<D>()) * (D + 8) * int(sizeof(T));
+  return (kBlockM + 2 * block_n<D, PATTERN>()) * (D + 8) * int(sizeof(T));
 }
 
-template <typename T, int D>
+template <typename T, int D, bool PATTERN>
 __global__ void __launch_bounds__(kThreads, 2) forward_kernel(AttentionForward a) {
   constexpr int STRIDE = D + 8;  // elements per shared row
-  constexpr int kBlockN = block_n<D>();
+  constexpr int kBlockN = block_n<D, PATTERN>();
+  const int* first_key = PATTERN ? a.first_key : nullptr;  // nullptr: the pattern's code folds away
   constexpr int KSLABS = D / 16, DTILES = D / 8, NTILES = kBlockN / 8;
   extern __shared__ __align__(16) unsigned char smem[];
   T* q_s = reinterpret_cast<T*>(smem);  // [kBlockM][STRIDE]
@@ -75,8 +78,8 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(AttentionForward a
   // Tiles below `plain_end` hold only keys every query of the block sees on the causal side: no
   // masking from `low_end` (where the last query's first key is) on.
   const int plain_end = min(key_end, m0 + offset + 1) / kBlockN * kBlockN;
-  const int key_begin = first_key_of(a.first_key, s, b, m0) / kBlockN * kBlockN;
-  const int low_end = first_key_of(a.first_key, s, b, min(m0 + kBlockM, s.t_q) - 1);
+  const int key_begin = first_key_of(first_key, s, b, m0) / kBlockN * kBlockN;
+  const int low_end = first_key_of(first_key, s, b, min(m0 + kBlockM, s.t_q) - 1);
 
   // The K and V heads' row 0, kept in shared memory: the loop's registers go to the accumulators.
   __shared__ const T* kv_head_rows[2];
@@ -84,6 +87,9 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(AttentionForward a
     kv_head_rows[0] = row_ptr<T>(a.k, a.k_stride, b, kv_head, 0);
     kv_head_rows[1] = row_ptr<T>(a.v, a.v_stride, b, kv_head, 0);
   }
+  // And the block's first keys (the first step's barrier publishes them).
+  __shared__ int first_key_s[PATTERN ? kBlockM : 1];
+  if (PATTERN && threadIdx.x < kBlockM) first_key_s[threadIdx.x] = first_key_of(first_key, s, b, m0 + threadIdx.x);
   load_tile_async<T, kBlockM, D, STRIDE, kThreads>(q_s, a.q, a.q_stride, b, h, m0, s.t_q);
   load_tile_async<T, kBlockN, D, STRIDE, kThreads>(k_s, a.k, a.k_stride, b, kv_head, key_begin, key_end);
   cp_async_commit();
@@ -130,20 +136,30 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(AttentionForward a
     if (n0 + kBlockN < key_end) load_rows_async<T, kBlockN, D, STRIDE, kThreads>(k_s, kv_head_rows[0], a.k_stride.time, n0 + kBlockN, key_end);
     cp_async_commit();   // (an empty group after the last tile)
 
+    if (PATTERN && a.softcap > 0.f) {  // capped in raw units: the max, masking and softmax below are unchanged
+      const Softcap cap = Softcap::in_units(a.softcap, a.scale);
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NTILES; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) sc[mt][nt][e] = cap.apply(sc[mt][nt][e]);
+    }
+
     if constexpr (decltype(masked)::value) {  // keys past the end, past a query's diagonal or before its first key
       // This thread's first query, derived here afresh: held through S it would cost registers.
       const int tid = special_register_tid_x();
-      const int first = m0 + tid / 32 * 32 + tid % 32 / 4, column = 2 * (tid % 4);
+      const int row = tid / 32 * 32 + tid % 32 / 4, first = m0 + row, column = 2 * (tid % 4);
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         // Row r sees the columns nt * 8 + e from `from` up to below `seen` of this tile.
         const int seen = min(key_end, first + 8 * r + offset + 1) - n0 - column;
-        const int from = first_key_of(a.first_key, s, b, first + 8 * r) - n0 - column;
+        const int from = PATTERN ? first_key_s[row + 8 * r] - n0 - column : 0;
 #pragma unroll
         for (int nt = 0; nt < NTILES; ++nt)
 #pragma unroll
           for (int e = 0; e < 2; ++e)
-            if (nt * 8 + e >= seen || nt * 8 + e < from) sc[r / 2][nt][2 * (r % 2) + e] = -INFINITY;
+            if (nt * 8 + e >= seen || (PATTERN && nt * 8 + e < from)) sc[r / 2][nt][2 * (r % 2) + e] = -INFINITY;
       }
     }
 
@@ -161,7 +177,7 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(AttentionForward a
         mx = quad_max(mx);
         // Finite on plain tiles. A masked tile may hide every key from a row that has seen none
         // yet (one before its first key): then nothing is added (2^-inf = 0), and no inf - inf.
-        const float shift = decltype(masked)::value && mx == -INFINITY ? 0.f : -mx * scale2;
+        const float shift = PATTERN && decltype(masked)::value && mx == -INFINITY ? 0.f : -mx * scale2;
         const float alpha = exp2_approx(fmaf(m_row[r], scale2, shift));
         m_row[r] = mx;
         float sum = 0.f;
@@ -212,8 +228,15 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(AttentionForward a
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int mt = r / 2, hf = r % 2;
-      const float l = quad_sum(l_row[r]);
-      const float inv = __fdividef(1.f, l);  // every query sees a key (its own position), so l >= 1
+      // The row's max in log2 units, and its sum (at least 1: every query sees its own position).
+      float top = m_row[r] * a.scale * kLog2e, l = quad_sum(l_row[r]), corr = 1.f;
+      if (PATTERN && a.sinks != nullptr) {  // the sink joins the sum, everything rescaled to the larger of max and sink
+        const float sink = a.sinks[blockIdx.x % s.heads] * kLog2e, both = fmaxf(top, sink);
+        corr = exp2_approx(top - both);
+        l = fmaf(l, corr, exp2_approx(sink - both));
+        top = both;
+      }
+      const float inv = __fdividef(corr, l);
       T* staged = q_warp + (mt * 16 + hf * 8 + g) * STRIDE;
 #pragma unroll
       for (int dt = 0; dt < DTILES; ++dt)
@@ -221,7 +244,7 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(AttentionForward a
             pack2<T>(o[mt][dt][2 * hf] * inv, o[mt][dt][2 * hf + 1] * inv);
       const int query = query0 + 8 * r;
       if (c == 0 && query < s.t_q)
-        a.lse[int64_t(blockIdx.x) * s.t_q + query] = (m_row[r] * a.scale * kLog2e + log2f(l)) * kLn2;
+        a.lse[int64_t(blockIdx.x) * s.t_q + query] = (top + log2f(l)) * kLn2;
     }
     __syncwarp();
     constexpr int ELEMS = 16 / int(sizeof(T)), CHUNKS = D / ELEMS;
@@ -237,16 +260,24 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(AttentionForward a
   }
 }
 
+template <typename T, int D, bool PATTERN>
+void forward_launch(const AttentionForward& a, cudaStream_t stream) {
+  constexpr int bytes = forward_shared_bytes<T, D, PATTERN>();
+  // Above 48 KB of dynamic shared memory a kernel must opt in.
+  if (cudaFuncSetAttribute(forward_kernel<T, D, PATTERN>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
+    return;  // the launcher's cudaGetLastError reports it
+  const dim3 grid(a.shape.batch * a.shape.heads, (a.shape.t_q + kBlockM - 1) / kBlockM);
+  forward_kernel<T, D, PATTERN><<<grid, kThreads, bytes, stream>>>(a);
+}
+
 }  // namespace
 
 template <typename T, int D>
 void forward_tensor_cores(const AttentionForward& a, cudaStream_t stream) {
-  constexpr int bytes = forward_shared_bytes<T, D>();
-  // Above 48 KB of dynamic shared memory a kernel must opt in.
-  if (cudaFuncSetAttribute(forward_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
-    return;  // the launcher's cudaGetLastError reports it
-  const dim3 grid(a.shape.batch * a.shape.heads, (a.shape.t_q + kBlockM - 1) / kBlockM);
-  forward_kernel<T, D><<<grid, kThreads, bytes, stream>>>(a);
+  if (patterned(a))
+    forward_launch<T, D, true>(a, stream);
+  else
+    forward_launch<T, D, false>(a, stream);
 }
 
 #define SCRATCHFORMER_FORWARD(T, D) template void forward_tensor_cores<T, D>(const AttentionForward&, cudaStream_t);

@@ -766,8 +766,8 @@ bool forward_hopper(const AttentionForward& a, cudaStream_t stream) {
   if constexpr (!hopper_takes(D)) {
     return false;
   } else {
-    // Patterns (first_key) are not in the Hopper kernels yet: the mma.sync kernel takes them.
-    if (a.first_key != nullptr || !hopper_kernels_usable(stream)) return false;
+    // Patterns, softcapping and sinks are not in the Hopper kernels yet: the mma.sync kernel takes them.
+    if (a.first_key != nullptr || a.softcap > 0.f || a.sinks != nullptr || !hopper_kernels_usable(stream)) return false;
     const AttentionShape& s = a.shape;
     CUtensorMap q_map, k_map, v_map;
     if (attention_tensor_map(&q_map, a.q, a.q_stride, s.batch, s.heads, s.t_q, D, kHopperBlockM) ||
@@ -793,7 +793,7 @@ bool launch_backward(Kernel kernel, int bytes, dim3 grid, int q_rows, int kv_row
   const AttentionShape& s = a.shape;
   const int d = s.head_dim;
   CUtensorMap q_map, do_map, k_map, v_map;
-  if (a.first_key != nullptr || !hopper_kernels_usable(stream) || attention_tensor_map(&q_map, a.q, a.q_stride, s.batch, s.heads, s.t_q, d, q_rows) ||
+  if (a.first_key != nullptr || a.softcap > 0.f || !hopper_kernels_usable(stream) || attention_tensor_map(&q_map, a.q, a.q_stride, s.batch, s.heads, s.t_q, d, q_rows) ||
       attention_tensor_map(&do_map, a.dout, a.dout_stride, s.batch, s.heads, s.t_q, d, q_rows) ||
       attention_tensor_map(&k_map, a.k, a.k_stride, s.batch, s.kv_heads, s.t_k, d, kv_rows) ||
       attention_tensor_map(&v_map, a.v, a.v_stride, s.batch, s.kv_heads, s.t_k, d, kv_rows) ||

@@ -163,6 +163,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a
       for (int e = 0; e < ELEMS; ++e) score += qx[e] * kx[e];
     }
     for (int step = keys_per_warp; step < 32; step <<= 1) score += __shfl_xor_sync(0xffffffffu, score, step);
+    if (a.softcap > 0.f) score = Softcap::in_units(a.softcap, kLn2).apply(score);  // scores are in log2 units
     if (k0 + key_lane > last_key || k0 + key_lane < first) score = -INFINITY;
     const float m_new = fmaxf(m, warp_max(score));  // -inf while this warp has seen no visible key
     const float m_use = m_new == -INFINITY ? 0.f : m_new;
@@ -203,7 +204,14 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a
   if (!active) return;
 
   const int64_t row = (int64_t(b) * s.heads + h) * s.t_q + t;
-  const float inv = l > 0.f ? 1.f / l : 0.f;  // l == 0: this key range holds no visible key
+  float corr = 1.f;
+  if (a.sinks != nullptr && gridDim.z == 1) {  // the sink joins the sum (split ranges: in combine_kernel)
+    const float sink = a.sinks[h] * kLog2e, both = fmaxf(m, sink);
+    corr = exp2f(m - both);
+    l = l * corr + exp2f(sink - both);
+    m = both;
+  }
+  const float inv = l > 0.f ? corr / l : 0.f;  // l == 0: this key range holds no visible key
   const float lse = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
   if (gridDim.z == 1) {
     T* out = static_cast<T*>(a.out) + row * D + lane * P;
@@ -219,7 +227,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(AttentionForward a
   }
 }
 
-// Merge the key ranges of each row: out = sum_s w_s out_s / sum_s w_s with w_s = exp(lse_s).
+// Merge the key ranges of each row: out = sum_s w_s out_s / sum_s w_s with w_s = exp(lse_s); a
+// sink adds exp(sink) to the denominator.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) combine_kernel(AttentionForward a) {
   constexpr int PER_LANE = D / 32;
@@ -230,7 +239,9 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(AttentionForward a
   float m = -INFINITY;
   for (int s = lane; s < a.splits; s += 32) m = fmaxf(m, a.partial_lse[s * rows_total + row]);
   m = warp_max(m);  // finite: some range holds the query's own position, which it sees
-  float sum = 0.f, o[PER_LANE] = {};
+  const float sink = a.sinks != nullptr ? a.sinks[row / a.shape.t_q % a.shape.heads] : -INFINITY;
+  m = fmaxf(m, sink);
+  float sum = expf(sink - m), o[PER_LANE] = {};
   for (int s = 0; s < a.splits; ++s) {
     const float w = expf(a.partial_lse[s * rows_total + row] - m);
     const float* part = a.partial_out + (s * rows_total + row) * D;
@@ -304,7 +315,13 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
         score += q_s[warp][d] * k_s[lane][d];
         dp += do_s[warp][d] * v_s[lane][d];
       }
-      ds = exp2f(score - lse2) * (dp - delta);
+      float slope = 1.f;  // d capped / d score
+      if (a.softcap > 0.f) {
+        const Softcap cap = Softcap::in_units(a.softcap, kLn2);
+        score = cap.apply(score);
+        slope = cap.derivative(score);
+      }
+      ds = exp2f(score - lse2) * (dp - delta) * slope;
     }
     const int keys = min(kTile, last_key - k0 + 1);
     for (int j = 0; j < keys; ++j) {
@@ -374,8 +391,14 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
           score += q_s[lane][d] * k_s[warp][d];
           dp += do_s[lane][d] * v_s[warp][d];
         }
+        float slope = 1.f;  // d capped / d score
+        if (a.softcap > 0.f) {
+          const Softcap cap = Softcap::in_units(a.softcap, kLn2);
+          score = cap.apply(score);
+          slope = cap.derivative(score);
+        }
         p = exp2f(score - lse_s[lane]);
-        ds = p * (dp - delta_s[lane]);
+        ds = p * (dp - delta_s[lane]) * slope;
       }
       const int queries = last_query - i0 + 1;
       for (int x = 0; x < queries; ++x) {

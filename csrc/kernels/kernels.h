@@ -83,6 +83,9 @@ const char* launch_cross_entropy(const CrossEntropyChunk& args, void* stream);
 // row, first_key[i] <= i + Tk - Tq) query i sees only keys first_key[i] .. i + Tk - Tq. That is
 // a packed document's start, a sliding window's left edge or a left-padded row's first real key,
 // whichever is last (the glue computes it). nullptr: every key up to the diagonal.
+// softcap > 0 caps each scaled score s at softcap * tanh(s / softcap) (Gemma 2); sinks (fp32 [Hq])
+// adds exp(sinks[h]) to every softmax denominator of head h (gpt-oss), so lse includes it. The
+// backward needs no sinks: P = exp(s - lse) already divides by them; d sinks is the glue's.
 struct Strides {
   int64_t batch, head, time;
 };
@@ -97,6 +100,8 @@ struct AttentionForward {
   const void *q, *k, *v;
   Strides q_stride, k_stride, v_stride;
   const int* first_key;  // [B, Tq] or nullptr: see above
+  float softcap;         // 0: none
+  const float* sinks;    // [Hq] or nullptr
   float scale;
   void* out;   // [B, Hq, Tq, D]
   float* lse;  // [B, Hq, Tq]: natural log of the sum of exp(scaled scores) of each query
@@ -117,6 +122,7 @@ struct AttentionBackward {
   const float* lse;  // [B, Hq, Tq], the forward's log-sum-exp
   const float* dlse; // [B, Hq, Tq], the gradient reaching the log-sum-exp, or nullptr
   const int* first_key;  // [B, Tq] or nullptr, as the forward's
+  float softcap;         // 0: none, as the forward's
   float scale;
   float* delta;      // scratch [B, Hq, Tq]: rowsum(dout * out) - dlse
   void *dq, *dk, *dv;  // [B, Hq, Tq, D], [B, Hkv, Tk, D], [B, Hkv, Tk, D]

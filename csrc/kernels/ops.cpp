@@ -307,7 +307,8 @@ const int* first_key_of(const char* op, const std::optional<Tensor>& first_key, 
   return static_cast<const int*>(first_key->data_ptr());
 }
 
-std::tuple<Tensor, Tensor> attention_fwd(Tensor q, Tensor k, Tensor v, std::optional<Tensor> first_key, double scale) {
+std::tuple<Tensor, Tensor> attention_fwd(Tensor q, Tensor k, Tensor v, std::optional<Tensor> first_key,
+                                         std::optional<Tensor> sinks, double softcap, double scale) {
   const char* op = "scratchformer::attention_fwd";
   // The forward takes each row's max of the raw scores and scales after it: right for scale > 0.
   STD_TORCH_CHECK(scale > 0, op, ": scale must be positive, got ", scale, "; use backend=\"reference\" for others");
@@ -329,6 +330,15 @@ std::tuple<Tensor, Tensor> attention_fwd(Tensor q, Tensor k, Tensor v, std::opti
   args.k_stride = strides_of(k);
   args.v_stride = strides_of(v);
   args.first_key = first_key_of(op, first_key, q);
+  STD_TORCH_CHECK(softcap >= 0, op, ": softcap must be positive, or 0 for none; got ", softcap);
+  args.softcap = float(softcap);
+  if (sinks) {
+    check_cuda(op, "sinks", *sinks, q);
+    STD_TORCH_CHECK(sinks->scalar_type() == ScalarType::Float && sinks->dim() == 1 && sinks->size(0) == shape.heads &&
+                        sinks->is_contiguous(),
+                    op, ": sinks must be contiguous float32 [query heads]");
+    args.sinks = static_cast<const float*>(sinks->data_ptr());
+  }
   args.scale = float(scale);
   args.out = out.data_ptr();
   args.lse = static_cast<float*>(lse.data_ptr());
@@ -346,7 +356,7 @@ std::tuple<Tensor, Tensor> attention_fwd(Tensor q, Tensor k, Tensor v, std::opti
 
 std::tuple<Tensor, Tensor, Tensor> attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
                                                  std::optional<Tensor> dlse, std::optional<Tensor> first_key,
-                                                 double scale) {
+                                                 double softcap, double scale) {
   const char* op = "scratchformer::attention_bwd";
   const auto shape = attention_shape(op, q, k, v);
   check_attention_input(op, "dout", dout, q);
@@ -388,6 +398,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(Tensor dout, Tensor q, Tensor k
   args.lse = static_cast<const float*>(lse.data_ptr());
   args.dlse = dlse ? static_cast<const float*>(dlse->data_ptr()) : nullptr;
   args.first_key = first_key_of(op, first_key, q);
+  STD_TORCH_CHECK(softcap >= 0, op, ": softcap must be positive, or 0 for none; got ", softcap);
+  args.softcap = float(softcap);
   args.scale = float(scale);
   args.delta = static_cast<float*>(delta.data_ptr());
   args.dq = dq.data_ptr();
@@ -413,8 +425,8 @@ STABLE_TORCH_LIBRARY(scratchformer, m) {
   m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor rstd, Tensor? grad_h) -> (Tensor, Tensor)");
   m.def("cross_entropy_chunk(Tensor(a!) logits, Tensor targets, Tensor? row_scale, float scale, int ignore_index, "
         "float label_smoothing, float softcap, bool grad) -> Tensor");
-  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? first_key, float scale) -> (Tensor, Tensor)");
-  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, Tensor? first_key, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? first_key, Tensor? sinks, float softcap, float scale) -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, Tensor? first_key, float softcap, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 #define SCRATCHFORMER_IMPL_ALL(m)                         \

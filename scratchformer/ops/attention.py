@@ -92,10 +92,8 @@ def _check_pattern(q, k, document_ids, window, softcap, sinks, op: str = "causal
     return left
 
 
-def _fused_reason(q: torch.Tensor, reshaped: bool = False) -> str | None:
-    """Why the kernel cannot take these inputs, or None. `reshaped`: softcap or sinks given."""
-    if reshaped:
-        return "softcap and sinks are not in the kernels yet (document_ids and window are)"
+def _fused_reason(q: torch.Tensor) -> str | None:
+    """Why the kernel cannot take these inputs, or None."""
     if q.dtype not in FUSED_DTYPES:
         return f"the kernel takes float32, float16 or bfloat16, not {q.dtype}"
     if q.shape[-1] not in FUSED_HEAD_DIMS:
@@ -154,29 +152,40 @@ def first_keys(t_q: int, t_k: int, document_ids: torch.Tensor | None, left: int 
 
 
 class FusedAttention(torch.autograd.Function):
-    """The kernels and their backward as one autograd node: apply(q, k, v, first_key, scale) ->
-    (out, lse), both differentiable (a gradient reaching the log-sum-exp joins the backward). Its
-    own Python rather than a torch.library autograd registration, which costs more host time per call."""
+    """The kernels and their backward as one autograd node: apply(q, k, v, first_key, sinks, softcap,
+    scale) -> (out, lse), both differentiable (a gradient reaching the log-sum-exp joins the
+    backward), and so are the sinks. Its own Python rather than a torch.library autograd
+    registration, which costs more host time per call."""
 
     @staticmethod
-    def forward(ctx, q, k, v, first_key, scale):
-        out, lse = torch.ops.scratchformer.attention_fwd(q, k, v, first_key, scale)
-        ctx.save_for_backward(q, k, v, out, lse, first_key)
-        ctx.scale = scale
+    def forward(ctx, q, k, v, first_key, sinks, softcap, scale):
+        sinks32 = sinks.float().contiguous() if sinks is not None else None
+        out, lse = torch.ops.scratchformer.attention_fwd(q, k, v, first_key, sinks32, softcap, scale)
+        ctx.save_for_backward(q, k, v, out, lse, first_key, sinks32)
+        ctx.scale, ctx.softcap = scale, softcap
+        ctx.sinks_dtype = sinks.dtype if sinks is not None else None
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         if dout is None and dlse is None:
-            return None, None, None, None, None
-        q, k, v, out, lse, first_key = ctx.saved_tensors
+            return None, None, None, None, None, None, None
+        q, k, v, out, lse, first_key, sinks = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
         if dlse is not None:
             dlse = dlse.float().contiguous()
-        dq, dk, dv = torch.ops.scratchformer.attention_bwd(dout, q, k, v, out, lse, dlse, first_key, ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = torch.ops.scratchformer.attention_bwd(dout, q, k, v, out, lse, dlse, first_key, ctx.softcap, ctx.scale)
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[4]:
+            # A sink is a key of value zero with probability exp(sink - lse): d sink = -sum over queries
+            # of that probability times delta = rowsum(dout * out) - dlse (the kernels' delta).
+            delta = (dout.float() * out.float()).sum(-1)
+            if dlse is not None:
+                delta = delta - dlse
+            dsinks = -(torch.exp(sinks[None, :, None] - lse) * delta).sum((0, 2)).to(ctx.sinks_dtype)
+        return dq, dk, dv, None, dsinks, None, None
 
 
 def causal_attention(
@@ -204,16 +213,18 @@ def causal_attention(
     """
     _check_inputs(q, k, v, scale)
     left = _check_pattern(q, k, document_ids, window, softcap, sinks)
-    reshaped = softcap is not None or sinks is not None
-    which = choose("causal_attention", backend, (q, k, v), lambda: _fused_reason(q, reshaped), (q.dtype, q.shape[-1]))
+    which = choose("causal_attention", backend, (q, k, v), lambda: _fused_reason(q), (q.dtype, q.shape[-1]))
     if which == "fused":
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         first_key = None
         if document_ids is not None or left is not None:
             first_key = first_keys(q.shape[2], k.shape[2], document_ids, left).expand(q.shape[0], -1).contiguous()
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            return FusedAttention.apply(q, k, v, first_key, scale)[0]
-        return torch.ops.scratchformer.attention_fwd(q, k, v, first_key, scale)[0]  # nothing to differentiate: no autograd node
+        cap = float(softcap) if softcap is not None else 0.0
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                        or (sinks is not None and sinks.requires_grad)):
+            return FusedAttention.apply(q, k, v, first_key, sinks, cap, scale)[0]
+        sinks32 = sinks.float().contiguous() if sinks is not None else None  # nothing to differentiate: no autograd node
+        return torch.ops.scratchformer.attention_fwd(q, k, v, first_key, sinks32, cap, scale)[0]
     if which == "torch":
         return _torch_sdpa(q, k, v, scale, document_ids, left, softcap, sinks)
     return reference.causal_attention(q, k, v, scale, document_ids, left, softcap, sinks)[0]
@@ -283,11 +294,11 @@ def varlen_attention(
 if _extensions.kernels is not None:
 
     @torch.library.register_fake("scratchformer::attention_fwd")
-    def _fwd_fake(q, k, v, first_key, scale):
+    def _fwd_fake(q, k, v, first_key, sinks, softcap, scale):
         batch, heads, t_q, dim = q.shape
         torch._check(k.shape == v.shape and k.shape[0] == batch and k.shape[3] == dim, lambda: "attention_fwd: bad k/v shape")
         return q.new_empty((batch, heads, t_q, dim)), q.new_empty((batch, heads, t_q), dtype=torch.float32)
 
     @torch.library.register_fake("scratchformer::attention_bwd")
-    def _bwd_fake(dout, q, k, v, out, lse, dlse, first_key, scale):
+    def _bwd_fake(dout, q, k, v, out, lse, dlse, first_key, softcap, scale):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)

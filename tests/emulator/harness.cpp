@@ -16,8 +16,8 @@ extern "C" {
 
 const char* emulated_attention_forward(int dtype, const int* shape, int sm_count, int arch, const void* q, const long long* q_stride,
                                        const void* k, const long long* k_stride, const void* v,
-                                       const long long* v_stride, const int* first_key, float scale, void* out,
-                                       float* lse, int* splits) {
+                                       const long long* v_stride, const int* first_key, const float* sinks,
+                                       float softcap, float scale, void* out, float* lse, int* splits) {
   emu::sm_count = sm_count;
   emu::compute_capability = arch;
   AttentionForward a{};
@@ -26,6 +26,8 @@ const char* emulated_attention_forward(int dtype, const int* shape, int sm_count
   a.q = q, a.k = k, a.v = v;
   a.q_stride = strides(q_stride), a.k_stride = strides(k_stride), a.v_stride = strides(v_stride);
   a.first_key = first_key;
+  a.sinks = sinks;
+  a.softcap = softcap;
   a.scale = scale;
   a.out = out;
   a.lse = lse;
@@ -46,7 +48,7 @@ const char* emulated_attention_backward(int dtype, const int* shape, const void*
                                         const void* k, const long long* k_stride, const void* v,
                                         const long long* v_stride, const void* dout, const long long* dout_stride,
                                         const void* out, const float* lse, const float* dlse, const int* first_key,
-                                        float scale, void* dq,
+                                        float softcap, float scale, void* dq,
                                         void* dk, void* dv, int sm_count, int arch, int* dkv_splits) {
   emu::sm_count = sm_count;
   emu::compute_capability = arch;
@@ -60,6 +62,7 @@ const char* emulated_attention_backward(int dtype, const int* shape, const void*
   a.lse = lse;
   a.dlse = dlse;
   a.first_key = first_key;
+  a.softcap = softcap;
   a.scale = scale;
   std::vector<float> delta((size_t)a.shape.batch * a.shape.heads * a.shape.t_q);
   a.delta = delta.data();
