@@ -290,3 +290,22 @@ def test_the_host_cost_benchmark_runs_anywhere(tmp_path):
     for row in rows[1:]:
         ours, stubs, host, _ = (float(c) for c in row[2:])
         assert ours > 0 and stubs > 0 and host == pytest.approx(ours - stubs, abs=0.11)
+
+
+@pytest.mark.parametrize("options", [{}, dict(window=(2, 0), softcap=0.7, sinks=torch.tensor([0.5, -1.0, 2.0, 0.0]))])
+def test_varlen_runs_as_one_packed_kernel_call(stand_ins, monkeypatch, options):
+    """Sequences with as many queries as keys go to the kernels in one call, each a document of its
+    own (an empty one included): outputs and gradients equal the reference's sequence by sequence."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(13, 4, 32), torch.randn(13, 2, 32), torch.randn(13, 2, 32)
+    cu = torch.tensor([0, 5, 6, 6, 13], dtype=torch.int32)
+    calls = []
+    kernel = torch.ops.scratchformer.attention_fwd
+    monkeypatch.setattr(torch.ops.scratchformer, "attention_fwd", lambda *a: calls.append(a[0].shape) or kernel(*a))
+
+    def run(backend):
+        return lambda q, k, v: ops.varlen_attention(q, k, v, cu, cu, scale=0.2, backend=backend, **options)
+
+    fused = grads(run("fused"), (q, k, v))
+    assert calls == [(1, 4, 13, 32)]
+    assert_same(fused, grads(run("reference"), (q, k, v)), 1e-5)

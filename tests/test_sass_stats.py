@@ -87,11 +87,12 @@ def _tools_and_kernels():
 def test_the_forward_kernels_loop_holds_the_tiles_tensor_core_work():
     rows = sass_stats.profile(sass_stats.default_library(), ["sm_90"], r"^attention_fwd:forward_kernel<__nv_bfloat16")
     loops = {r["kernel"]: r["loop"] for r in rows}
-    assert len(loops) == 4
-    for d, n in ((32, 128), (64, 96), (96, 80), (128, 48)):  # block_n() in attention_fwd.cu
+    assert len(loops) == 8  # the plain and the PATTERN instance at each head dim
+    for d, n, n_pattern in ((32, 128, 112), (64, 96, 96), (96, 80, 32), (128, 48, 48)):  # block_n() in attention_fwd.cu
         # Per warp (two 16-row m tiles) and n-key tile: S = Q K^T is 2 x (n / 8) n-tiles x (D / 16)
         # k-slabs of m16n8k16, O += P V is 2 x (D / 8) n-tiles x (n / 16) k-slabs: n D / 32 HMMA.
-        assert loops[f"forward_kernel<__nv_bfloat16, {d}>"].hmma == n * d // 32
+        assert loops[f"forward_kernel<__nv_bfloat16, {d}, false>"].hmma == n * d // 32
+        assert loops[f"forward_kernel<__nv_bfloat16, {d}, true>"].hmma == n_pattern * d // 32
     assert all(r["local"] == 0 and r["warps"] >= 8 for r in rows)
 
 
@@ -104,21 +105,25 @@ def test_check_fails_on_a_passed_ceiling_unless_it_is_known():
         loop = sass_stats.Loop(instructions=instructions, hmma=hmma, ldsm=ldsm)
         return {"file": file, "kernel": kernel, "arch": "sm_90", "local": local, "warps": warps, "blocks": blocks, "loop": loop}
 
-    fast = row("attention_fwd", "forward_kernel<__nv_bfloat16, 128>", 3.9 * 192, 192, 64)
-    slow = row("attention_fwd", "forward_kernel<__nv_bfloat16, 128>", 4.5 * 192, 192, 64)
-    dkv = row("attention_bwd", "dkv_kernel<__half, 128>", 4.8 * 256, 256, 144)
-    spilling = row("attention_fwd", "forward_kernel<__half, 64>", 4 * 192, 192, 56, local=16)
+    fast = row("attention_fwd", "forward_kernel<__nv_bfloat16, 128, false>", 3.9 * 192, 192, 64)
+    slow = row("attention_fwd", "forward_kernel<__nv_bfloat16, 128, false>", 4.5 * 192, 192, 64)
+    dkv = row("attention_bwd", "dkv_kernel<__half, 128, false>", 4.8 * 256, 256, 144)
+    spilling = row("attention_fwd", "forward_kernel<__half, 64, false>", 4 * 192, 192, 56, local=16)
     assert sass_stats.violations([fast]) == []
     [found] = sass_stats.violations([slow])
     assert "4.50 instructions per HMMA" in found and sass_stats.known(found) is None
     [found] = sass_stats.violations([dkv])
     assert "0.56 ldmatrix per HMMA" in found and "dkv_wide_kernel" in sass_stats.known(found)
-    [found] = sass_stats.violations([{**dkv, "kernel": "dkv_kernel<__half, 64>"}])
+    [found] = sass_stats.violations([{**dkv, "kernel": "dkv_kernel<__half, 64, false>"}])
     assert sass_stats.known(found) is None  # met at D <= 64: 32 keys per warp
     [found] = sass_stats.violations([{**dkv, "kernel": "dkv_wide_kernel<__half, 128>"}])
     assert sass_stats.known(found) is None  # what A100s and H100s run at D = 128 has no excuse
     [found] = sass_stats.violations([spilling])
     assert "spills" in found and sass_stats.known(found) is None
+    [found] = sass_stats.violations([{**slow, "kernel": "forward_kernel<__nv_bfloat16, 128, true>"}])
+    assert "PATTERN instance" in sass_stats.known(found)  # its loop carries the softcapping code
+    [found] = sass_stats.violations([{**spilling, "kernel": "forward_kernel<__half, 64, true>"}])
+    assert sass_stats.known(found) is None  # no instance may spill
 
 
 @pytest.mark.skipif(_tools_and_kernels() is not None, reason=str(_tools_and_kernels()))

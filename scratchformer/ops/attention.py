@@ -273,6 +273,16 @@ def varlen_attention(
     if len(starts_q) != len(starts_k):
         raise ValueError(f"varlen_attention: cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
                          f"got {len(starts_q) - 1} and {len(starts_k) - 1}")
+    packed = [t.transpose(0, 1)[None] for t in (q, k, v)]  # [1, heads, total, D] views
+    if starts_q == starts_k and choose("causal_attention", backend, packed, lambda: _fused_reason(packed[0]),
+                                       (q.dtype, q.shape[-1])) == "fused":
+        # As many queries as keys in every sequence: one kernel call over the whole batch, each
+        # sequence a document of its own (its tiles skipped by the others).
+        steps = torch.tensor([b - a for a, b in zip(starts_q, starts_q[1:])], device=q.device)
+        documents = torch.repeat_interleave(torch.arange(len(steps), device=q.device), steps)[None]
+        out = causal_attention(*packed, scale=scale, document_ids=documents, window=window, softcap=softcap, sinks=sinks,
+                               backend="fused")
+        return out[0].transpose(0, 1)
     outs = []
     for s in range(len(starts_q) - 1):
         (q0, q1), (k0, k1) = starts_q[s : s + 2], starts_k[s : s + 2]
@@ -281,7 +291,8 @@ def varlen_attention(
                              "a sequence's queries are its last positions, so it needs at least as many keys")
         if q1 == q0:
             continue
-        # One sequence at a time, on `causal_attention`'s backends (the kernels take no varlen batch yet).
+        # One sequence at a time: the reference and torch backends (which would build a mask over the
+        # whole batch), and sequences with fewer queries than keys (a document mask aligns no cache).
         seq = causal_attention(q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None],
                                v[k0:k1].transpose(0, 1)[None], scale=scale, window=window, softcap=softcap,
                                sinks=sinks, backend=backend)
