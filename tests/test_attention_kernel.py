@@ -140,6 +140,21 @@ def test_patterns_against_float64(dtype, dim, t_q, t_k, mean, left):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dim", [64, 96, 128])
+@pytest.mark.parametrize("t_q, t_k", [(1000, 1000), (300, 2000), (1, 3000)])
+def test_softcap_and_sinks_against_float64(dtype, dim, t_q, t_k):
+    """Gemma 2's softcapping and gpt-oss's sinks, with packed documents, on the kernels (the last
+    shape: split-key decoding, the sink in the ranges' merge)."""
+    q, k, v, dout = make_inputs(2, 4, 2, t_q, t_k, dim, dtype)
+    pattern = dict(document_ids=random_documents(2, t_k, 300, dim), softcap=1.0,
+                   sinks=torch.linspace(-2.0, 3.0, 4, device="cuda"))
+    fused = run("fused", q, k, v, dout, **pattern)
+    truth = run("truth", q, k, v, dout, **{**pattern, "sinks": pattern["sinks"].double()})
+    assert_within_twice_the_reference(fused, run("reference", q, k, v, dout, **pattern), truth)
+
+
+@pytest.mark.cuda
 def test_the_models_shape():
     check_against_float64(64, 8, 8, 256, 256, 64, torch.bfloat16)
 

@@ -21,7 +21,11 @@ def off_by_a_little(q, k, v, **pattern):  # a kernel with a subtle bug: the soft
 
 
 def pattern_blind(q, k, v, **pattern):  # a kernel that ignores document_ids and window
-    return ops.causal_attention(q, k, v, backend="torch")
+    return ops.causal_attention(q, k, v, backend="torch", softcap=pattern.get("softcap"), sinks=pattern.get("sinks"))
+
+
+def cap_blind(q, k, v, **pattern):  # a kernel that ignores softcapping
+    return ops.causal_attention(q, k, v, backend="torch", **{**pattern, "softcap": None})
 
 
 def torch_layer_norm(x, w, b, r):  # PyTorch's LayerNorm in float32, as the kernel computes it
@@ -42,10 +46,10 @@ def test_a_correct_kernel_passes_and_a_faulty_one_is_caught(fresh, dtype):
     fresh.setitem(selfcheck.FUSED, "causal_attention", sdpa)
     good = selfcheck.check_attention(torch.device("cpu"), dtype, 32)
     assert good.passed, good.worst()
-    cases = ((70, 70, 2, ""), (3, 133, 2, ""), (200, 200, 1, ""), (200, 200, 2, ", documents, window"))
+    cases = ((70, 70, 2, ""), (3, 133, 2, ""), (200, 200, 1, ""), (200, 200, 2, ", documents, window, softcap, sinks"))
     assert set(good.errors) == {f"{n} (Tq={tq}, Tk={tk}, {g} queries per kv head{p})"
                                 for n in ("out", "dq", "dk", "dv") for tq, tk, g, p in cases}
-    for faulty in (off_by_a_little, pattern_blind):
+    for faulty in (off_by_a_little, pattern_blind, cap_blind):
         fresh.setitem(selfcheck.FUSED, "causal_attention", faulty)
         bad = selfcheck.check_attention(torch.device("cpu"), dtype, 32)
         assert not bad.passed, faulty.__name__

@@ -46,12 +46,12 @@ def _within(got: torch.Tensor, low: torch.Tensor, truth: torch.Tensor) -> tuple[
     return err, err_ref, err <= 2 * err_ref + floor
 
 
-def _fused_attention(q, k, v, document_ids=None, window=None):
-    return causal_attention(q, k, v, document_ids=document_ids, window=window, backend="fused")
+def _fused_attention(q, k, v, **pattern):
+    return causal_attention(q, k, v, backend="fused", **pattern)
 
 
-def _reference_attention(q, k, v, document_ids=None, window=None):
-    return reference.causal_attention(q, k, v, None, document_ids, window and window[0])[0]
+def _reference_attention(q, k, v, document_ids=None, window=None, softcap=None, sinks=None):
+    return reference.causal_attention(q, k, v, None, document_ids, window and window[0], softcap, sinks)[0]
 
 
 def _fused_layer_norm(x, w, b, r):
@@ -84,12 +84,13 @@ def check_attention(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
     """Prefill (tensor-core or CUDA-core path) and decoding (split keys) shapes, GQA 2:1 and MHA
     (a large GPU splits either's backward over query tiles), lengths off the tile multiples, the MHA
     one long enough for tiles off the causal diagonal (the kernels' unmasked code), and one with packed
-    documents and a window (the pattern's skipped and masked tiles); output and dq, dk, dv."""
+    documents, a window, softcapping and sinks (the PATTERN instances: skipped and masked tiles, the
+    cap and its derivative, the sinks in the sum); output and dq, dk, dv."""
     g = torch.Generator().manual_seed(head_dim)
     errors, passed = {}, True
     docs = torch.tensor([[0] * 60 + [1] + [2] * 139, [0] * 130 + [1] * 70], device=device)
-    for t_q, t_k, kv_heads, pattern in ((70, 70, 2, {}), (3, 133, 2, {}), (200, 200, 4, {}),
-                                        (200, 200, 2, dict(document_ids=docs, window=(90, 0)))):
+    pattern = dict(document_ids=docs, window=(90, 0), softcap=2.0, sinks=torch.linspace(-1.0, 2.0, 4, device=device))
+    for t_q, t_k, kv_heads, pattern in ((70, 70, 2, {}), (3, 133, 2, {}), (200, 200, 4, {}), (200, 200, 2, pattern)):
         q, k, v = (torch.randn(2, h, t, head_dim, generator=g) for h, t in ((4, t_q), (kv_heads, t_k), (kv_heads, t_k)))
         dout = torch.randn(2, 4, t_q, head_dim, generator=g)
         runs = []
@@ -100,7 +101,7 @@ def check_attention(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
             runs.append([out.detach()] + _grads([out], [dout.to(device, torch.float64)], leaves))
         for name, got, low, truth in zip(("out", "dq", "dk", "dv"), *runs):
             err, err_ref, ok = _within(got, low, truth)
-            key = f"{name} (Tq={t_q}, Tk={t_k}, {4 // kv_heads} queries per kv head{', documents, window' if pattern else ''})"
+            key = f"{name} (Tq={t_q}, Tk={t_k}, {4 // kv_heads} queries per kv head{', documents, window, softcap, sinks' if pattern else ''})"
             errors[key] = (err, err_ref)
             passed &= ok
     config = f"{str(dtype).removeprefix('torch.')} D={head_dim}"
