@@ -43,11 +43,12 @@ step cuda_tests python -m pytest -m cuda -v -p no:cacheprovider tests
 step bench_attention python benchmarks/bench_attention.py --out "$out" $([ $quick = 1 ] && echo "--reps 5")
 step bench_layernorm python benchmarks/bench_layernorm.py --out "$out" $([ $quick = 1 ] && echo "--reps 10")
 step bench_host python benchmarks/bench_host.py --out "$out"
+step bench_masks python benchmarks/bench_masks.py --out "$out" $([ $quick = 1 ] && echo "--reps 5")
 [ $quick = 1 ] || step train_curves python benchmarks/train_curves.py --steps 200 --backends fused,reference --out "$out"
 for bench in benchmarks/bench_*.py; do
   [ $quick = 1 ] && break
   name=$(basename "$bench" .py)
-  case $name in bench_attention | bench_layernorm | bench_host) continue ;; esac
+  case $name in bench_attention | bench_layernorm | bench_host | bench_masks) continue ;; esac
   step "$name" python "$bench" --out "$out"
 done
 

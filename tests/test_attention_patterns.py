@@ -59,10 +59,10 @@ CASES = {
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("t_q", [11, 4, 1])
-def test_patterns_match_the_query_by_query_definition(backend, case, t_q):
-    kw = CASES[case]
-    q, k, v = inputs()
+@pytest.mark.parametrize("t_q, t", [(11, 11), (4, 11), (1, 11), (1, 1)])
+def test_patterns_match_the_query_by_query_definition(backend, case, t_q, t):
+    kw = {name: value[:, :t] if name == "document_ids" else value for name, value in CASES[case].items()}
+    q, k, v = inputs(t=t)
     q_tail = q[:, :, -t_q:]
     out = ops.causal_attention(q_tail, k, v, backend=backend, **kw)
     window = kw.get("window")

@@ -32,8 +32,8 @@ def visible_keys(
         visible = visible & (key_pos >= query_pos - window)
     visible = visible[None, None]
     if document_ids is not None:
-        runs = torch.cumsum(document_ids[:, 1:] != document_ids[:, :-1], dim=1)
-        runs = torch.cat([torch.zeros_like(runs[:, :1]), runs], dim=1)  # which run each position is in
+        runs = torch.zeros_like(document_ids, dtype=torch.long)  # which run each position is in
+        runs[:, 1:] = torch.cumsum(document_ids[:, 1:] != document_ids[:, :-1], dim=1)
         visible = visible & (runs[:, None, t_k - t_q :, None] == runs[:, None, None, :])
     return visible
 
