@@ -84,6 +84,7 @@ def cases():
     q, k, v = (torch.randn(1, 8, 16, 64, requires_grad=True) for _ in range(3))
     do = torch.randn(1, 8, 16, 64)
     lse = torch.empty(1, 8, 16)
+    docs = torch.tensor([[0] * 5 + [1] * 11])  # two packed documents: the op derives each query's first key
 
     def no_grad(fn):
         def run():
@@ -117,6 +118,9 @@ def cases():
     def attn():
         return ops.causal_attention(q, k, v)
 
+    def attn_docs():
+        return ops.causal_attention(q, k, v, document_ids=docs)
+
     def torch_ln():
         return F.layer_norm(x, (512,), w, b)
 
@@ -127,6 +131,9 @@ def cases():
     def torch_attn():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
+    def torch_attn_docs():  # SDPA with the equivalent boolean mask
+        return ops.causal_attention(q, k, v, document_ids=docs, backend="torch")
+
     return [
         ("layer_norm 16x512", "forward", no_grad(ln), ln_stubs(None, False), no_grad(torch_ln)),
         ("layer_norm 16x512", "forward+backward", backward(ln, dy), ln_stubs(None, True), backward(torch_ln, dy)),
@@ -135,6 +142,9 @@ def cases():
          backward(torch_add_ln, (dy, dy))),
         ("causal_attention 1x8x16x64", "forward", no_grad(attn), attn_stubs(False), no_grad(torch_attn)),
         ("causal_attention 1x8x16x64", "forward+backward", backward(attn, do), attn_stubs(True), backward(torch_attn, do)),
+        ("causal_attention 1x8x16x64, documents", "forward", no_grad(attn_docs), attn_stubs(False), no_grad(torch_attn_docs)),
+        ("causal_attention 1x8x16x64, documents", "forward+backward", backward(attn_docs, do), attn_stubs(True),
+         backward(torch_attn_docs, do)),
     ]
 
 

@@ -286,7 +286,7 @@ def test_the_host_cost_benchmark_runs_anywhere(tmp_path):
     subprocess.run([sys.executable, str(script), "--reps", "20", "--out", str(tmp_path)],
                    check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(package_parent)})
     rows = [line.split("|")[1:-1] for line in (tmp_path / "bench_host.md").read_text().splitlines() if line.startswith("| ") and "---" not in line]
-    assert [r[0].strip() for r in rows[1:]] == ["layer_norm 16x512"] * 2 + ["add_layer_norm 16x512"] * 2 + ["causal_attention 1x8x16x64"] * 2
+    assert [r[0].strip() for r in rows[1:]] == ["layer_norm 16x512"] * 2 + ["add_layer_norm 16x512"] * 2 + ["causal_attention 1x8x16x64"] * 2 + ["causal_attention 1x8x16x64, documents"] * 2
     for row in rows[1:]:
         ours, stubs, host, _ = (float(c) for c in row[2:])
         assert ours > 0 and stubs > 0 and host == pytest.approx(ours - stubs, abs=0.11)
@@ -309,3 +309,26 @@ def test_varlen_runs_as_one_packed_kernel_call(stand_ins, monkeypatch, options):
     fused = grads(run("fused"), (q, k, v))
     assert calls == [(1, 4, 13, 32)]
     assert_same(fused, grads(run("reference"), (q, k, v)), 1e-5)
+
+
+def test_a_forward_derives_the_first_keys_once_for_all_its_layers(stand_ins, monkeypatch):
+    """The layers of a forward pass the same document ids: their first keys are computed once, and
+    again for new ids or ids changed in place."""
+    from scratchformer.ops import attention
+
+    derived = []
+    real = attention.first_keys
+    monkeypatch.setattr(attention, "first_keys", lambda *a: derived.append(1) or real(*a))
+    monkeypatch.setattr(attention, "_last_first_keys", None)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 9, 32), torch.randn(2, 2, 9, 32), torch.randn(2, 2, 9, 32)
+    docs = torch.tensor([[0] * 4 + [1] * 5, [0] * 9])
+    outs = [ops.causal_attention(q, k, v, document_ids=docs, backend="fused") for _ in range(4)]
+    assert len(derived) == 1 and all(torch.equal(o, outs[0]) for o in outs)
+    docs[1, 6:] = 1  # in place: another pattern
+    changed = ops.causal_attention(q, k, v, document_ids=docs, backend="fused")
+    assert len(derived) == 2
+    torch.testing.assert_close(changed, ops.causal_attention(q, k, v, document_ids=docs, backend="reference"))
+    ops.causal_attention(q, k, v, document_ids=docs.clone(), backend="fused")
+    ops.causal_attention(q, k, v, document_ids=docs, window=(3, 0), backend="fused")
+    assert len(derived) == 4

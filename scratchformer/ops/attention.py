@@ -8,6 +8,7 @@ The fused backend is `torch.ops.scratchformer.attention_fwd` / `attention_bwd`
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -151,6 +152,24 @@ def first_keys(t_q: int, t_k: int, document_ids: torch.Tensor | None, left: int 
     return first[:, t_k - t_q :].to(torch.int32).contiguous()
 
 
+# The last document ids' first keys: every layer of a forward passes the same tensor, so the
+# (several small) ops that derive them run once a forward, not once a layer.
+_last_first_keys: tuple | None = None  # (weakref to document_ids, its version, the other arguments, first keys)
+
+
+def _kernel_first_keys(batch: int, t_q: int, t_k: int, document_ids: torch.Tensor | None, left: int | None) -> torch.Tensor:
+    """first_keys as the kernels read them: contiguous int32 [B, Tq]."""
+    global _last_first_keys
+    cacheable = document_ids is not None and not torch.compiler.is_compiling()
+    args = (document_ids._version if document_ids is not None else None, batch, t_q, t_k, left)
+    if cacheable and _last_first_keys is not None and _last_first_keys[0]() is document_ids and _last_first_keys[1] == args:
+        return _last_first_keys[2]
+    first = first_keys(t_q, t_k, document_ids, left).expand(batch, -1).contiguous()
+    if cacheable:
+        _last_first_keys = (weakref.ref(document_ids), args, first)
+    return first
+
+
 class FusedAttention(torch.autograd.Function):
     """The kernels and their backward as one autograd node: apply(q, k, v, first_key, sinks, softcap,
     scale) -> (out, lse), both differentiable (a gradient reaching the log-sum-exp joins the
@@ -218,7 +237,7 @@ def causal_attention(
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         first_key = None
         if document_ids is not None or left is not None:
-            first_key = first_keys(q.shape[2], k.shape[2], document_ids, left).expand(q.shape[0], -1).contiguous()
+            first_key = _kernel_first_keys(q.shape[0], q.shape[2], k.shape[2], document_ids, left)
         cap = float(softcap) if softcap is not None else 0.0
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                         or (sinks is not None and sinks.requires_grad)):
