@@ -332,3 +332,12 @@ def test_a_forward_derives_the_first_keys_once_for_all_its_layers(stand_ins, mon
     ops.causal_attention(q, k, v, document_ids=docs.clone(), backend="fused")
     ops.causal_attention(q, k, v, document_ids=docs, window=(3, 0), backend="fused")
     assert len(derived) == 4
+
+
+def test_first_keys_are_made_on_q_s_device():
+    """A window alone has no tensor to take a device from: the kernels' first keys follow q."""
+    from scratchformer.ops.attention import _kernel_first_keys
+
+    q = torch.empty(2, 4, 5, 32, device="meta")
+    first = _kernel_first_keys(q, 9, None, 3)
+    assert first.device == q.device and first.dtype == torch.int32 and first.shape == (2, 5)

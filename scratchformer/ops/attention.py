@@ -135,12 +135,13 @@ def _torch_sdpa(q, k, v, scale, document_ids=None, window=None, softcap=None, si
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=gqa)
 
 
-def first_keys(t_q: int, t_k: int, document_ids: torch.Tensor | None, left: int | None) -> torch.Tensor:
+def first_keys(t_q: int, t_k: int, document_ids: torch.Tensor | None, left: int | None,
+               device: torch.device | None = None) -> torch.Tensor:
     """The pattern as the kernels take it: the first key each query sees, int32 [B, Tq] (B = 1 for
-    a window alone); query i then sees keys first[i] .. i + Tk - Tq. A document starts where
-    document_ids changes, so its first key is the last such change at or before the query's
+    a window alone, on `device`); query i then sees keys first[i] .. i + Tk - Tq. A document starts
+    where document_ids changes, so its first key is the last such change at or before the query's
     position (a running max); a window's is the position minus `left`. Nondecreasing in i."""
-    device = document_ids.device if document_ids is not None else None
+    device = document_ids.device if document_ids is not None else device
     positions = torch.arange(t_k, device=device)
     first = torch.zeros(1, t_k, dtype=torch.long, device=device)
     if document_ids is not None:
@@ -157,14 +158,15 @@ def first_keys(t_q: int, t_k: int, document_ids: torch.Tensor | None, left: int 
 _last_first_keys: tuple | None = None  # (weakref to document_ids, its version, the other arguments, first keys)
 
 
-def _kernel_first_keys(batch: int, t_q: int, t_k: int, document_ids: torch.Tensor | None, left: int | None) -> torch.Tensor:
-    """first_keys as the kernels read them: contiguous int32 [B, Tq]."""
+def _kernel_first_keys(q: torch.Tensor, t_k: int, document_ids: torch.Tensor | None, left: int | None) -> torch.Tensor:
+    """first_keys as the kernels read them: contiguous int32 [B, Tq] on q's device."""
+    batch, t_q = q.shape[0], q.shape[2]
     global _last_first_keys
     cacheable = document_ids is not None and not torch.compiler.is_compiling()
     args = (document_ids._version if document_ids is not None else None, batch, t_q, t_k, left)
     if cacheable and _last_first_keys is not None and _last_first_keys[0]() is document_ids and _last_first_keys[1] == args:
         return _last_first_keys[2]
-    first = first_keys(t_q, t_k, document_ids, left).expand(batch, -1).contiguous()
+    first = first_keys(t_q, t_k, document_ids, left, q.device).expand(batch, -1).contiguous()
     if cacheable:
         _last_first_keys = (weakref.ref(document_ids), args, first)
     return first
@@ -237,7 +239,7 @@ def causal_attention(
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         first_key = None
         if document_ids is not None or left is not None:
-            first_key = _kernel_first_keys(q.shape[0], q.shape[2], k.shape[2], document_ids, left)
+            first_key = _kernel_first_keys(q, k.shape[2], document_ids, left)
         cap = float(softcap) if softcap is not None else 0.0
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                         or (sinks is not None and sinks.requires_grad)):
