@@ -267,6 +267,21 @@ def test_compile_traces_the_fused_nodes_in_one_graph(stand_ins):
     assert_same(compiled, eager, 1e-5)
 
 
+def test_compile_traces_a_patterned_call_in_one_graph(stand_ins):
+    """Document ids, a window, softcapping and sinks: the first keys are derived inside the graph
+    (no cache while compiling), the sinks' gradient with the rest."""
+    torch.manual_seed(0)
+    docs = torch.tensor([[0] * 3 + [1] * 5])
+
+    def attend(q, k, v, sinks):
+        out = ops.causal_attention(q, k, v, document_ids=docs, window=(4, 0), softcap=0.8, sinks=sinks, backend="fused")
+        return out.tanh().sum()
+
+    leaves = [torch.randn(1, 4, 8, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32), torch.randn(4)]
+    compiled = grads(torch.compile(attend, fullgraph=True, backend="aot_eager"), leaves)
+    assert_same(compiled, grads(attend, leaves), 1e-5)
+
+
 def test_without_gradients_the_ops_run_without_an_autograd_node(stand_ins):
     x, r, w, b = torch.randn(3, 5, 16), torch.randn(3, 5, 16), torch.randn(16), torch.randn(16)
     q, k, v = torch.randn(1, 4, 6, 32), torch.randn(1, 2, 6, 32), torch.randn(1, 2, 6, 32)
