@@ -349,6 +349,16 @@ def test_a_forward_derives_the_first_keys_once_for_all_its_layers(stand_ins, mon
     assert len(derived) == 4
 
 
+def test_document_ids_made_under_inference_mode(stand_ins):
+    """Inference tensors keep no version counter: their first keys are derived each call, not cached."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 9, 32), torch.randn(1, 2, 9, 32), torch.randn(1, 2, 9, 32)
+    with torch.inference_mode():
+        docs = torch.tensor([[0] * 4 + [1] * 5])
+        out = ops.causal_attention(q, k, v, document_ids=docs, backend="fused")
+    torch.testing.assert_close(out, ops.causal_attention(q, k, v, document_ids=docs.clone(), backend="reference"))
+
+
 def test_first_keys_are_made_on_q_s_device():
     """A window alone has no tensor to take a device from: the kernels' first keys follow q."""
     from scratchformer.ops.attention import _kernel_first_keys

@@ -142,9 +142,11 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
     }
   };
 
-  load_tile_async<T, BN, D, STRIDE, kThreads>(k_s, a.k, a.k_stride, b, kv_head, n0, s.t_k);
-  load_tile_async<T, BN, D, STRIDE, kThreads>(v_s, a.v, a.v_stride, b, kv_head, n0, s.t_k);
-  if (!PATTERN || tiles > 0) load_query_tile(0);
+  if (!PATTERN || tiles > 0) {  // a block without work loads nothing (and leaves no copy in flight)
+    load_tile_async<T, BN, D, STRIDE, kThreads>(k_s, a.k, a.k_stride, b, kv_head, n0, s.t_k);
+    load_tile_async<T, BN, D, STRIDE, kThreads>(v_s, a.v, a.v_stride, b, kv_head, n0, s.t_k);
+    load_query_tile(0);
+  }
   cp_async_commit();
 
   float dk[KT][DTILES][4] = {}, dv[KT][DTILES][4] = {};

@@ -80,7 +80,7 @@ const char* launch_cross_entropy(const CrossEntropyChunk& args, void* stream);
 // Inputs have unit stride along D and the element strides below for the other dimensions, each
 // row 16-byte aligned; outputs are contiguous. D is one of attention_head_dim_supported's.
 // A pattern narrows what a query sees: with first_key (int32 [B, Tq], nondecreasing along each
-// row, first_key[i] <= i + Tk - Tq) query i sees only keys first_key[i] .. i + Tk - Tq. That is
+// row, 0 <= first_key[i] <= i + Tk - Tq) query i sees only keys first_key[i] .. i + Tk - Tq. That is
 // a packed document's start, a sliding window's left edge or a left-padded row's first real key,
 // whichever is last (the glue computes it). nullptr: every key up to the diagonal.
 // softcap > 0 caps each scaled score s at softcap * tanh(s / softcap) (Gemma 2); sinks (fp32 [Hq])

@@ -162,8 +162,9 @@ def _kernel_first_keys(q: torch.Tensor, t_k: int, document_ids: torch.Tensor | N
     """first_keys as the kernels read them: contiguous int32 [B, Tq] on q's device."""
     batch, t_q = q.shape[0], q.shape[2]
     global _last_first_keys
-    cacheable = document_ids is not None and not torch.compiler.is_compiling()
-    args = (document_ids._version if document_ids is not None else None, batch, t_q, t_k, left)
+    # Not while compiling (the graph derives them), nor for inference tensors (no version counter).
+    cacheable = document_ids is not None and not torch.compiler.is_compiling() and not document_ids.is_inference()
+    args = (document_ids._version if cacheable else None, batch, t_q, t_k, left)
     if cacheable and _last_first_keys is not None and _last_first_keys[0]() is document_ids and _last_first_keys[1] == args:
         return _last_first_keys[2]
     first = first_keys(t_q, t_k, document_ids, left, q.device).expand(batch, -1).contiguous()
