@@ -110,17 +110,29 @@ def test_patterns_in_the_emulated_kernels_against_float64(emulated, case):
         assert splits > 1, "decoding against a long cache should split the keys (some ranges then see no key)"
 
 
-@pytest.mark.parametrize("dim", [64, 128])
-def test_an_h100_leaves_patterns_to_the_mma_sync_kernels(emulated, dim):
-    """The Hopper kernels take no pattern yet: on an emulated H100 a patterned call gives the
-    A100's results bit for bit (and a plain one does not: the wgmma kernels run there)."""
-    q, k, v, dout = make_inputs(1, 2, 1, 200, 200, dim, torch.bfloat16)
-    docs = documents([[1, 120, 79]])
-    h100 = emulated_run(emulated, q, k, v, dout, docs, None, arch=90)[0]
-    a100 = emulated_run(emulated, q, k, v, dout, docs, None)[0]
-    assert all(torch.equal(x, y) for x, y in zip(h100, a100))
-    plain = emulated_run(emulated, q, k, v, dout, None, None, arch=90)[0]
-    assert not all(torch.equal(x, y) for x, y in zip(plain, emulated_run(emulated, q, k, v, dout, None, None)[0]))
+# ---- the Hopper kernels (attention_hopper.cu): their PATTERN instances on an emulated H100 ----
+
+HOPPER_GRID = [
+    # fp16/bf16 at D 64 and 128 with more than 16 queries: 128-query blocks over 128-key tiles
+    # (forward), 128-key dk/dv blocks over 64-query tiles, 64-key dq tiles.
+    (2, 2, 1, 300, 300, 64, torch.bfloat16, DOCS_300, None, None, False),     # documents, MQA
+    (1, 2, 1, 300, 300, 128, torch.float16, None, 20, None, False),          # a window shorter than a tile
+    (1, 2, 1, 100, 300, 64, torch.float16, DOCS_300[:1], 70, None, False),   # fewer queries than keys
+    (3, 2, 1, 150, 150, 128, torch.bfloat16, left_padded(150, [150, 77, 5]), None, None, False),  # left-padded
+    (2, 2, 2, 150, 150, 128, torch.float16, None, None, 1.0, True),          # softcap and sinks
+    (2, 2, 1, 300, 300, 64, torch.float16, DOCS_300, 50, 1.0, True),         # everything at once
+]
+
+
+@pytest.mark.parametrize("case", HOPPER_GRID, ids=map(grid_id, HOPPER_GRID))
+def test_patterns_in_the_emulated_hopper_kernels_against_float64(emulated, case):
+    got, _ = check(emulated, *case, arch=90)
+    # The wgmma kernels ran (not the mma.sync ones, which round otherwise): forward, dq, and dk/dv.
+    batch, heads, kv_heads, t_q, t_k, dim, dtype, docs, left, softcap, sinks = case
+    q, k, v, dout = make_inputs(batch, heads, kv_heads, t_q, t_k, dim, dtype)
+    a100, _ = emulated_run(emulated, q, k, v, dout, docs, left, 80, softcap, head_sinks(heads) if sinks else None)
+    for name, i in (("out", 0), ("dq", 2), ("dk", 3)):
+        assert not torch.equal(got[i], a100[i]), f"{name}: the same bits as the mma.sync kernels'"
 
 
 # The key tiles the PATTERN instances walk (attention_fwd.cu block_n(), attention_bwd.cu
@@ -129,23 +141,29 @@ def test_an_h100_leaves_patterns_to_the_mma_sync_kernels(emulated, dim):
 TILES = {32: (112, 32, 64), 64: (96, 32, 64), 96: (32, 16, 64), 128: (48, 32, 64)}
 
 
-@pytest.mark.parametrize("dim, dtype, t_q, t_k, docs, left", [
-    (64, torch.bfloat16, 50, 300, [[250, 50]], None),   # the queries' document starts at key 250
-    (128, torch.float16, 60, 300, None, 30),            # a window: keys before 240 - 30 unseen
-    (32, torch.float32, 40, 300, [[260, 40]], None),
-    (64, torch.bfloat16, 1, 300, [[200, 100]], None),   # decoding, split keys
+# And the Hopper kernels': 128-key forward tiles, 64-key dq tiles, 128-key dk/dv blocks.
+HOPPER_TILES = (128, 64, 128)
+
+
+@pytest.mark.parametrize("dim, dtype, t_q, t_k, docs, left, arch", [
+    (64, torch.bfloat16, 50, 300, [[250, 50]], None, 80),   # the queries' document starts at key 250
+    (128, torch.float16, 60, 300, None, 30, 80),            # a window: keys before 240 - 30 unseen
+    (32, torch.float32, 40, 300, [[260, 40]], None, 80),
+    (64, torch.bfloat16, 1, 300, [[200, 100]], None, 80),   # decoding, split keys
+    (64, torch.bfloat16, 100, 400, [[300, 100]], None, 90),  # the Hopper kernels
+    (128, torch.float16, 60, 400, None, 30, 90),
 ])
-def test_tiles_outside_every_querys_pattern_are_never_read(emulated, dim, dtype, t_q, t_k, docs, left):
+def test_tiles_outside_every_querys_pattern_are_never_read(emulated, dim, dtype, t_q, t_k, docs, left, arch):
     docs = documents(docs) if docs is not None else None
     first = int(first_keys(t_q, t_k, docs, left).min())
-    unread = min(first // n * n for n in TILES[dim])
+    unread = min(first // n * n for n in (TILES[dim] if arch == 80 else HOPPER_TILES))
     assert unread >= 128, "the case should leave whole tiles unread"
     q, k, v, dout = make_inputs(1, 2, 1, t_q, t_k, dim, dtype)
-    clean = emulated_run(emulated, q, k, v, dout, docs, left)[0]
+    clean = emulated_run(emulated, q, k, v, dout, docs, left, arch)[0]
     k_nan, v_nan = k.clone(), v.clone()
     k_nan[:, :, :unread] = float("nan")
     v_nan[:, :, :unread] = float("nan")
-    poisoned = emulated_run(emulated, q, k_nan, v_nan, dout, docs, left)[0]
+    poisoned = emulated_run(emulated, q, k_nan, v_nan, dout, docs, left, arch)[0]
     for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], clean, poisoned):
         assert torch.equal(a, b), f"{name} changed: a tile outside every query's pattern was read"
     assert (clean[3][:, :, :unread] == 0).all() and (clean[4][:, :, :unread] == 0).all()

@@ -102,7 +102,7 @@ __device__ __forceinline__ void accumulate_product(float (&acc)[D / 2], const ui
 struct PingPong {
   int group, turns, turn = 0;
   __device__ PingPong(int group_, int turns_) : group(group_), turns(turns_) {
-    if (group == 1) named_barrier_arrive(1, 256);
+    if (group == 1 && turns > 0) named_barrier_arrive(1, 256);  // a block without work takes no turns
   }
   __device__ void take() { named_barrier_sync(1 + group, 256); }
   __device__ void hand_over() {
@@ -142,9 +142,12 @@ struct HopperParams {
   float scale;
   void* out;
   float* lse;
+  const int* first_key;  // as AttentionForward's (the PATTERN instance reads these three)
+  float softcap;
+  const float* sinks;
 };
 
-template <typename T, int D>
+template <typename T, int D, bool PATTERN>
 __global__ void __launch_bounds__(kHopperThreads, 1)
     hopper_forward_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                           const __grid_constant__ CUtensorMap v_map, HopperParams a) {
@@ -166,14 +169,20 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
   unsigned char* v_tiles = k_tiles + kStages * KV_BYTES;
 
   const AttentionShape& s = a.shape;
+  const int* first_key = PATTERN ? a.first_key : nullptr;  // nullptr: the pattern's code folds away
   const int m0 = (gridDim.y - 1 - blockIdx.y) * kHopperBlockM;  // longest rows first, over the whole grid
   const int b = blockIdx.x / s.heads, h = blockIdx.x % s.heads;
   const int kv_head = h / (s.heads / s.kv_heads);
   const int offset = s.t_k - s.t_q;
   const int key_end = min(s.t_k, min(m0 + kHopperBlockM, s.t_q) + offset);  // past the last query's last key
   const int tiles = (key_end + BN - 1) / BN;
-  // Tiles below plain_tiles hold only keys every query of the block sees.
+  // Tiles below plain_tiles hold only keys every query of the block sees on the causal side. With
+  // a pattern the walk starts at the tile of the first query's first key (first_tile; the ring's
+  // stages and parities count from there), and keys below the last query's first key (low_end)
+  // are masked too.
   const int plain_tiles = min(key_end, m0 + offset + 1) / BN;
+  const int first_tile = first_key_of(first_key, s, b, m0) / BN;
+  const int low_end = first_key_of(first_key, s, b, min(m0 + kHopperBlockM, s.t_q) - 1);
 
   if (threadIdx.x == 0) {
     mbarrier_init(q_full, 1);
@@ -192,9 +201,9 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     if (threadIdx.x == 0) {
       mbarrier_arrive_expect_tx(q_full, Q_BYTES);
       load_panels<D>(q_tile, &q_map, q_full, kHopperBlockM, m0, h, b);
-      for (int j = 0; j < tiles; ++j) {
-        const int stage = j % kStages;
-        const uint32_t parity = ((j / kStages) & 1) ^ 1;  // the first pass finds every stage empty
+      for (int j = first_tile; j < tiles; ++j) {
+        const int stage = (j - first_tile) % kStages;
+        const uint32_t parity = (((j - first_tile) / kStages) & 1) ^ 1;  // the first pass finds every stage empty
         mbarrier_wait(&k_empty[stage], parity);
         mbarrier_arrive_expect_tx(&k_full[stage], KV_BYTES);
         load_panels<D>(k_tiles + stage * KV_BYTES, &k_map, &k_full[stage], BN, j * BN, kv_head, b);
@@ -210,6 +219,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     const int query0 = m0 + 64 * group + 16 * warp + g;  // this thread's rows: query0 and query0 + 8
     const float scale2 = a.scale * kLog2e;
     const uint32_t q_rows = smem_addr(q_tile) + 64 * group * 128;
+    const int from[2] = {first_key_of(first_key, s, b, query0), first_key_of(first_key, s, b, query0 + 8)};  // rows' first keys
 
     float o[D / 2];
 #pragma unroll
@@ -222,14 +232,15 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     uint32_t pa[BN / 16][4];  // P(j - 1) as A registers: 16-key slabs
     // The waits for K(j) and V(j) come before the wgmma.fence: a spin loop between the fence and
     // the products would make ptxas fence again inside it and serialise the wgmma (C7520).
-    auto wait_full = [&](uint64_t* full, int j) { mbarrier_wait(&full[j % kStages], (j / kStages) & 1); };
+    auto stage = [&](int j) { return (j - first_tile) % kStages; };
+    auto wait_full = [&](uint64_t* full, int j) { mbarrier_wait(&full[stage(j)], ((j - first_tile) / kStages) & 1); };
     auto issue_s = [&](int j) {
-      product_over_d<T, BN, D>(sc, q_rows, kHopperBlockM, smem_addr(k_tiles + j % kStages * KV_BYTES), BN);
+      product_over_d<T, BN, D>(sc, q_rows, kHopperBlockM, smem_addr(k_tiles + stage(j) * KV_BYTES), BN);
       wgmma_commit();
     };
     // O += P(j) V(j): V's rows (keys) as k, its columns (d) as N, MN-major.
     auto issue_pv = [&](int j) {
-      accumulate_product<T, D>(o, pa, smem_addr(v_tiles + j % kStages * KV_BYTES), BN);
+      accumulate_product<T, D>(o, pa, smem_addr(v_tiles + stage(j) * KV_BYTES), BN);
       wgmma_commit();
     };
     auto fence_registers = [&] {  // before the products' issue
@@ -239,27 +250,37 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
       for (int ks = 0; ks < BN / 16; ++ks) wgmma_fence_operand(pa[ks]);
       wgmma_fence();
     };
-    PingPong turns(group, tiles + 1);  // tile 0's S, the tiles' S(j) with P(j - 1) V(j - 1), the last P V
+    PingPong turns(group, tiles - first_tile + 1);  // the first tile's S, each S(j) with P(j - 1) V(j - 1), the last P V
 
     // Online softmax of S(j) in place (sc becomes P(j), unnormalised); returns O's factor per row.
-    // `masked`: keys past a query's diagonal or past the end count as -inf.
+    // `masked`: keys past a query's diagonal, before its first key or past the end count as -inf.
+    // Softcapping caps the raw scores first (in raw units: the rest is unchanged).
     auto softmax = [&](int j, auto masked, float (&alpha)[2]) {
       const int n0 = j * BN;
+      if (PATTERN && a.softcap > 0.f) {
+        const Softcap cap = Softcap::in_units(a.softcap, a.scale);
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) sc[i] = cap.apply(sc[i]);
+      }
       float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) {
         if constexpr (decltype(masked)::value) {
-          const int key = n0 + 8 * (i / 4) + 2 * c + i % 2, query = query0 + 8 * ((i / 2) % 2);
-          if (key > query + offset || key >= s.t_k) sc[i] = -INFINITY;
+          const int key = n0 + 8 * (i / 4) + 2 * c + i % 2, r = (i / 2) % 2;
+          if (key > query0 + 8 * r + offset || key >= s.t_k || (PATTERN && key < from[r])) sc[i] = -INFINITY;
         }
         tile_max[(i / 2) % 2] = fmaxf(tile_max[(i / 2) % 2], sc[i]);
       }
       float shift[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const float m_new = fmaxf(m_row[r], quad_max(tile_max[r]));  // finite: key 0 is in tile 0
-        alpha[r] = exp2_approx((m_row[r] - m_new) * scale2);
-        shift[r] = m_new * scale2;
+        const float m_new = fmaxf(m_row[r], quad_max(tile_max[r]));
+        // Finite on plain tiles (without a pattern key 0 is in tile 0). A masked tile may hide every
+        // key from a row that has seen none yet (all before its first key): then nothing is added
+        // (2^-inf = 0), and no inf - inf.
+        const float top = PATTERN && decltype(masked)::value && m_new == -INFINITY ? 0.f : m_new;
+        alpha[r] = exp2_approx((m_row[r] - top) * scale2);
+        shift[r] = top * scale2;
         m_row[r] = m_new;
         l_row[r] *= alpha[r];
       }
@@ -281,25 +302,27 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
       }
     };
     auto release = [&](uint64_t* empty, int j) {
-      if (lane == 0) mbarrier_arrive(&empty[j % kStages]);
+      if (lane == 0) mbarrier_arrive(&empty[stage(j)]);
     };
+    // Masked: tiles below the last query's first key, and from plain_tiles on.
+    auto plain = [&](int j) { return j * BN >= low_end && j < plain_tiles; };
 
-    // Tile 0 alone; then each step issues S(j) with P(j - 1) V(j - 1) and runs the softmax of S(j)
-    // while the tensor cores finish P(j - 1) V(j - 1); the last P V closes.
+    // The first tile alone; then each step issues S(j) with P(j - 1) V(j - 1) and runs the softmax
+    // of S(j) while the tensor cores finish P(j - 1) V(j - 1); the last P V closes.
     {
-      wait_full(k_full, 0);
+      wait_full(k_full, first_tile);
       turns.take();
       fence_registers();
-      issue_s(0);
+      issue_s(first_tile);
       turns.hand_over();
       wgmma_wait<0>();
       wgmma_fence_operand(sc);
-      release(k_empty, 0);
+      release(k_empty, first_tile);
       float alpha[2];
-      if (plain_tiles > 0)
-        softmax(0, std::false_type{}, alpha);
+      if (plain(first_tile))
+        softmax(first_tile, std::false_type{}, alpha);
       else
-        softmax(0, std::true_type{}, alpha);
+        softmax(first_tile, std::true_type{}, alpha);
       rescale_and_pack(alpha);
     }
     auto step = [&](int j, auto masked) {
@@ -322,7 +345,9 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
       release(v_empty, j - 1);
       rescale_and_pack(alpha);
     };
-    int j = 1;
+    int j = first_tile + 1;
+    if constexpr (PATTERN)
+      for (; j < tiles && j * BN < low_end; ++j) step(j, std::true_type{});
     for (; j < plain_tiles; ++j) step(j, std::false_type{});
     for (; j < tiles; ++j) step(j, std::true_type{});
     wait_full(v_full, tiles - 1);
@@ -338,14 +363,21 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int query = query0 + 8 * r;
-      const float l = quad_sum(l_row[r]);
+      // The row's max in log2 units, and its sum (at least 1: every query sees its own position).
+      float top = m_row[r] * scale2, l = quad_sum(l_row[r]), corr = 1.f;
       if (query >= s.t_q) continue;
-      const float inv = __fdividef(1.f, l);  // every query sees key 0, so l >= 1
+      if (PATTERN && a.sinks != nullptr) {  // the sink joins the sum, everything rescaled to the larger of max and sink
+        const float sink = a.sinks[h] * kLog2e, both = fmaxf(top, sink);
+        corr = exp2_approx(top - both);
+        l = fmaf(l, corr, exp2_approx(sink - both));
+        top = both;
+      }
+      const float inv = __fdividef(corr, l);
       T* out = static_cast<T*>(a.out) + (int64_t(blockIdx.x) * s.t_q + query) * D;  // blockIdx.x = b * heads + h
 #pragma unroll
       for (int dt = 0; dt < D / 8; ++dt)
         *reinterpret_cast<uint32_t*>(out + 8 * dt + 2 * c) = pack2<T>(o[4 * dt + 2 * r] * inv, o[4 * dt + 2 * r + 1] * inv);
-      if (c == 0) a.lse[int64_t(blockIdx.x) * s.t_q + query] = (m_row[r] * scale2 + log2f(l)) * kLn2;
+      if (c == 0) a.lse[int64_t(blockIdx.x) * s.t_q + query] = (top + log2f(l)) * kLn2;
     }
   }
 #endif
@@ -367,14 +399,15 @@ constexpr int kBwdKeys = kHopperDkvKeys;  // keys per dkv block: 64 per consumer
 static_assert(kBwdKeys == 64 * kConsumers);
 constexpr int kBwdQueries = kHopperDkvQueries;  // queries per tile
 
-template <int D>
+template <int D, bool PATTERN>
 __host__ __device__ constexpr int hopper_dkv_shared_bytes() {
-  // Barriers and alignment, K and V, two stages of Q and dO, two of lse and delta.
+  // Barriers and alignment, K and V, two stages of Q and dO, two of lse and delta (and of the
+  // queries' first keys with a pattern).
   return 2048 + 2 * hopper_tile_bytes<D>(kBwdKeys) + 2 * kStages * hopper_tile_bytes<D>(kBwdQueries) +
-         2 * kStages * kBwdQueries * 4;
+         (PATTERN ? 3 : 2) * kStages * kBwdQueries * 4;
 }
 
-template <typename T, int D>
+template <typename T, int D, bool PATTERN>
 __global__ void __launch_bounds__(kHopperThreads, 1)
     hopper_dkv_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap do_map,
                       const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap v_map,
@@ -395,16 +428,24 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
   unsigned char* do_tiles = q_tiles + kStages * Q_BYTES;
   float* lse_s = reinterpret_cast<float*>(do_tiles + kStages * Q_BYTES);  // [kStages][kBwdQueries], log2 units
   float* delta_s = lse_s + kStages * kBwdQueries;
+  int* first_key_s = reinterpret_cast<int*>(delta_s + kStages * kBwdQueries);  // [kStages][kBwdQueries] with a pattern
 
   const AttentionShape& s = a.shape;
+  const int* first_key = PATTERN ? a.first_key : nullptr;  // nullptr: the pattern's code folds away
   const int group = s.heads / s.kv_heads;
   const int n0 = blockIdx.y * kBwdKeys;  // key tile 0 sees every query: the longest block first
   const int b = blockIdx.x / s.kv_heads, kv_head = blockIdx.x % s.kv_heads;
   const int offset = s.t_k - s.t_q;
+  // From the first query that sees key n0 causally to q_end: with a pattern, queries from q_end on
+  // see none of the block's keys, and those from plain_end on miss key n0 (their tiles are masked).
   const int first_query = max(0, n0 - offset);
-  const int tiles_per_head = (s.t_q - first_query + kBwdQueries - 1) / kBwdQueries;
-  const DkvShare share = dkv_share(group, tiles_per_head, first_query, kBwdQueries, blockIdx.z, a.dkv_splits);
-  const int tiles = share.tiles;  // this block's share of the group's query tiles
+  const int q_end = PATTERN ? first_query_past(first_key, s, b, first_query, min(n0 + kBwdKeys, s.t_k) - 1) : s.t_q;
+  const int plain_end = PATTERN ? first_query_past(first_key, s, b, first_query, n0) : s.t_q;
+  const int tiles_per_head = (q_end - first_query + kBwdQueries - 1) / kBwdQueries;
+  // A pattern may leave a block without work: it loads nothing and writes zeros.
+  const DkvShare share = dkv_share(group, PATTERN ? max(1, tiles_per_head) : tiles_per_head, first_query, kBwdQueries,
+                                   blockIdx.z, a.dkv_splits);
+  const int tiles = PATTERN && tiles_per_head == 0 ? 0 : share.tiles;  // this block's share of the group's query tiles
 
   if (threadIdx.x == 0) {
     mbarrier_init(kv_full, 1);
@@ -421,7 +462,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     if (warp > 1) return;
     int h = kv_head * group + share.head, i0 = share.i0;  // the next tile's head and first query
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == 0 && (!PATTERN || tiles > 0)) {
       mbarrier_arrive_expect_tx(kv_full, 2 * KV_BYTES);
       load_panels<D>(k_tile, &k_map, kv_full, kBwdKeys, n0, kv_head, b);
       load_panels<D>(v_tile, &v_map, kv_full, kBwdKeys, n0, kv_head, b);
@@ -441,12 +482,13 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
           const int64_t row = (int64_t(b) * s.heads + h) * s.t_q + query;
           lse_s[stage * kBwdQueries + r] = query < s.t_q ? a.lse[row] * kLog2e : INFINITY;
           delta_s[stage * kBwdQueries + r] = query < s.t_q ? a.delta[row] : 0.f;
+          if (PATTERN) first_key_s[stage * kBwdQueries + r] = first_key_of(first_key, s, b, query);
         }
         __syncwarp();
         if (lane == 0) mbarrier_arrive(&q_full[stage]);
       }
       i0 += kBwdQueries;
-      if (i0 >= s.t_q) i0 = first_query, ++h;
+      if (i0 >= (PATTERN ? q_end : s.t_q)) i0 = first_query, ++h;
     }
   } else {  // a consumer: 64 keys
     setmaxnreg_inc<240>();
@@ -462,7 +504,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     float st[kBwdQueries / 2], dpt[kBwdQueries / 2];  // S^T and dP^T: register i holds key row g + 8 ((i / 2) % 2), query 8 (i / 4) + 2c + i % 2
     uint32_t pa[QSLABS][4], dsa[QSLABS][4];
     PingPong turns(cgroup, tiles);  // around each tile's S^T and dP^T
-    mbarrier_wait(kv_full, 0);
+    if (!PATTERN || tiles > 0) mbarrier_wait(kv_full, 0);
 
     // One query tile: `masked` zeroes P where a query does not see a key (diagonal and end tiles).
     auto step = [&](int it, int i0, auto masked) {
@@ -471,25 +513,34 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
       mbarrier_wait(&q_full[stage], (it / kStages) & 1);
       score_products<T, kBwdQueries, D>(turns, st, k_rows, q_stage, dpt, v_rows, do_stage, kBwdKeys, kBwdQueries);
 
-      // P^T = 2^(S^T scale log2e - lse') and dS^T = P^T (dP^T - delta), packed as A registers.
+      // P^T = 2^(S^T scale log2e - lse') and dS^T = P^T (dP^T - delta), packed as A registers
+      // (dS^T times the cap's derivative with softcapping, the scores capped first).
       const float* lse = lse_s + stage * kBwdQueries;
       const float* delta = delta_s + stage * kBwdQueries;
+      const int* from = first_key_s + stage * kBwdQueries;
+      auto probabilities = [&](const auto& cap) {
 #pragma unroll
-      for (int i = 0; i < kBwdQueries / 2; i += 2) {
-        const int col = 8 * (i / 4) + 2 * c;
-        const float2 l2 = *reinterpret_cast<const float2*>(&lse[col]);
-        const float2 d2 = *reinterpret_cast<const float2*>(&delta[col]);
+        for (int i = 0; i < kBwdQueries / 2; i += 2) {
+          const int col = 8 * (i / 4) + 2 * c;
+          const float2 l2 = *reinterpret_cast<const float2*>(&lse[col]);
+          const float2 d2 = *reinterpret_cast<const float2*>(&delta[col]);
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float p = exp2_approx(fmaf(st[i + e], scale2, -(e ? l2.y : l2.x)));
-          if constexpr (decltype(masked)::value) {
-            const int key = key0 + 8 * ((i / 2) % 2), query = i0 + col + e;
-            if (key > query + offset || key >= s.t_k) p = 0.f;
+          for (int e = 0; e < 2; ++e) {
+            const float score = cap.apply(st[i + e]);
+            float p = exp2_approx(fmaf(score, scale2, -(e ? l2.y : l2.x)));
+            if constexpr (decltype(masked)::value) {
+              const int key = key0 + 8 * ((i / 2) % 2), query = i0 + col + e;
+              if (key > query + offset || key >= s.t_k || (PATTERN && key < from[col + e])) p = 0.f;
+            }
+            st[i + e] = p;
+            dpt[i + e] = p * (dpt[i + e] - (e ? d2.y : d2.x)) * cap.derivative(score);
           }
-          st[i + e] = p;
-          dpt[i + e] = p * (dpt[i + e] - (e ? d2.y : d2.x));
         }
-      }
+      };
+      if (PATTERN && a.softcap > 0.f)
+        probabilities(Softcap::in_units(a.softcap, a.scale));
+      else
+        probabilities(NoSoftcap{});
 #pragma unroll
       for (int ks = 0; ks < QSLABS; ++ks) {
 #pragma unroll
@@ -524,9 +575,11 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     };
     // A tile needs no mask when every query in it sees every key of the block and all exist.
     auto plain = [&](int i0) {
-      return i0 + offset >= n0 + kBwdKeys - 1 && i0 + kBwdQueries <= s.t_q && n0 + kBwdKeys <= s.t_k;
+      return i0 + offset >= n0 + kBwdKeys - 1 && i0 + kBwdQueries <= (PATTERN ? plain_end : s.t_q) && n0 + kBwdKeys <= s.t_k;
     };
-    auto advance = [&](int i0) { return i0 + kBwdQueries < s.t_q ? i0 + kBwdQueries : first_query; };  // next head: start over
+    auto advance = [&](int i0) {  // the next head starts over
+      return i0 + kBwdQueries < (PATTERN ? q_end : s.t_q) ? i0 + kBwdQueries : first_query;
+    };
     // Runs of masked and of plain tiles, each its own loop (the plain one carries no masking code).
     int i0 = share.i0;
     for (int it = 0; it < tiles;) {
@@ -580,7 +633,7 @@ __host__ __device__ constexpr int hopper_dq_shared_bytes() {
   return 2048 + 2 * hopper_tile_bytes<D>(kHopperBlockM) + 2 * kStages * hopper_tile_bytes<D>(kDqKeys);
 }
 
-template <typename T, int D>
+template <typename T, int D, bool PATTERN>
 __global__ void __launch_bounds__(kHopperThreads, 1)
     hopper_dq_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap do_map,
                      const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap v_map,
@@ -608,6 +661,11 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
   const int key_end = min(s.t_k, min(m0 + kHopperBlockM, s.t_q) + offset);
   const int tiles = (key_end + BN - 1) / BN;
   const int plain_tiles = min(key_end, m0 + offset + 1) / BN;  // tiles every query of the block sees whole
+  // With a pattern: from the tile of the first query's first key (the ring counts from there),
+  // masked below the last query's first key too.
+  const int* first_key = PATTERN ? a.first_key : nullptr;  // nullptr: the pattern's code folds away
+  const int first_tile = first_key_of(first_key, s, b, m0) / BN;
+  const int low_end = first_key_of(first_key, s, b, min(m0 + kHopperBlockM, s.t_q) - 1);
 
   if (threadIdx.x == 0) {
     mbarrier_init(q_full, 1);
@@ -625,9 +683,9 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
       mbarrier_arrive_expect_tx(q_full, 2 * Q_BYTES);
       load_panels<D>(q_tile, &q_map, q_full, kHopperBlockM, m0, h, b);
       load_panels<D>(do_tile, &do_map, q_full, kHopperBlockM, m0, h, b);
-      for (int j = 0; j < tiles; ++j) {
-        const int stage = j % kStages;
-        mbarrier_wait(&kv_empty[stage], ((j / kStages) & 1) ^ 1);
+      for (int j = first_tile; j < tiles; ++j) {
+        const int stage = (j - first_tile) % kStages;
+        mbarrier_wait(&kv_empty[stage], (((j - first_tile) / kStages) & 1) ^ 1);
         mbarrier_arrive_expect_tx(&kv_full[stage], 2 * KV_BYTES);
         load_panels<D>(k_tiles + stage * KV_BYTES, &k_map, &kv_full[stage], BN, j * BN, kv_head, b);
         load_panels<D>(v_tiles + stage * KV_BYTES, &v_map, &kv_full[stage], BN, j * BN, kv_head, b);
@@ -641,12 +699,14 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     const float scale2 = a.scale * kLog2e;
     const uint32_t q_rows = smem_addr(q_tile) + 64 * cgroup * 128, do_rows = smem_addr(do_tile) + 64 * cgroup * 128;
     float lse2[2], delta[2];
+    int from[2];  // the rows' first keys
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int query = query0 + 8 * r;
       const int64_t row = (int64_t(b) * s.heads + h) * s.t_q + query;
       lse2[r] = query < s.t_q ? a.lse[row] * kLog2e : INFINITY;  // P = 0 past the end
       delta[r] = query < s.t_q ? a.delta[row] : 0.f;
+      from[r] = first_key_of(first_key, s, b, query);
     }
 
     float dq[D / 2];
@@ -654,27 +714,35 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
     for (int i = 0; i < D / 2; ++i) dq[i] = 0.f;
     float sc[BN / 2], dp[BN / 2];  // register i: query row g + 8 ((i / 2) % 2), key 8 (i / 4) + 2c + i % 2
     uint32_t dsa[NSLABS][4];
-    PingPong turns(cgroup, tiles);  // around each tile's S and dP
+    PingPong turns(cgroup, tiles - first_tile);  // around each tile's S and dP
     mbarrier_wait(q_full, 0);
 
     auto step = [&](int j, auto masked) {
-      const int stage = j % kStages;
+      const int stage = (j - first_tile) % kStages;
       const uint32_t k_stage = smem_addr(k_tiles + stage * KV_BYTES), v_stage = smem_addr(v_tiles + stage * KV_BYTES);
-      mbarrier_wait(&kv_full[stage], (j / kStages) & 1);
+      mbarrier_wait(&kv_full[stage], ((j - first_tile) / kStages) & 1);
       score_products<T, BN, D>(turns, sc, q_rows, k_stage, dp, do_rows, v_stage, kHopperBlockM, BN);
 
-      // dS = P (dP - delta), P = 2^(S scale log2e - lse'); masked tiles zero unseen keys.
+      // dS = P (dP - delta), P = 2^(S scale log2e - lse'); masked tiles zero unseen keys. With
+      // softcapping the scores are capped first and dS takes the cap's derivative.
       const int n0 = j * BN;
+      auto probabilities = [&](const auto& cap) {
 #pragma unroll
-      for (int i = 0; i < BN / 2; ++i) {
-        const int r = (i / 2) % 2;
-        float p = exp2_approx(fmaf(sc[i], scale2, -lse2[r]));
-        if constexpr (decltype(masked)::value) {
-          const int key = n0 + 8 * (i / 4) + 2 * c + i % 2;
-          if (key >= key_end || key > query0 + 8 * r + offset) p = 0.f;
+        for (int i = 0; i < BN / 2; ++i) {
+          const int r = (i / 2) % 2;
+          const float score = cap.apply(sc[i]);
+          float p = exp2_approx(fmaf(score, scale2, -lse2[r]));
+          if constexpr (decltype(masked)::value) {
+            const int key = n0 + 8 * (i / 4) + 2 * c + i % 2;
+            if (key >= key_end || key > query0 + 8 * r + offset || (PATTERN && key < from[r])) p = 0.f;
+          }
+          sc[i] = p * (dp[i] - delta[r]) * cap.derivative(score);
         }
-        sc[i] = p * (dp[i] - delta[r]);
-      }
+      };
+      if (PATTERN && a.softcap > 0.f)
+        probabilities(Softcap::in_units(a.softcap, a.scale));
+      else
+        probabilities(NoSoftcap{});
 #pragma unroll
       for (int ks = 0; ks < NSLABS; ++ks)
 #pragma unroll
@@ -693,7 +761,9 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
       for (int ks = 0; ks < NSLABS; ++ks) wgmma_fence_operand(dsa[ks]);
       if (lane == 0) mbarrier_arrive(&kv_empty[stage]);
     };
-    int j = 0;
+    int j = first_tile;
+    if constexpr (PATTERN)
+      for (; j * BN < low_end; ++j) step(j, std::true_type{});
     for (; j < plain_tiles; ++j) step(j, std::false_type{});
     for (; j < tiles; ++j) step(j, std::true_type{});
 
@@ -761,13 +831,12 @@ bool allow_shared_bytes(Kernel kernel, int bytes) {
   return false;
 }
 
-template <typename T, int D>
-bool forward_hopper(const AttentionForward& a, cudaStream_t stream) {
+template <typename T, int D, bool PATTERN>
+bool forward_hopper_instance(const AttentionForward& a, cudaStream_t stream) {
   if constexpr (!hopper_takes(D)) {
     return false;
   } else {
-    // Patterns, softcapping and sinks are not in the Hopper kernels yet: the mma.sync kernel takes them.
-    if (a.first_key != nullptr || a.softcap > 0.f || a.sinks != nullptr || !hopper_kernels_usable(stream)) return false;
+    if (!hopper_kernels_usable(stream)) return false;
     const AttentionShape& s = a.shape;
     CUtensorMap q_map, k_map, v_map;
     if (attention_tensor_map(&q_map, a.q, a.q_stride, s.batch, s.heads, s.t_q, D, kHopperBlockM) ||
@@ -775,12 +844,18 @@ bool forward_hopper(const AttentionForward& a, cudaStream_t stream) {
         attention_tensor_map(&v_map, a.v, a.v_stride, s.batch, s.kv_heads, s.t_k, D, kHopperBlockN))
       return false;  // alignment or strides the copy engine does not take: the mma.sync kernel does
     constexpr int bytes = hopper_shared_bytes<D>();
-    if (!allow_shared_bytes(hopper_forward_kernel<T, D>, bytes)) return false;
-    const HopperParams p{s, a.scale, a.out, a.lse};
+    if (!allow_shared_bytes(hopper_forward_kernel<T, D, PATTERN>, bytes)) return false;
+    const HopperParams p{s, a.scale, a.out, a.lse, a.first_key, a.softcap, a.sinks};
     const dim3 grid(s.batch * s.heads, (s.t_q + kHopperBlockM - 1) / kHopperBlockM);
-    hopper_forward_kernel<T, D><<<grid, kHopperThreads, bytes, stream>>>(q_map, k_map, v_map, p);
+    hopper_forward_kernel<T, D, PATTERN><<<grid, kHopperThreads, bytes, stream>>>(q_map, k_map, v_map, p);
     return true;
   }
+}
+
+// A pattern, softcapping or sinks: the kernel's instance that takes them (PATTERN).
+template <typename T, int D>
+bool forward_hopper(const AttentionForward& a, cudaStream_t stream) {
+  return patterned(a) ? forward_hopper_instance<T, D, true>(a, stream) : forward_hopper_instance<T, D, false>(a, stream);
 }
 
 #define SCRATCHFORMER_HOPPER_FORWARD(T, D) template bool forward_hopper<T, D>(const AttentionForward&, cudaStream_t);
@@ -793,7 +868,7 @@ bool launch_backward(Kernel kernel, int bytes, dim3 grid, int q_rows, int kv_row
   const AttentionShape& s = a.shape;
   const int d = s.head_dim;
   CUtensorMap q_map, do_map, k_map, v_map;
-  if (a.first_key != nullptr || a.softcap > 0.f || !hopper_kernels_usable(stream) || attention_tensor_map(&q_map, a.q, a.q_stride, s.batch, s.heads, s.t_q, d, q_rows) ||
+  if (!hopper_kernels_usable(stream) || attention_tensor_map(&q_map, a.q, a.q_stride, s.batch, s.heads, s.t_q, d, q_rows) ||
       attention_tensor_map(&do_map, a.dout, a.dout_stride, s.batch, s.heads, s.t_q, d, q_rows) ||
       attention_tensor_map(&k_map, a.k, a.k_stride, s.batch, s.kv_heads, s.t_k, d, kv_rows) ||
       attention_tensor_map(&v_map, a.v, a.v_stride, s.batch, s.kv_heads, s.t_k, d, kv_rows) ||
@@ -803,6 +878,7 @@ bool launch_backward(Kernel kernel, int bytes, dim3 grid, int q_rows, int kv_row
   return true;
 }
 
+// With a pattern or softcapping: the kernels' instance that takes them (PATTERN).
 template <typename T, int D>
 bool backward_dkv_hopper(const AttentionBackward& a, cudaStream_t stream) {
   if constexpr (!hopper_takes(D)) {
@@ -810,7 +886,11 @@ bool backward_dkv_hopper(const AttentionBackward& a, cudaStream_t stream) {
   } else {
     const AttentionShape& s = a.shape;
     const dim3 grid(s.batch * s.kv_heads, (s.t_k + kBwdKeys - 1) / kBwdKeys, a.dkv_splits);
-    return launch_backward(hopper_dkv_kernel<T, D>, hopper_dkv_shared_bytes<D>(), grid, kBwdQueries, kBwdKeys, a, stream);
+    if (patterned(a))
+      return launch_backward(hopper_dkv_kernel<T, D, true>, hopper_dkv_shared_bytes<D, true>(), grid, kBwdQueries,
+                             kBwdKeys, a, stream);
+    return launch_backward(hopper_dkv_kernel<T, D, false>, hopper_dkv_shared_bytes<D, false>(), grid, kBwdQueries,
+                           kBwdKeys, a, stream);
   }
 }
 
@@ -824,7 +904,11 @@ bool backward_dq_hopper(const AttentionBackward& a, cudaStream_t stream) {
   } else {
     const AttentionShape& s = a.shape;
     const dim3 grid(s.batch * s.heads, (s.t_q + kHopperBlockM - 1) / kHopperBlockM);
-    return launch_backward(hopper_dq_kernel<T, D>, hopper_dq_shared_bytes<D>(), grid, kHopperBlockM, kDqKeys, a, stream);
+    if (patterned(a))
+      return launch_backward(hopper_dq_kernel<T, D, true>, hopper_dq_shared_bytes<D>(), grid, kHopperBlockM, kDqKeys, a,
+                             stream);
+    return launch_backward(hopper_dq_kernel<T, D, false>, hopper_dq_shared_bytes<D>(), grid, kHopperBlockM, kDqKeys, a,
+                           stream);
   }
 }
 
