@@ -6,8 +6,8 @@ softcapping. `ops.causal_attention` with its options against SDPA with the equiv
 
 Cases (bf16, H=16, D=128): packed documents in rows of T=4096 (random lengths, mean 512), a
 sliding window of 1024 at T=8192, softcap 50 at T=4096. Median ms of forward and of
-forward+backward (CUDA events, L2 flushed), and the ratios. `ops` runs them on its kernels (the
-mma.sync ones, also on Hopper); the table says which backend ran. Writes DIR/bench_masks.md.
+forward+backward (CUDA events, L2 flushed), and the ratios. `ops` runs them on its kernels (on
+Hopper, the wgmma ones); the table says which backend ran. Writes DIR/bench_masks.md.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ on its own. Tiles outside every query's pattern must be skipped, not read and ma
 hold NaN, which any product would spread, and the results must not change by a bit.
 """
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from test_attention_emulated import assert_within_twice_the_reference, make_inputs
@@ -116,7 +120,10 @@ HOPPER_GRID = [
     # fp16/bf16 at D 64 and 128 with more than 16 queries: 128-query blocks over 128-key tiles
     # (forward), 128-key dk/dv blocks over 64-query tiles, 64-key dq tiles.
     (2, 2, 1, 300, 300, 64, torch.bfloat16, DOCS_300, None, None, False),     # documents, MQA
+    # Keys 0-127's last query (128, of a 29-key document) opens a 64-query tile of its own.
+    (1, 2, 1, 300, 300, 128, torch.bfloat16, documents([[100, 29, 171]]), None, None, False),
     (1, 2, 1, 300, 300, 128, torch.float16, None, 20, None, False),          # a window shorter than a tile
+    (1, 2, 1, 300, 300, 64, torch.bfloat16, None, 129, None, False),         # and longer: masked tiles below plain ones
     (1, 2, 1, 100, 300, 64, torch.float16, DOCS_300[:1], 70, None, False),   # fewer queries than keys
     (3, 2, 1, 150, 150, 128, torch.bfloat16, left_padded(150, [150, 77, 5]), None, None, False),  # left-padded
     (2, 2, 2, 150, 150, 128, torch.float16, None, None, 1.0, True),          # softcap and sinks
@@ -213,3 +220,57 @@ def test_the_grid_catches_pattern_mistakes(tmp_path, mistake):
         except AssertionError:
             return  # caught
     pytest.fail(f"no case of the grid catches: {mistake}")
+
+
+HOPPER_MISTAKES = {
+    # The same kinds of bug in the Hopper kernels' PATTERN code (attention_hopper.cu), and in the
+    # ring's counting from a first tile other than 0.
+    "forward: a document's first key masked": (
+        "(PATTERN && key < from[r])) sc[i] = -INFINITY;", "(PATTERN && key <= from[r])) sc[i] = -INFINITY;"),
+    "forward: the low masked tiles run plain": (
+        "    if constexpr (PATTERN)\n      for (; j < tiles && j * BN < low_end; ++j) step(j, std::true_type{});\n", ""),
+    "forward: the producer counts the ring from tile 0": (
+        "        const int stage = (j - first_tile) % kStages;\n        const uint32_t parity = (((j - first_tile) / kStages) & 1) ^ 1;",
+        "        const int stage = j % kStages;\n        const uint32_t parity = ((j / kStages) & 1) ^ 1;"),
+    "forward: the sink left out of the sum": ("l = fmaf(l, corr, exp2_approx(sink - both));", "l = l * corr;"),
+    "dk/dv: a query's first key off by one": ("(PATTERN && key < from[col + e])", "(PATTERN && key <= from[col + e])"),
+    "dk/dv: the last query that sees the block's keys dropped": (
+        "const int tiles_per_head = (q_end - first_query + kBwdQueries - 1) / kBwdQueries;",
+        "const int tiles_per_head = (q_end - 1 - first_query + kBwdQueries - 1) / kBwdQueries;"),
+    "dk/dv: a tile with queries that miss the first key taken as plain": (
+        "i0 + kBwdQueries <= (PATTERN ? plain_end : s.t_q)", "i0 + kBwdQueries <= (PATTERN ? q_end : s.t_q)"),
+    "dq: the low masked tiles run plain": (
+        "    if constexpr (PATTERN)\n      for (; j * BN < low_end; ++j) step(j, std::true_type{});\n", ""),
+    "dq: the consumers count the ring from tile 0": (
+        "      const int stage = (j - first_tile) % kStages;\n      const uint32_t k_stage",
+        "      const int stage = j % kStages;\n      const uint32_t k_stage"),
+    "dq: the cap's derivative dropped": (
+        "sc[i] = p * (dp[i] - delta[r]) * cap.derivative(score);", "sc[i] = p * (dp[i] - delta[r]);"),
+}
+# A mutated Hopper kernel may stop the emulator (a wait that never completes), so the grid runs in
+# a process of its own: exit 3 when a case's numbers are wrong, 0 when every case passes.
+RUN_GRID = """
+import sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from emulated_kernels import EmulatedKernels
+from test_attention_patterns_emulated import HOPPER_GRID, check
+lib = EmulatedKernels(Path(sys.argv[1]) / "libattention_emulated.so")
+for case in HOPPER_GRID:
+    try:
+        check(lib, *case, arch=90)
+    except AssertionError as e:
+        print(e)
+        sys.exit(3)
+""".format(tests=str(Path(__file__).resolve().parent))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mistake", HOPPER_MISTAKES)
+def test_the_hopper_grid_catches_pattern_mistakes(tmp_path, mistake):
+    from emulated_kernels import build
+
+    build(tmp_path, {"attention_hopper.cu": HOPPER_MISTAKES[mistake]})
+    result = subprocess.run([sys.executable, "-c", RUN_GRID, str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert result.returncode != 0, f"no case of the Hopper grid catches: {mistake}"
+    assert result.returncode == 3 or "emulator:" in result.stderr, result.stderr[-3000:]

@@ -327,8 +327,8 @@ def test_varlen_runs_as_one_packed_kernel_call(stand_ins, monkeypatch, options):
 
 
 def test_a_forward_derives_the_first_keys_once_for_all_its_layers(stand_ins, monkeypatch):
-    """The layers of a forward pass the same document ids: their first keys are computed once, and
-    again for new ids or ids changed in place."""
+    """The layers of a forward pass the same document ids (or the same window): their first keys are
+    computed once, and again for new ids, ids changed in place or another window."""
     from scratchformer.ops import attention
 
     derived = []
@@ -347,6 +347,11 @@ def test_a_forward_derives_the_first_keys_once_for_all_its_layers(stand_ins, mon
     ops.causal_attention(q, k, v, document_ids=docs.clone(), backend="fused")
     ops.causal_attention(q, k, v, document_ids=docs, window=(3, 0), backend="fused")
     assert len(derived) == 4
+    windowed = [ops.causal_attention(q, k, v, window=(3, 0), backend="fused") for _ in range(3)]  # a window alone
+    assert len(derived) == 5
+    torch.testing.assert_close(windowed[-1], ops.causal_attention(q, k, v, window=(3, 0), backend="reference"))
+    ops.causal_attention(q, k, v, window=(4, 0), backend="fused")
+    assert len(derived) == 6
 
 
 def test_document_ids_made_under_inference_mode(stand_ins):

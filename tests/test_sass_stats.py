@@ -132,12 +132,13 @@ def test_the_hopper_kernels_run_wgmma_in_their_loops():
     warpgroup: forward D / 16 for S = Q K^T and 128 / 16 for P V; dk/dv 2 D / 16 for S^T and dP^T
     and 2 x 64 / 16 for dV and dK; dq 2 D / 16 for S and dP and 64 / 16 for dQ (the loop found is
     the tile loop, not the span the mbarrier waits' cold retry blocks jump back over); no spills;
-    12 warps, one block per SM."""
+    12 warps, one block per SM. The same for the PATTERN instances (first_key, softcap, sinks)."""
     rows = sass_stats.profile(sass_stats.default_library(), ["sm_90"], r"^attention_hopper:")
     kinds = ("forward", "dkv", "dq")
-    assert {r["kernel"] for r in rows} == {f"hopper_{k}_kernel<{t}, {d}>" for k in kinds for t in ("__half", "__nv_bfloat16") for d in (64, 128)}
+    assert {r["kernel"] for r in rows} == {f"hopper_{k}_kernel<{t}, {d}, {p}>" for k in kinds for t in ("__half", "__nv_bfloat16")
+                                           for d in (64, 128) for p in ("false", "true")}
     for r in rows:
-        kind, d = r["kernel"].split("_")[1], int(r["kernel"].split(", ")[1].rstrip(">"))
+        kind, d = r["kernel"].split("_")[1], int(r["kernel"].split(", ")[1])
         per_tile = {"forward": d // 16 + 128 // 16, "dkv": 2 * d // 16 + 2 * 64 // 16, "dq": 2 * d // 16 + 64 // 16}[kind]
         assert r["loop"].hmma == 0 and r["loop"].hgmma == per_tile, r["kernel"]
         assert r["local"] == 0 and (r["blocks"], r["warps"]) == (1, 12)
@@ -146,7 +147,7 @@ def test_the_hopper_kernels_run_wgmma_in_their_loops():
 
 def test_check_fails_when_the_hopper_loop_has_no_wgmma():
     loop = sass_stats.Loop(instructions=900, hmma=64, ldsm=20)
-    row = {"file": "attention_hopper", "kernel": "hopper_forward_kernel<__half, 64>", "arch": "sm_90", "local": 0,
+    row = {"file": "attention_hopper", "kernel": "hopper_forward_kernel<__half, 64, false>", "arch": "sm_90", "local": 0,
            "warps": 12, "blocks": 1, "loop": loop}
     [found] = sass_stats.violations([row])
     assert "no HGMMA" in found and sass_stats.known(found) is None

@@ -119,12 +119,12 @@ def dynamic_shared_bytes(file: str, kernel: str) -> int:
     """The dynamic shared memory a launcher requests; mirrors forward_shared_bytes(),
     dkv_shared_bytes(), dkv_wide_shared_bytes(), dq_shared_bytes(), dq_wide_shared_bytes() and forward_simt_shared_bytes() in the attention .cu
     files, and the hopper_*shared_bytes() in attention_hopper.cu: keep them in step."""
-    if m := re.match(r"hopper_(forward|dkv|dq)_kernel<\w+, (\d+)>", kernel):  # attention_hopper.cu
-        kind, d = m.group(1), int(m.group(2))
+    if m := re.match(r"hopper_(forward|dkv|dq)_kernel<\w+, (\d+), (true|false)>", kernel):  # attention_hopper.cu
+        kind, d, pattern = m.group(1), int(m.group(2)), m.group(3) == "true"
         if kind == "forward":  # hopper_shared_bytes(): barriers and alignment, Q, two stages of K and V
             return 2048 + 128 * d * 2 + 2 * 2 * 128 * d * 2
-        if kind == "dkv":  # hopper_dkv_shared_bytes(): K and V, two stages of Q, dO, lse and delta
-            return 2048 + 2 * 128 * d * 2 + 2 * 2 * 64 * d * 2 + 2 * 2 * 64 * 4
+        if kind == "dkv":  # hopper_dkv_shared_bytes(): K and V, two stages of Q, dO, lse and delta (and first keys)
+            return 2048 + 2 * 128 * d * 2 + 2 * 2 * 64 * d * 2 + (3 if pattern else 2) * 2 * 64 * 4
         return 2048 + 2 * 128 * d * 2 + 2 * 2 * 64 * d * 2  # hopper_dq_shared_bytes(): Q and dO, two stages of K and V
     if m := re.match(r"dq_wide_kernel<\w+, (\d+)>", kernel):  # dO, Q (then dS), two buffers of 64-key K and V
         return (2 * 128 + 4 * 64) * (int(m.group(1)) + 8) * 2

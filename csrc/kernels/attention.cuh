@@ -152,6 +152,14 @@ struct NoSoftcap {
   __device__ float apply(float s) const { return s; }
   __device__ float derivative(float) const { return 1.f; }
 };
+// The same decided per score (the CUDA-core backward): caps `score` (in `unit`s of logit) when
+// softcap > 0 and returns d capped / d score (1 without a cap).
+__device__ __forceinline__ float cap_score(float& score, float softcap, float unit) {
+  if (softcap <= 0.f) return 1.f;
+  const Softcap cap = Softcap::in_units(softcap, unit);
+  score = cap.apply(score);
+  return cap.derivative(score);
+}
 
 // A dk/dv block's share of its kv group's work when the backward is split (dkv_splits): the
 // (query head, query tile) pairs from the first query that sees the block's keys on, head-major,

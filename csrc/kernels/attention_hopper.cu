@@ -21,6 +21,15 @@
 // runs while the tensor cores finish P(j - 1) V(j - 1); the two consumers take turns issuing
 // (named barriers: ping-pong), so that one's softmax also overlaps the other's products. The
 // output leaves through ordinary stores (FlashAttention-3 stages it for a bulk copy).
+//
+// Patterns (first_key, kernels.h), softcapping and sinks: each kernel has an instance that takes
+// them (PATTERN; plain causal attention compiles as before). A block's walk starts at the tile of
+// its first query's first key, so whole tiles outside a document or a window are never copied in;
+// the ring's stages and parities count from that first tile, in producer and consumers alike.
+// Tiles below the last query's first key are masked too; a dk/dv block walks only the queries up
+// to the last one that sees one of its keys (the producer's second warp stages their first keys
+// beside lse and delta), and one that no query sees loads nothing and writes zeros. Scores are
+// capped in raw units as each tile comes (dS takes the cap's derivative); a sink joins l at the end.
 #include <cuda_runtime.h>
 
 #include <atomic>

@@ -315,12 +315,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttentionBackward a) {
         score += q_s[warp][d] * k_s[lane][d];
         dp += do_s[warp][d] * v_s[lane][d];
       }
-      float slope = 1.f;  // d capped / d score
-      if (a.softcap > 0.f) {
-        const Softcap cap = Softcap::in_units(a.softcap, kLn2);
-        score = cap.apply(score);
-        slope = cap.derivative(score);
-      }
+      const float slope = cap_score(score, a.softcap, kLn2);  // scores in log2 units
       ds = exp2f(score - lse2) * (dp - delta) * slope;
     }
     const int keys = min(kTile, last_key - k0 + 1);
@@ -391,12 +386,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
           score += q_s[lane][d] * k_s[warp][d];
           dp += do_s[lane][d] * v_s[warp][d];
         }
-        float slope = 1.f;  // d capped / d score
-        if (a.softcap > 0.f) {
-          const Softcap cap = Softcap::in_units(a.softcap, kLn2);
-          score = cap.apply(score);
-          slope = cap.derivative(score);
-        }
+        const float slope = cap_score(score, a.softcap, kLn2);  // scores in log2 units
         p = exp2f(score - lse_s[lane]);
         ds = p * (dp - delta_s[lane]) * slope;
       }

@@ -153,9 +153,9 @@ def first_keys(t_q: int, t_k: int, document_ids: torch.Tensor | None, left: int 
     return first[:, t_k - t_q :].to(torch.int32).contiguous()
 
 
-# The last document ids' first keys: every layer of a forward passes the same tensor, so the
-# (several small) ops that derive them run once a forward, not once a layer.
-_last_first_keys: tuple | None = None  # (weakref to document_ids, its version, the other arguments, first keys)
+# The last call's first keys: every layer of a forward passes the same document ids (or the same
+# window alone), so the (several small) ops that derive them run once a forward, not once a layer.
+_last_first_keys: tuple | None = None  # (weakref to document_ids or None, (its version, the other arguments), first keys)
 
 
 def _kernel_first_keys(q: torch.Tensor, t_k: int, document_ids: torch.Tensor | None, left: int | None) -> torch.Tensor:
@@ -163,14 +163,21 @@ def _kernel_first_keys(q: torch.Tensor, t_k: int, document_ids: torch.Tensor | N
     batch, t_q = q.shape[0], q.shape[2]
     global _last_first_keys
     # Not while compiling (the graph derives them), nor for inference tensors (no version counter).
-    cacheable = document_ids is not None and not torch.compiler.is_compiling() and not document_ids.is_inference()
-    args = (document_ids._version if cacheable else None, batch, t_q, t_k, left)
-    if cacheable and _last_first_keys is not None and _last_first_keys[0]() is document_ids and _last_first_keys[1] == args:
-        return _last_first_keys[2]
+    cacheable = not torch.compiler.is_compiling() and not (document_ids is not None and document_ids.is_inference())
+    key = (document_ids._version if document_ids is not None else None, batch, t_q, t_k, left, q.device) if cacheable else None
+    if cacheable and _last_first_keys is not None and _last_first_keys[1] == key:
+        ref = _last_first_keys[0]
+        if (ref() if ref is not None else None) is document_ids:
+            return _last_first_keys[2]
     first = first_keys(t_q, t_k, document_ids, left, q.device).expand(batch, -1).contiguous()
     if cacheable:
-        _last_first_keys = (weakref.ref(document_ids), args, first)
+        _last_first_keys = (weakref.ref(document_ids) if document_ids is not None else None, key, first)
     return first
+
+
+def _float32(sinks: torch.Tensor | None) -> torch.Tensor | None:
+    """The sinks as the kernels read them."""
+    return sinks.float().contiguous() if sinks is not None else None
 
 
 class FusedAttention(torch.autograd.Function):
@@ -181,7 +188,7 @@ class FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, first_key, sinks, softcap, scale):
-        sinks32 = sinks.float().contiguous() if sinks is not None else None
+        sinks32 = _float32(sinks)
         out, lse = torch.ops.scratchformer.attention_fwd(q, k, v, first_key, sinks32, softcap, scale)
         ctx.save_for_backward(q, k, v, out, lse, first_key, sinks32)
         ctx.scale, ctx.softcap = scale, softcap
@@ -237,19 +244,24 @@ def causal_attention(
     left = _check_pattern(q, k, document_ids, window, softcap, sinks)
     which = choose("causal_attention", backend, (q, k, v), lambda: _fused_reason(q), (q.dtype, q.shape[-1]))
     if which == "fused":
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        first_key = None
-        if document_ids is not None or left is not None:
-            first_key = _kernel_first_keys(q, k.shape[2], document_ids, left)
-        cap = float(softcap) if softcap is not None else 0.0
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                        or (sinks is not None and sinks.requires_grad)):
-            return FusedAttention.apply(q, k, v, first_key, sinks, cap, scale)[0]
-        sinks32 = sinks.float().contiguous() if sinks is not None else None  # nothing to differentiate: no autograd node
-        return torch.ops.scratchformer.attention_fwd(q, k, v, first_key, sinks32, cap, scale)[0]
+        return _fused_attention(q, k, v, scale, document_ids, left, softcap, sinks)
     if which == "torch":
         return _torch_sdpa(q, k, v, scale, document_ids, left, softcap, sinks)
     return reference.causal_attention(q, k, v, scale, document_ids, left, softcap, sinks)[0]
+
+
+def _fused_attention(q, k, v, scale, document_ids, left, softcap, sinks) -> torch.Tensor:
+    """The kernels on checked inputs (causal_attention's fused backend)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    first_key = None
+    if document_ids is not None or left is not None:
+        first_key = _kernel_first_keys(q, k.shape[2], document_ids, left)
+    cap = float(softcap) if softcap is not None else 0.0
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                    or (sinks is not None and sinks.requires_grad)):
+        return FusedAttention.apply(q, k, v, first_key, sinks, cap, scale)[0]
+    # Nothing to differentiate: no autograd node.
+    return torch.ops.scratchformer.attention_fwd(q, k, v, first_key, _float32(sinks), cap, scale)[0]
 
 
 def varlen_attention(
@@ -300,11 +312,11 @@ def varlen_attention(
                                        (q.dtype, q.shape[-1])) == "fused":
         # As many queries as keys in every sequence: one kernel call over the whole batch, each
         # sequence a document of its own (its tiles skipped by the others).
+        _check_inputs(*packed, scale)
+        left = _check_pattern(*packed[:2], None, window, softcap, sinks, "varlen_attention")
         steps = torch.tensor([b - a for a, b in zip(starts_q, starts_q[1:])], device=q.device)
         documents = torch.repeat_interleave(torch.arange(len(steps), device=q.device), steps)[None]
-        out = causal_attention(*packed, scale=scale, document_ids=documents, window=window, softcap=softcap, sinks=sinks,
-                               backend="fused")
-        return out[0].transpose(0, 1)
+        return _fused_attention(*packed, scale, documents, left, softcap, sinks)[0].transpose(0, 1)
     outs = []
     for s in range(len(starts_q) - 1):
         (q0, q1), (k0, k1) = starts_q[s : s + 2], starts_k[s : s + 2]
