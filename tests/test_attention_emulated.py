@@ -214,7 +214,8 @@ def test_emulated_backward_at_d_96_and_128_on_gpus_with_and_without_160_kb_of_sh
 
 WIDE_MISTAKES = [  # (output it spoils, the mutation) in each of the 8-warp kernels
     ("dk", ("store(ds_s, dpt);", "store(ds_s, pt);")),                                        # dkv_wide_kernel
-    ("dq", ("ds[e] = p * (dp[mt][nt][e] - delta[r]);", "ds[e] = p * dp[mt][nt][e];")),  # dq_wide_kernel
+    ("dq", ("ds[e] = p * (dp[mt][nt][e] - delta[r]) * slope.derivative(score);",
+            "ds[e] = p * dp[mt][nt][e] * slope.derivative(score);")),  # dq_wide_kernel
 ]
 
 

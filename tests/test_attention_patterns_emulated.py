@@ -114,6 +114,19 @@ def test_patterns_in_the_emulated_kernels_against_float64(emulated, case):
         assert splits > 1, "decoding against a long cache should split the keys (some ranges then see no key)"
 
 
+# An RTX 30/40/50 (99 KB of shared memory a block) runs the 4-warp backward kernels at D 96 and 128
+# where an A100 runs the 8-warp ones (the grid above).
+RTX_GRID = [
+    (2, 2, 2, 150, 150, 128, torch.bfloat16, DOCS_150, None, None, False),
+    (1, 2, 1, 150, 150, 96, torch.float16, None, 40, 2.0, True),
+]
+
+
+@pytest.mark.parametrize("case", RTX_GRID, ids=map(grid_id, RTX_GRID))
+def test_patterns_in_the_emulated_4_warp_backward_at_large_head_dims(emulated, case):
+    check(emulated, *case, arch=86)
+
+
 # ---- the Hopper kernels (attention_hopper.cu): their PATTERN instances on an emulated H100 ----
 
 HOPPER_GRID = [
@@ -142,10 +155,10 @@ def test_patterns_in_the_emulated_hopper_kernels_against_float64(emulated, case)
         assert not torch.equal(got[i], a100[i]), f"{name}: the same bits as the mma.sync kernels'"
 
 
-# The key tiles the PATTERN instances walk (attention_fwd.cu block_n(), attention_bwd.cu
-# dq_key_tile()) and their dk/dv blocks' keys (64): keys below the start of the tile holding the
-# first visible key are never read.
-TILES = {32: (112, 32, 64), 64: (96, 32, 64), 96: (32, 16, 64), 128: (48, 32, 64)}
+# The key tiles the PATTERN instances walk on an A100 (attention_fwd.cu block_n(), attention_bwd.cu
+# dq_key_tile(), dq_wide_kernel's 64 at D = 128) and their dk/dv blocks' keys (64; dkv_wide_kernel's
+# 128 at D 96 and 128): keys below the start of the tile holding the first visible key are never read.
+TILES = {32: (112, 32, 64), 64: (96, 32, 64), 96: (32, 16, 128), 128: (48, 64, 128)}
 
 
 # And the Hopper kernels': 128-key forward tiles, 64-key dq tiles, 128-key dk/dv blocks.
@@ -202,6 +215,12 @@ MISTAKES = {
         "dpt[km][nt][e] = p * (dpt[km][nt][e] - (e & 1 ? delta.y : delta.x));"),
     "forward: the sink left out of the sum": (
         "attention_fwd.cu", "l = fmaf(l, corr, exp2_approx(sink - both));", "l = l * corr;"),
+    # The 8-warp kernels (an A100's at D 96 and 128; the grid's cases there):
+    "dk/dv 8-warp: a query's first key ignored": (
+        "attention_bwd.cu", "key >= s.t_k || key < from[e & 1]) p = 0.f;", "key >= s.t_k) p = 0.f;"),
+    "dq 8-warp: the low masked tiles run plain": (
+        "attention_bwd.cu", "  int j = first_tile;\n  if constexpr (PATTERN)\n    for (; j * BN < low_end; ++j) step(j, std::true_type{});\n",
+        "  int j = first_tile;\n"),
     "decoding: the sink left out of the combine": (
         "attention_simt.cu", "float sum = expf(sink - m), o[PER_LANE] = {};", "float sum = 0.f, o[PER_LANE] = {};"),
 }

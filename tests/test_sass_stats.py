@@ -116,7 +116,7 @@ def test_check_fails_on_a_passed_ceiling_unless_it_is_known():
     assert "0.56 ldmatrix per HMMA" in found and "dkv_wide_kernel" in sass_stats.known(found)
     [found] = sass_stats.violations([{**dkv, "kernel": "dkv_kernel<__half, 64, false>"}])
     assert sass_stats.known(found) is None  # met at D <= 64: 32 keys per warp
-    [found] = sass_stats.violations([{**dkv, "kernel": "dkv_wide_kernel<__half, 128>"}])
+    [found] = sass_stats.violations([{**dkv, "kernel": "dkv_wide_kernel<__half, 128, false>"}])
     assert sass_stats.known(found) is None  # what A100s and H100s run at D = 128 has no excuse
     [found] = sass_stats.violations([spilling])
     assert "spills" in found and sass_stats.known(found) is None

@@ -126,9 +126,9 @@ def dynamic_shared_bytes(file: str, kernel: str) -> int:
         if kind == "dkv":  # hopper_dkv_shared_bytes(): K and V, two stages of Q, dO, lse and delta (and first keys)
             return 2048 + 2 * 128 * d * 2 + 2 * 2 * 64 * d * 2 + (3 if pattern else 2) * 2 * 64 * 4
         return 2048 + 2 * 128 * d * 2 + 2 * 2 * 64 * d * 2  # hopper_dq_shared_bytes(): Q and dO, two stages of K and V
-    if m := re.match(r"dq_wide_kernel<\w+, (\d+)>", kernel):  # dO, Q (then dS), two buffers of 64-key K and V
+    if m := re.match(r"dq_wide_kernel<\w+, (\d+), (true|false)>", kernel):  # dO, Q (then dS), two buffers of 64-key K and V
         return (2 * 128 + 4 * 64) * (int(m.group(1)) + 8) * 2
-    if m := re.match(r"dkv_wide_kernel<\w+, (\d+)>", kernel):  # K, V, two Q buffers, dO (64 queries), P^T, dS^T, lse, delta
+    if m := re.match(r"dkv_wide_kernel<\w+, (\d+), (true|false)>", kernel):  # K, V, two Q buffers, dO (64 queries), P^T, dS^T, lse, delta
         return (2 * 128 + 3 * 64) * (int(m.group(1)) + 8) * 2 + 2 * 128 * 72 * 2 + 4 * 64 * 4
     m = re.match(r"(dkv|dq|forward)_kernel<(\w+), (\d+)(, true|, false)?>", kernel)
     if file not in ("attention_fwd", "attention_bwd", "attention_simt") or not m:

@@ -23,8 +23,8 @@
 //   dP = dO V^T, dQ += dS K; masking only on the diagonal tiles. At D = 128, where a block may
 //   have 136 KB of shared memory, dq_wide_kernel takes its place: 8 warps over 128 queries,
 //   dS through shared memory.
-// With a pattern (first_key, kernels.h) or softcapping, dkv_kernel and dq_kernel run an instance
-// of their own (PATTERN; the 8-warp kernels run plain causal attention only) that walks only the
+// With a pattern (first_key, kernels.h) or softcapping, each kernel runs an instance of its own
+// (PATTERN; plain causal attention compiles as before) that walks only the
 // tiles whose keys some query of the block sees (a dk/dv block: the queries up to the last one
 // that sees one of its keys), masks those where a query's first key falls inside, and caps the
 // recomputed scores, dS taking the cap's derivative. Shared tiles are padded as in the forward;
@@ -275,15 +275,18 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_kernel(AttentionBackward a) {
 //  2. the warps of half 0 add P^T dO to dV, those of half 1 dS^T Q to dK, for their 32 keys and
 //     all of D (each dO or Q fragment feeds two key tiles, each P^T or dS^T fragment D / 8).
 // ldmatrix per product: 0.41 at D = 128, 0.42 at D = 96 (dkv_kernel: 0.62). dO is single-buffered
-// to fit an A100: a tile's dO loads while its S^T and P^T are computed.
+// to fit an A100: a tile's dO loads while its S^T and P^T are computed (not in the PATTERN
+// instance, which computes S^T and dP^T before P^T and dS^T: with softcapping dS^T needs each
+// capped score's slope, and registers for it besides P^T would spill).
 __host__ __device__ constexpr bool dkv_wide_takes(int d) { return d >= 96; }
 constexpr int kWideThreads = 256, kWideKeys = 128, kWideQueries = 64, kWidePStride = kWideQueries + 8;
 __host__ __device__ constexpr int dkv_wide_shared_bytes(int d) {  // K, V, two Q buffers, dO, P^T, dS^T, two (lse, delta)
   return (2 * kWideKeys + 3 * kWideQueries) * (d + 8) * 2 + 2 * kWideKeys * kWidePStride * 2 + 4 * kWideQueries * 4;
 }
 
-template <typename T, int D>
+template <typename T, int D, bool PATTERN>
 __global__ void __launch_bounds__(kWideThreads, 1) dkv_wide_kernel(AttentionBackward a) {
+  const int* first_key = PATTERN ? a.first_key : nullptr;  // nullptr: the pattern's code folds away
   constexpr int BN = kWideKeys, BM = kWideQueries, STRIDE = D + 8, PSTRIDE = kWidePStride;
   constexpr int KSLABS = D / 16, DTILES = D / 8;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -308,14 +311,26 @@ __global__ void __launch_bounds__(kWideThreads, 1) dkv_wide_kernel(AttentionBack
   const int key0 = n0 + kw * 32 + g;  // this thread's keys: key0 + 8 r, r < 4 (m tile r / 2)
   const float scale2 = a.scale * kLog2e;
 
-  // The query tiles as in dkv_kernel, with cursors for the next Q and the next dO to load.
-  const int first_query = max(0, n0 - offset), tiles_per_head = (s.t_q - first_query + BM - 1) / BM;
-  const DkvShare share = dkv_share(group, tiles_per_head, first_query, BM, blockIdx.z, a.dkv_splits);
-  const int tiles = share.tiles;
+  // The query tiles as in dkv_kernel (q_end, plain_end: see there), with cursors for the next Q
+  // and the next dO to load.
+  // With a pattern both bounds wait in shared memory (held in registers, the loop spills), and so
+  // do the first keys of the query tiles, beside their lse and delta.
+  const int first_query = max(0, n0 - offset);
+  __shared__ int bounds_s[2];  // q_end, plain_end
+  __shared__ int first_key_buf[PATTERN ? 2 * BM : 1];  // [2][BM]
+  if (PATTERN && threadIdx.x == 0) {
+    bounds_s[0] = first_query_past(first_key, s, b, first_query, min(n0 + BN, s.t_k) - 1);
+    bounds_s[1] = first_query_past(first_key, s, b, first_query, n0);
+  }
+  if (PATTERN) __syncthreads();
+  const int tiles_per_head = ((PATTERN ? bounds_s[0] : s.t_q) - first_query + BM - 1) / BM;
+  const DkvShare share = dkv_share(group, PATTERN ? max(1, tiles_per_head) : tiles_per_head, first_query, BM,
+                                   blockIdx.z, a.dkv_splits);
+  const int tiles = PATTERN && tiles_per_head == 0 ? 0 : share.tiles;
   int q_h = kv_head * group + share.head, q_i0 = share.i0, do_h = q_h, do_i0 = q_i0;
   auto next = [&](int& h, int& i0) {
     i0 += BM;
-    if (i0 >= s.t_q) i0 = first_query, ++h;
+    if (i0 >= (PATTERN ? bounds_s[0] : s.t_q)) i0 = first_query, ++h;
   };
   auto load_query_tile = [&](int buf) {
     load_tile_async<T, BM, D, STRIDE, kWideThreads>(q_buf + buf * BM * STRIDE, a.q, a.q_stride, b, q_h, q_i0, s.t_q);
@@ -324,13 +339,16 @@ __global__ void __launch_bounds__(kWideThreads, 1) dkv_wide_kernel(AttentionBack
       const bool in = q_i0 + int(threadIdx.x) < s.t_q;
       lse_buf[buf * BM + threadIdx.x] = in ? a.lse[row] * kLog2e : INFINITY;  // P = 0 past the end
       delta_buf[buf * BM + threadIdx.x] = in ? a.delta[row] : 0.f;
+      if (PATTERN) first_key_buf[buf * BM + threadIdx.x] = first_key_of(first_key, s, b, q_i0 + threadIdx.x);
     }
     next(q_h, q_i0);
   };
 
-  load_tile_async<T, BN, D, STRIDE, kWideThreads>(k_s, a.k, a.k_stride, b, kv_head, n0, s.t_k);
-  load_tile_async<T, BN, D, STRIDE, kWideThreads>(v_s, a.v, a.v_stride, b, kv_head, n0, s.t_k);
-  load_query_tile(0);
+  if (!PATTERN || tiles > 0) {  // a block without work loads nothing (and leaves no copy in flight)
+    load_tile_async<T, BN, D, STRIDE, kWideThreads>(k_s, a.k, a.k_stride, b, kv_head, n0, s.t_k);
+    load_tile_async<T, BN, D, STRIDE, kWideThreads>(v_s, a.v, a.v_stride, b, kv_head, n0, s.t_k);
+    load_query_tile(0);
+  }
   cp_async_commit();
 
   float acc[2][DTILES][4] = {};  // dV (half 0) or dK (half 1) of this warp's 32 keys
@@ -380,37 +398,74 @@ __global__ void __launch_bounds__(kWideThreads, 1) dkv_wide_kernel(AttentionBack
     const T* q_s = q_buf + it % 2 * BM * STRIDE;
     const float* lse_s = lse_buf + it % 2 * BM;
     const float* delta_s = delta_buf + it % 2 * BM;
+    const int* first_s = first_key_buf + it % 2 * BM;
 
-    // Phase 1: P^T = 2^(S^T scale log2e - lse'), zero past the end (lse' = inf) and, on masked
-    // tiles, where a query does not see a key; then dS^T = P^T (dP^T - delta).
     float pt[2][4][4] = {}, dpt[2][4][4] = {};
-    products(pt, k_s, q_s);
+    if constexpr (PATTERN) {
+      // Both products first, then P^T and dS^T in one pass: dS^T takes each capped score's slope,
+      // which P^T's registers would have overwritten (so dO's load no longer overlaps S^T here).
+      cp_async_wait<1>();  // dO of tile it has landed too
+      __syncthreads();
+      products(pt, k_s, q_s);
+      products(dpt, v_s, do_s);
+      auto probabilities = [&](const auto& cap) {
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-      const float2 lse2 = *reinterpret_cast<const float2*>(&lse_s[half * 32 + nt * 8 + 2 * c]);
+        for (int nt = 0; nt < 4; ++nt) {
+          const int col = half * 32 + nt * 8 + 2 * c;  // this thread's two queries of the tile
+          const float2 lse2 = *reinterpret_cast<const float2*>(&lse_s[col]);
+          const float2 delta = *reinterpret_cast<const float2*>(&delta_s[col]);
+          const int2 from = *reinterpret_cast<const int2*>(&first_s[col]);
 #pragma unroll
-      for (int km = 0; km < 2; ++km)
+          for (int km = 0; km < 2; ++km)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float p = exp2_approx(fmaf(pt[km][nt][e], scale2, -(e & 1 ? lse2.y : lse2.x)));
-          if constexpr (decltype(masked)::value) {
-            const int query = i0 + half * 32 + nt * 8 + 2 * c + (e & 1), key = key0 + km * 16 + (e >> 1) * 8;
-            if (key > query + offset || key >= s.t_k) p = 0.f;
-          }
-          pt[km][nt][e] = p;
+            for (int e = 0; e < 4; ++e) {
+              const float score = cap.apply(pt[km][nt][e]);
+              float p = exp2_approx(fmaf(score, scale2, -(e & 1 ? lse2.y : lse2.x)));
+              if constexpr (decltype(masked)::value) {
+                const int query = i0 + col + (e & 1), key = key0 + km * 16 + (e >> 1) * 8;
+                if (key > query + offset || key >= s.t_k || key < (e & 1 ? from.y : from.x)) p = 0.f;
+              }
+              pt[km][nt][e] = p;
+              dpt[km][nt][e] = p * (dpt[km][nt][e] - (e & 1 ? delta.y : delta.x)) * cap.derivative(score);
+            }
         }
-    }
-    store(p_s, pt);
-    cp_async_wait<1>();  // dO of tile it has landed
-    __syncthreads();
-    products(dpt, v_s, do_s);
+      };
+      if (a.softcap > 0.f)
+        probabilities(Softcap::in_units(a.softcap, a.scale));
+      else
+        probabilities(NoSoftcap{});
+      store(p_s, pt);
+    } else {
+      // Phase 1: P^T = 2^(S^T scale log2e - lse'), zero past the end (lse' = inf) and, on masked
+      // tiles, where a query does not see a key; then dS^T = P^T (dP^T - delta).
+      products(pt, k_s, q_s);
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-      const float2 delta = *reinterpret_cast<const float2*>(&delta_s[half * 32 + nt * 8 + 2 * c]);
+      for (int nt = 0; nt < 4; ++nt) {
+        const float2 lse2 = *reinterpret_cast<const float2*>(&lse_s[half * 32 + nt * 8 + 2 * c]);
 #pragma unroll
-      for (int km = 0; km < 2; ++km)
+        for (int km = 0; km < 2; ++km)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dpt[km][nt][e] = pt[km][nt][e] * (dpt[km][nt][e] - (e & 1 ? delta.y : delta.x));
+          for (int e = 0; e < 4; ++e) {
+            float p = exp2_approx(fmaf(pt[km][nt][e], scale2, -(e & 1 ? lse2.y : lse2.x)));
+            if constexpr (decltype(masked)::value) {
+              const int query = i0 + half * 32 + nt * 8 + 2 * c + (e & 1), key = key0 + km * 16 + (e >> 1) * 8;
+              if (key > query + offset || key >= s.t_k) p = 0.f;
+            }
+            pt[km][nt][e] = p;
+          }
+      }
+      store(p_s, pt);
+      cp_async_wait<1>();  // dO of tile it has landed
+      __syncthreads();
+      products(dpt, v_s, do_s);
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const float2 delta = *reinterpret_cast<const float2*>(&delta_s[half * 32 + nt * 8 + 2 * c]);
+#pragma unroll
+        for (int km = 0; km < 2; ++km)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dpt[km][nt][e] = pt[km][nt][e] * (dpt[km][nt][e] - (e & 1 ? delta.y : delta.x));
+      }
     }
     store(ds_s, dpt);
     __syncthreads();  // P^T and dS^T of the whole tile are written
@@ -436,8 +491,8 @@ __global__ void __launch_bounds__(kWideThreads, 1) dkv_wide_kernel(AttentionBack
       }
     }
   };
-  auto plain = [&](int i0) { return i0 + offset >= n0 + BN - 1 && i0 + BM <= s.t_q && n0 + BN <= s.t_k; };
-  auto advance = [&](int i0) { return i0 + BM < s.t_q ? i0 + BM : first_query; };
+  auto plain = [&](int i0) { return i0 + offset >= n0 + BN - 1 && i0 + BM <= (PATTERN ? bounds_s[1] : s.t_q) && n0 + BN <= s.t_k; };
+  auto advance = [&](int i0) { return i0 + BM < (PATTERN ? bounds_s[0] : s.t_q) ? i0 + BM : first_query; };
   for (int it = 0; it < tiles;) {
     for (; it < tiles && !plain(next_i0); ++it, next_i0 = advance(next_i0)) step(it, next_i0, std::true_type{});
     for (; it < tiles && plain(next_i0); ++it, next_i0 = advance(next_i0)) step(it, next_i0, std::false_type{});
@@ -460,8 +515,9 @@ __host__ __device__ constexpr int dq_wide_shared_bytes(int d) {  // dO, Q (then 
   return (2 * kDqWideQueries + 4 * kDqWideKeys) * (d + 8) * 2;
 }
 
-template <typename T, int D>
+template <typename T, int D, bool PATTERN>
 __global__ void __launch_bounds__(kWideThreads, 1) dq_wide_kernel(AttentionBackward a) {
+  const int* first_key = PATTERN ? a.first_key : nullptr;  // nullptr: the pattern's code folds away
   constexpr int BM = kDqWideQueries, BN = kDqWideKeys, STRIDE = D + 8, SSTRIDE = kDqWideSStride;
   constexpr int KSLABS = D / 16, HALF_DTILES = D / 16;  // n tiles of 8 in half of D
   static_assert(BM * SSTRIDE <= BM * STRIDE, "dS takes Q's place");
@@ -485,6 +541,9 @@ __global__ void __launch_bounds__(kWideThreads, 1) dq_wide_kernel(AttentionBackw
 
   const int key_end = min(s.t_k, min(m0 + BM, s.t_q) + offset);
   const int tiles = (key_end + BN - 1) / BN;
+  // With a pattern: from the tile of the first query's first key; masked below the last query's.
+  const int first_tile = first_key_of(first_key, s, b, m0) / BN;
+  const int low_end = first_key_of(first_key, s, b, min(m0 + BM, s.t_q) - 1);
   auto load_key_tile = [&](int j) {
     T* k_tile = kv_s + j % 2 * 2 * BN * STRIDE;
     load_tile_async<T, BN, D, STRIDE, kWideThreads>(k_tile, a.k, a.k_stride, b, kv_head, j * BN, key_end);
@@ -493,7 +552,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) dq_wide_kernel(AttentionBackw
   load_tile_async<T, BM, D, STRIDE, kWideThreads>(q_s, a.q, a.q_stride, b, h, m0, s.t_q);
   load_tile_async<T, BM, D, STRIDE, kWideThreads>(do_s, a.dout, a.dout_stride, b, h, m0, s.t_q);
   cp_async_commit();
-  if (tiles > 0) load_key_tile(0);
+  if (first_tile < tiles) load_key_tile(first_tile);
   cp_async_commit();
   // Q and dO as A fragments: this lane's ldmatrix row of m tile mt, slab kk.
   auto a_row = [&](int mt, int kk) { return (qw * 32 + mt * 16 + lane % 16) * STRIDE + kk * 16 + (lane / 16) * 8; };
@@ -513,6 +572,10 @@ __global__ void __launch_bounds__(kWideThreads, 1) dq_wide_kernel(AttentionBackw
     lse2[r] = query < s.t_q ? a.lse[row] * kLog2e : INFINITY;  // P = 0 past the end
     delta[r] = query < s.t_q ? a.delta[row] : 0.f;
   }
+  // The block's first keys in shared memory (held in registers they spill); the first step's
+  // barrier publishes them.
+  __shared__ int first_key_s[PATTERN ? BM : 1];
+  if (PATTERN && threadIdx.x < BM) first_key_s[threadIdx.x] = first_key_of(first_key, s, b, m0 + threadIdx.x);
 
   float dq[2][HALF_DTILES][4] = {};
   // One key tile: S, dP, dS (phase 1), then dQ += dS K (phase 2). `masked`: zero P where a query
@@ -548,26 +611,42 @@ __global__ void __launch_bounds__(kWideThreads, 1) dq_wide_kernel(AttentionBackw
         }
       }
     }
-    // dS = P (dP - delta) with P = 2^(S scale log2e - lse'), written to ds_s in T.
+    // dS = P (dP - delta) with P = 2^(S scale log2e - lse'), written to ds_s in T (with
+    // softcapping: of the scores capped in a pass of their own, times the cap's derivative).
+    auto probabilities = [&](auto slope) {
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+      for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        float ds[4];
+        for (int nt = 0; nt < 4; ++nt) {
+          float ds[4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = 2 * mt + (e >> 1);
-          float p = exp2_approx(fmaf(sc[mt][nt][e], scale2, -lse2[r]));
-          if constexpr (decltype(masked)::value) {
-            const int key = n0 + half * 32 + nt * 8 + 2 * c + (e & 1);
-            if (key >= key_end || key > query0 + r * 8 + offset) p = 0.f;
+          for (int e = 0; e < 4; ++e) {
+            const int r = 2 * mt + (e >> 1);
+            const float score = sc[mt][nt][e];
+            float p = exp2_approx(fmaf(score, scale2, -lse2[r]));
+            if constexpr (decltype(masked)::value) {
+              const int key = n0 + half * 32 + nt * 8 + 2 * c + (e & 1);
+              if (key >= key_end || key > query0 + r * 8 + offset || (PATTERN && key < first_key_s[query0 - m0 + r * 8])) p = 0.f;
+            }
+            ds[e] = p * (dp[mt][nt][e] - delta[r]) * slope.derivative(score);
           }
-          ds[e] = p * (dp[mt][nt][e] - delta[r]);
+          T* dst = &ds_s[(qw * 32 + mt * 16 + g) * SSTRIDE + half * 32 + nt * 8 + 2 * c];
+          *reinterpret_cast<uint32_t*>(dst) = pack2<T>(ds[0], ds[1]);
+          *reinterpret_cast<uint32_t*>(dst + 8 * SSTRIDE) = pack2<T>(ds[2], ds[3]);
         }
-        T* dst = &ds_s[(qw * 32 + mt * 16 + g) * SSTRIDE + half * 32 + nt * 8 + 2 * c];
-        *reinterpret_cast<uint32_t*>(dst) = pack2<T>(ds[0], ds[1]);
-        *reinterpret_cast<uint32_t*>(dst + 8 * SSTRIDE) = pack2<T>(ds[2], ds[3]);
-      }
+    };
+    if (PATTERN && a.softcap > 0.f) {
+      const Softcap cap = Softcap::in_units(a.softcap, a.scale);
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) sc[mt][nt][e] = cap.apply(sc[mt][nt][e]);
+      probabilities(cap);
+    } else {
+      probabilities(NoSoftcap{});
+    }
     __syncthreads();  // dS of the whole tile is written
 
     // dQ += dS K over this warp's 32 queries and half of D.
@@ -589,9 +668,11 @@ __global__ void __launch_bounds__(kWideThreads, 1) dq_wide_kernel(AttentionBackw
       }
     }
   };
-  // Tiles below plain_tiles hold only keys that every query of the block sees.
+  // Tiles below plain_tiles hold only keys that every query of the block sees on the causal side.
   const int plain_tiles = min(key_end, m0 + offset + 1) / BN;
-  int j = 0;
+  int j = first_tile;
+  if constexpr (PATTERN)
+    for (; j * BN < low_end; ++j) step(j, std::true_type{});
   for (; j < plain_tiles; ++j) step(j, std::false_type{});
   for (; j < tiles; ++j) step(j, std::true_type{});
 
@@ -865,13 +946,13 @@ template <typename T, int D, bool PATTERN>
 cudaError_t backward_dkv(const AttentionBackward& a, cudaStream_t stream) {
   const AttentionShape& s = a.shape;
   if (backward_dkv_hopper<T, D>(a, stream)) return cudaSuccess;
-  if constexpr (dkv_wide_takes(D) && !PATTERN) {  // the 8-warp kernels take no pattern (yet)
+  if constexpr (dkv_wide_takes(D)) {
     if (dkv_wide_runs(D)) {
       constexpr int bytes = dkv_wide_shared_bytes(D);
-      const cudaError_t err = cudaFuncSetAttribute(dkv_wide_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+      const cudaError_t err = cudaFuncSetAttribute(dkv_wide_kernel<T, D, PATTERN>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
       if (err != cudaSuccess) return err;
       const dim3 grid(s.batch * s.kv_heads, (s.t_k + kWideKeys - 1) / kWideKeys, a.dkv_splits);
-      dkv_wide_kernel<T, D><<<grid, kWideThreads, bytes, stream>>>(a);
+      dkv_wide_kernel<T, D, PATTERN><<<grid, kWideThreads, bytes, stream>>>(a);
       return cudaSuccess;
     }
   }
@@ -890,13 +971,13 @@ template <typename T, int D, bool PATTERN>
 cudaError_t backward_dq(const AttentionBackward& a, cudaStream_t stream) {
   const AttentionShape& s = a.shape;
   if (backward_dq_hopper<T, D>(a, stream)) return cudaSuccess;
-  if constexpr (dq_wide_takes(D) && !PATTERN) {
+  if constexpr (dq_wide_takes(D)) {
     constexpr int bytes = dq_wide_shared_bytes(D);
     if (block_may_have(bytes)) {
-      const cudaError_t err = cudaFuncSetAttribute(dq_wide_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+      const cudaError_t err = cudaFuncSetAttribute(dq_wide_kernel<T, D, PATTERN>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
       if (err != cudaSuccess) return err;
       const dim3 grid(s.batch * s.heads, (s.t_q + kDqWideQueries - 1) / kDqWideQueries);
-      dq_wide_kernel<T, D><<<grid, kWideThreads, bytes, stream>>>(a);
+      dq_wide_kernel<T, D, PATTERN><<<grid, kWideThreads, bytes, stream>>>(a);
       return cudaSuccess;
     }
   }

@@ -49,6 +49,9 @@ struct alignas(8) float2 {
   float x, y;
 };
 inline float2 make_float2(float x, float y) { return {x, y}; }
+struct alignas(8) int2 {
+  int x, y;
+};
 
 struct dim3 {
   unsigned x, y, z;
