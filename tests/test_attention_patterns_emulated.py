@@ -135,6 +135,8 @@ HOPPER_GRID = [
     (2, 2, 1, 300, 300, 64, torch.bfloat16, DOCS_300, None, None, False),     # documents, MQA
     # Keys 0-127's last query (128, of a 29-key document) opens a 64-query tile of its own.
     (1, 2, 1, 300, 300, 128, torch.bfloat16, documents([[100, 29, 171]]), None, None, False),
+    # Enough dk/dv blocks that the backward is not split: a block walks both heads of its group.
+    (3, 2, 1, 300, 300, 64, torch.bfloat16, torch.cat([DOCS_300, documents([[100, 29, 171]])]), None, None, False),
     (1, 2, 1, 300, 300, 128, torch.float16, None, 20, None, False),          # a window shorter than a tile
     (1, 2, 1, 300, 300, 64, torch.bfloat16, None, 129, None, False),         # and longer: masked tiles below plain ones
     (1, 2, 1, 100, 300, 64, torch.float16, DOCS_300[:1], 70, None, False),   # fewer queries than keys
@@ -217,7 +219,7 @@ MISTAKES = {
         "attention_fwd.cu", "l = fmaf(l, corr, exp2_approx(sink - both));", "l = l * corr;"),
     # The 8-warp kernels (an A100's at D 96 and 128; the grid's cases there):
     "dk/dv 8-warp: a query's first key ignored": (
-        "attention_bwd.cu", "key >= s.t_k || key < from[e & 1]) p = 0.f;", "key >= s.t_k) p = 0.f;"),
+        "attention_bwd.cu", "key >= s.t_k || key < (e & 1 ? from.y : from.x)) p = 0.f;", "key >= s.t_k) p = 0.f;"),
     "dq 8-warp: the low masked tiles run plain": (
         "attention_bwd.cu", "  int j = first_tile;\n  if constexpr (PATTERN)\n    for (; j * BN < low_end; ++j) step(j, std::true_type{});\n",
         "  int j = first_tile;\n"),
@@ -265,6 +267,15 @@ HOPPER_MISTAKES = {
         "      const int stage = j % kStages;\n      const uint32_t k_stage"),
     "dq: the cap's derivative dropped": (
         "sc[i] = p * (dp[i] - delta[r]) * cap.derivative(score);", "sc[i] = p * (dp[i] - delta[r]);"),
+    "dk/dv: the producer goes to the next head at the last query, not the last that sees the block": (
+        "      if (i0 >= (PATTERN ? q_end : s.t_q)) i0 = first_query, ++h;", "      if (i0 >= s.t_q) i0 = first_query, ++h;"),
+    "dk/dv: the consumers go to the next head at the last query": (
+        "return i0 + kBwdQueries < (PATTERN ? q_end : s.t_q) ? i0 + kBwdQueries : first_query;",
+        "return i0 + kBwdQueries < s.t_q ? i0 + kBwdQueries : first_query;"),
+    "dk/dv: a block without work still arrives at the ping-pong barrier": (
+        "if (group == 1 && turns > 0) named_barrier_arrive(1, 256);", "if (group == 1) named_barrier_arrive(1, 256);"),
+    "dk/dv: a block without work still loads K and V": (
+        "if (threadIdx.x == 0 && (!PATTERN || tiles > 0)) {", "if (threadIdx.x == 0) {"),
 }
 # A mutated Hopper kernel may stop the emulator (a wait that never completes), so the grid runs in
 # a process of its own: exit 3 when a case's numbers are wrong, 0 when every case passes.

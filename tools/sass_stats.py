@@ -63,7 +63,7 @@ KNOWN = [
     (r"^forward_kernel<\w+, 32, false>$", "instructions", "D = 32: one score per HMMA, and each score costs about 4.5 "
      "instructions (FFMA, MUFU, FMNMX, FADD, half an F2FP) besides the HMMA: the floor is above the ceiling"),
     # The PATTERN instances (first_key, softcap, sinks; attention_fwd.cu, attention_bwd.cu), not tuned yet:
-    (r"^(forward|dq|dkv)_kernel<\w+, \d+, true>$", "instructions", "the PATTERN instance: its loop carries the "
+    (r"^(forward|dq|dkv|dq_wide|dkv_wide)_kernel<\w+, \d+, true>$", "instructions", "the PATTERN instance: its loop carries the "
      "softcapping code behind a uniform branch (per score a tanh from an ex2 and a division, and in the backward its "
      "derivative), counted here whether a call caps or not, besides the first-key masking"),
     (r"^(dq|dkv)_kernel<\w+, \d+, true>$", "ldmatrix", "the PATTERN instance: 16 keys per warp in dk/dv at every D "
