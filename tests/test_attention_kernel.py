@@ -131,7 +131,7 @@ def random_documents(batch, t, mean, seed):
                                                    (300, 2000, 400, None), (1, 3000, 500, 700), (9, 700, 80, None)])
 def test_patterns_against_float64(dtype, dim, t_q, t_k, mean, left):
     """Packed documents and sliding windows on every kernel family (tensor cores, the 8-warp
-    backward, CUDA cores, split-key decoding; on Hopper, the mma.sync kernels)."""
+    backward, CUDA cores, split-key decoding; on Hopper, the wgmma kernels)."""
     q, k, v, dout = make_inputs(2, 4, 2, t_q, t_k, dim, dtype)
     pattern = dict(document_ids=random_documents(2, t_k, mean, t_k + dim) if mean else None,
                    window=(left, 0) if left is not None else None)
