@@ -298,7 +298,7 @@ HOPPER_MISTAKES = {
         "      if (lane == 0) mbarrier_arrive(&q_empty[stage]);",
         "      wgmma_commit();\n      __syncwarp();\n      if (lane == 0) mbarrier_arrive(&q_empty[stage]);\n"
         "      wgmma_wait<0>();\n      wgmma_fence_operand(dk);\n      wgmma_fence_operand(dv);"),
-    "dq: no wait for K and V to land": ("      mbarrier_wait(&kv_full[stage], (j / kStages) & 1);\n", ""),
+    "dq: no wait for K and V to land": ("      mbarrier_wait(&kv_full[stage], ((j - first_tile) / kStages) & 1);\n", ""),
     "V released before P V is done": ("      wgmma_wait<0>();\n      wgmma_fence_operand(o);\n#pragma unroll\n      for (int ks = 0; ks < BN / 16; ++ks) wgmma_fence_operand(pa[ks]);  // P(j - 1) is free to overwrite\n      release(v_empty, j - 1);",
                                       "      release(v_empty, j - 1);\n      wgmma_wait<0>();\n      wgmma_fence_operand(o);"),
 }

@@ -213,8 +213,8 @@ MISTAKES = {
         "attention_simt.cu", "if (k0 + key_lane > last_key || k0 + key_lane < first) score = -INFINITY;",
         "if (k0 + key_lane > last_key) score = -INFINITY;"),
     "dk/dv: the cap's derivative dropped": (
-        "attention_bwd.cu", "dpt[km][nt][e] = p * (dpt[km][nt][e] - (e & 1 ? delta.y : delta.x)) * cap.derivative(score);",
-        "dpt[km][nt][e] = p * (dpt[km][nt][e] - (e & 1 ? delta.y : delta.x));"),
+        "attention_bwd.cu", "st[km][nt][e] = p;\n          dpt[km][nt][e] = p * (dpt[km][nt][e] - (e & 1 ? delta.y : delta.x)) * cap.derivative(score);",
+        "st[km][nt][e] = p;\n          dpt[km][nt][e] = p * (dpt[km][nt][e] - (e & 1 ? delta.y : delta.x));"),
     "forward: the sink left out of the sum": (
         "attention_fwd.cu", "l = fmaf(l, corr, exp2_approx(sink - both));", "l = l * corr;"),
     # The 8-warp kernels (an A100's at D 96 and 128; the grid's cases there):
